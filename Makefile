@@ -1,0 +1,53 @@
+# The two commands a new user needs: `make run` and `make test`. Both set everything up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+REPO ?= model_repository
+DATA ?= data
+EPOCHS ?= 3
+PROTOS := $(wildcard proto/wire/*.proto)
+GENERATED := $(patsubst proto/wire/%.proto,wire/%_pb2.py,$(PROTOS))
+
+.PHONY: install proto run repository serve test lint format bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "grpcio-tools==1.81.1"
+	$(MAKE) --no-print-directory proto
+	$(PIP) install --quiet -e ".[train,torchscript,dev]"
+	@touch $@
+
+install: $(STAMP)  ## create .venv and install the server, training and test dependencies
+
+proto: $(GENERATED)  ## generate the Python protobuf/gRPC code from proto/
+
+wire/%_pb2.py: proto/wire/%.proto
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+repository: $(STAMP)  ## train and export the FashionMNIST and CIFAR10 models into $(REPO)
+	$(PY) -m training build-repository --model-repository $(REPO) --data-dir $(DATA) --epochs $(EPOCHS)
+
+run: repository  ## the main job: build the model repository, then serve it
+	$(PY) -m server --model-repository $(REPO)
+
+test: $(STAMP) proto  ## install if needed, then lint and run the whole test suite
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+lint: $(STAMP)  ## ruff check and format check
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
+
+clean:  ## remove the generated code and build output (keeps .venv and data)
+	rm -f wire/*_pb2*.py wire/*_pb2*.pyi
+	rm -rf build *.egg-info .pytest_cache

@@ -1,0 +1,46 @@
+"""Read and write config.pbtxt (protobuf text format, Triton's field names)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from wire import model_config_pb2
+
+ModelConfig = model_config_pb2.ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config.pbtxt that cannot be read; the message names the file and the problem."""
+
+
+def parse_config(text: str, source: str = "config.pbtxt") -> ModelConfig:
+    """Parse text format; fields Triton defines that this server does not use are ignored."""
+    config = ModelConfig()
+    try:
+        text_format.Parse(text, config, allow_unknown_field=True, allow_unknown_extension=True)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def load_config(path: Path) -> ModelConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    return parse_config(text, str(path))
+
+
+def format_config(config: ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def write_config(path: Path, config: ModelConfig) -> None:
+    path.write_text(format_config(config), encoding="utf-8")
+
+
+def data_type_name(value: int) -> str:
+    """`TYPE_FP32` -> `FP32`, the datatype spelling of the KServe v2 protocol."""
+    return model_config_pb2.DataType.Name(value).removeprefix("TYPE_")

@@ -1,0 +1,132 @@
+"""Server settings: command-line flags > environment variables (SERVER_*) > defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "SERVER_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_repository: Path
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    device: str = "auto"
+    log_format: str = "text"
+    log_level: str = "info"
+    # Models to load at start (all when empty); others can be loaded later by RepositoryModelLoad.
+    models: tuple[str, ...] = field(default_factory=tuple)
+    # Batching defaults for models whose config.pbtxt leaves them unset.
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 2000
+    # Bound of each model instance's queue, in requests; past it callers get RESOURCE_EXHAUSTED.
+    max_queue_size: int = 1024
+    # onnxruntime/torch threads per model instance; spinning threads starve the gRPC side.
+    intra_op_threads: int = 1
+    reference_tolerance: float = 1e-4
+    grace_period_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class _Flag:
+    name: str
+    type: type
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+_FLAGS = (
+    _Flag("model_repository", Path, "Triton-layout model repository to serve (required)."),
+    _Flag("host", str, "Address to bind the gRPC and metrics servers to."),
+    _Flag("grpc_port", int, "gRPC port (KServe v2, native API, health, reflection); 0 picks one."),
+    _Flag("metrics_port", int, "HTTP port of the Prometheus /metrics endpoint; 0 picks one."),
+    _Flag("device", str, "Where models run: auto uses a GPU when usable.", ("auto", "cpu", "cuda")),
+    _Flag("log_format", str, "Log line format.", ("text", "json")),
+    _Flag("log_level", str, "Least severe level logged.", ("debug", "info", "warning", "error")),
+    _Flag("models", str, "Comma-separated models to load at start (default: all)."),
+    _Flag("max_batch_size", int, "Batch size for models whose config sets max_batch_size 0."),
+    _Flag("max_queue_delay_us", int, "Queue delay for models without dynamic_batching settings."),
+    _Flag("max_queue_size", int, "Requests each model instance may queue before refusing."),
+    _Flag("intra_op_threads", int, "Threads each runtime instance computes with (0: runtime's)."),
+    _Flag("reference_tolerance", float, "Largest abs difference allowed by the load-time check."),
+    _Flag("grace_period_s", float, "Seconds to finish accepted requests after SIGTERM/SIGINT."),
+)
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve a model repository of image classifiers over gRPC "
+        "(KServe v2 protocol and a native Classifier API) with dynamic batching.",
+        epilog="Every flag can also be set by an environment variable, named in brackets; "
+        "a flag on the command line wins over the environment.",
+    )
+    defaults = Settings(model_repository=Path("."))
+    for flag in _FLAGS:
+        default = None if flag.name == "model_repository" else getattr(defaults, flag.name)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(
+            "--" + flag.name.replace("_", "-"),
+            dest=flag.name,
+            type=flag.type,
+            choices=flag.choices,
+            default=None,
+            help=f"{flag.help} [{_env_name(flag.name)}]"
+            + ("" if shown in (None, "") else f" (default: {shown})"),
+        )
+    return parser
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build Settings; exits with a usage error (status 2) on a bad flag or variable."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for flag in _FLAGS:
+        value = getattr(args, flag.name)
+        if value is None and _env_name(flag.name) in env:
+            raw = env[_env_name(flag.name)]
+            try:
+                value = flag.type(raw)
+            except ValueError:
+                parser.error(f"{_env_name(flag.name)}={raw!r} is not a valid {flag.type.__name__}")
+            if flag.choices and value not in flag.choices:
+                parser.error(f"{_env_name(flag.name)} must be one of {', '.join(flag.choices)}")
+        if value is not None:
+            values[flag.name] = value
+    if "model_repository" not in values:
+        parser.error(
+            "--model-repository is required (or set SERVER_MODEL_REPOSITORY); "
+            "build one with `python -m training build-repository`"
+        )
+    if "models" in values:
+        values["models"] = tuple(m.strip() for m in str(values["models"]).split(",") if m.strip())
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _validate(parser, settings)
+    return settings
+
+
+def _validate(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    for name in ("grpc_port", "metrics_port"):
+        if not 0 <= getattr(settings, name) <= 65535:
+            parser.error(f"{name.replace('_', '-')} must be between 0 and 65535")
+    for f in fields(settings):
+        if f.name in ("max_batch_size", "max_queue_size") and getattr(settings, f.name) < 1:
+            parser.error(f"{f.name.replace('_', '-')} must be at least 1")
+    if settings.max_queue_delay_us < 0 or settings.intra_op_threads < 0:
+        parser.error("max-queue-delay-us and intra-op-threads cannot be negative")
+    if settings.grace_period_s < 0:
+        parser.error("grace-period-s cannot be negative")

@@ -1,0 +1,33 @@
+"""Exceptions of the serving core.
+
+They know nothing of gRPC: `server.api.status` holds the one table that maps them to
+status codes. Messages are meant for the caller, so they say what was expected.
+"""
+
+
+class ServingError(Exception):
+    """Base of every error the core reports to a caller."""
+
+
+class ModelNotFoundError(ServingError):
+    """Unknown model name or version."""
+
+
+class InvalidInputError(ServingError):
+    """Malformed request: wrong tensor name, shape, datatype or byte length, undecodable image."""
+
+
+class QueueFullError(ServingError):
+    """The model's queue is at capacity; the caller should back off and retry."""
+
+
+class DeadlineExceededError(ServingError):
+    """The request's deadline passed before it reached the runtime."""
+
+
+class ModelUnavailableError(ServingError):
+    """The model exists but is not ready (loading, failed, unloaded) or the server is draining."""
+
+
+class UnsupportedError(ServingError):
+    """A valid request for something this server does not implement."""

@@ -1,0 +1,157 @@
+"""Every Prometheus metric the server exports, in one place.
+
+Each server instance owns its own registry, so several servers in one process (tests)
+never mix their figures. Names follow Prometheus conventions: base units, `_total` counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+PREFIX = "imgserve"
+MODEL_LABELS = ("model", "version")
+# Seconds: from 100 us (a cached MLP batch) to 10 s (a saturated queue).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Inference requests answered, by model, version, API and gRPC status code.",
+            (*MODEL_LABELS, "api", "code"),
+            registry=r,
+        )
+        self.inferences = Counter(
+            f"{PREFIX}_inferences",
+            "Images run through a model (rows of all executed batches).",
+            MODEL_LABELS,
+            registry=r,
+        )
+        self.batches = Counter(
+            f"{PREFIX}_batches",
+            "Batches executed on a runtime, by outcome (success or failure).",
+            (*MODEL_LABELS, "outcome"),
+            registry=r,
+        )
+        self.dropped = Counter(
+            f"{PREFIX}_requests_dropped",
+            "Queued requests dropped before compute, by reason (deadline or cancelled).",
+            (*MODEL_LABELS, "reason"),
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from receiving an inference request to answering it.",
+            MODEL_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            f"{PREFIX}_queue_duration_seconds",
+            "Time a request waited in the batcher's queue before its batch started.",
+            MODEL_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            f"{PREFIX}_compute_duration_seconds",
+            "Time the runtime took to run one batch.",
+            MODEL_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "Images per batch formed by the dynamic batcher.",
+            MODEL_LABELS,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth",
+            "Requests waiting in the batcher's queue.",
+            MODEL_LABELS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            f"{PREFIX}_inflight_requests",
+            "Inference requests received and not yet answered.",
+            ("model",),
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            f"{PREFIX}_model_ready",
+            "1 when the model version serves requests, 0 otherwise.",
+            MODEL_LABELS,
+            registry=r,
+        )
+        self.load_duration = Gauge(
+            f"{PREFIX}_model_load_duration_seconds",
+            "Time the last load of a model version took (load, warm-up and reference check).",
+            MODEL_LABELS,
+            registry=r,
+        )
+        self.registry.register(GpuCollector())
+
+    def serve_http(self, host: str, port: int) -> tuple[WSGIServer, Thread, int]:
+        """Serve /metrics; returns the server, its thread and the bound port (port 0 picks one)."""
+        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        return httpd, thread, httpd.server_port
+
+
+class GpuCollector(Collector):
+    """GPU utilisation and memory per device through NVML; exports nothing without a GPU."""
+
+    def __init__(self) -> None:
+        self._nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        except Exception:  # no driver, no library, or no device: nothing to export
+            log.debug("NVML not available; GPU metrics disabled")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self._nvml is None:
+            return
+        nvml = self._nvml
+        util = GaugeMetricFamily(
+            f"{PREFIX}_gpu_utilization_ratio", "GPU busy fraction (0..1).", labels=["gpu"]
+        )
+        used = GaugeMetricFamily(
+            f"{PREFIX}_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"]
+        )
+        total = GaugeMetricFamily(
+            f"{PREFIX}_gpu_memory_total_bytes", "GPU memory in total.", labels=["gpu"]
+        )
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            util.add_metric([str(index)], rates.gpu / 100.0)
+            used.add_metric([str(index)], float(memory.used))
+            total.add_metric([str(index)], float(memory.total))
+        yield from (util, used, total)
