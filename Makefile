@@ -48,6 +48,10 @@ lint: $(STAMP)  ## ruff check and format check
 format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
 
+bench: $(STAMP)  ## compare native vs KServe serving throughput on $(REPO) (run `make repository` first)
+	$(PY) bench/load.py --start-server $(REPO) --model fashion_mnist --duration 5 --rounds 2 \
+		--compare "native=--api native" "kserve=--api kserve" --out bench-results/apis.json
+
 clean:  ## remove the generated code and build output (keeps .venv and data)
 	rm -f wire/*_pb2*.py wire/*_pb2*.pyi
 	rm -rf build *.egg-info .pytest_cache
