@@ -1,0 +1,335 @@
+"""Dynamic batching of decoded images for one loaded model version.
+
+Design: ONE bounded queue per model version, drained by one worker task per runtime
+instance (instance_group count). Each worker takes the next batch only when its instance
+is free, so an idle instance never waits while another instance's queue is backed up,
+and no balancing between queues is needed. Each instance runs its batches on its own
+one-thread executor (onnxruntime and torch release the GIL), so while batches compute the
+event loop keeps accepting requests and the free workers form the next batch.
+
+A batch closes when its rows reach max_batch_size, or when the oldest queued request has
+waited max_queue_delay (measured with time.monotonic, waiting on a wake-up future with a
+timer: no polling), or at shutdown. Requests are taken in arrival order; a request that
+does not fit into the room left in a batch starts the next one (requests are never split
+across batches, except that `submit` cuts a request larger than max_batch_size into
+chunks of at most max_batch_size rows, each its own queue item, and reassembles them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import DeadlineExceededError, ModelUnavailableError, QueueFullError
+from server.metrics import Metrics
+from server.runtimes.base import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelStats:
+    """Per loaded version; feeds the KServe ModelStatistics RPC."""
+
+    inference_count: int = 0  # images inferred
+    execution_count: int = 0  # batches executed
+    success_count: int = 0  # requests answered OK
+    success_ns: int = 0  # total ns from infer() entry to result
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0  # per queue item: time queued before its batch started
+    queue_ns: int = 0
+    compute_count: int = 0  # per batch: runtime time
+    compute_ns: int = 0
+    last_inference_ms: int = 0  # wall-clock ms since epoch of the last answered request
+
+
+class BatchError(RuntimeError):
+    """A batch that came back from the runtime unusable (wrong type or row count)."""
+
+
+@dataclass(eq=False)
+class _Item:
+    images: np.ndarray  # float32 (rows, C, H, W)
+    future: asyncio.Future[np.ndarray]
+    enqueued: float  # time.monotonic()
+    deadline: float | None  # time.monotonic() seconds
+
+    @property
+    def rows(self) -> int:
+        return self.images.shape[0]
+
+
+class Batcher:
+    """Queue + one batch loop per runtime instance. Use from one event loop only."""
+
+    def __init__(
+        self,
+        runtimes: Sequence[Runtime],
+        *,
+        model: str,
+        version: int | str,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        metrics: Metrics,
+        stats: ModelStats | None = None,
+    ) -> None:
+        if not runtimes:
+            raise ValueError("a batcher needs at least one runtime instance")
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size >= 1, max_queue_delay_s >= 0")
+        self.model = model
+        self.version = str(version)
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        # The bound is per instance (Settings.max_queue_size): N instances drain N times faster.
+        self.capacity = max_queue_size * len(runtimes)
+        self.stats = stats if stats is not None else ModelStats()
+        self._runtimes = list(runtimes)
+        self._queue: deque[_Item] = deque()
+        self._queued_rows = 0
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._workers: list[asyncio.Task[None]] = []
+        self._executors: list[ThreadPoolExecutor] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        labels = (model, self.version)
+        self._m_inferences = metrics.inferences.labels(*labels)
+        self._m_ok = metrics.batches.labels(*labels, "success")
+        self._m_failed = metrics.batches.labels(*labels, "failure")
+        self._m_cancelled = metrics.dropped.labels(*labels, "cancelled")
+        self._m_deadline = metrics.dropped.labels(*labels, "deadline")
+        self._m_queue = metrics.queue_duration.labels(*labels)
+        self._m_compute = metrics.compute_duration.labels(*labels)
+        self._m_batch_size = metrics.batch_size.labels(*labels)
+        self._m_depth = metrics.queue_depth.labels(*labels)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the batch loops on the running event loop."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        for index, runtime in enumerate(self._runtimes):
+            executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"{self.model}-v{self.version}-{index}"
+            )
+            self._executors.append(executor)
+            self._workers.append(
+                self._loop.create_task(
+                    self._worker(runtime, executor), name=f"batcher {self.model} v{self.version}"
+                )
+            )
+
+    async def close(self) -> None:
+        """Refuse new requests, finish every accepted one, then stop the loops and threads."""
+        self._closing = True
+        self._wake()
+        if self._workers:
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        for executor in self._executors:
+            executor.shutdown(wait=False)  # idle by now: every batch has been awaited
+
+    @property
+    def accepting(self) -> bool:
+        return self._loop is not None and not self._closing
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # -- the caller's side -----------------------------------------------------------------
+
+    async def submit(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Queue float32 (N, C, H, W) images; returns (N, classes), row i answering image i.
+
+        A request larger than max_batch_size becomes several queue items, answered whole.
+        If the caller is cancelled, its queued items are dropped before compute.
+        """
+        n = images.shape[0]
+        size = self.max_batch_size
+        chunks = [images] if n <= size else [images[i : i + size] for i in range(0, n, size)]
+        futures = self.enqueue(chunks, deadline)
+        if len(futures) == 1:
+            return await futures[0]  # cancelling the caller cancels the future: item dropped
+        try:
+            parts = [await future for future in futures]
+        except BaseException:
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # retrieved: one failure is reported, not several
+            raise
+        return np.concatenate(parts)
+
+    def enqueue(
+        self, chunks: Sequence[np.ndarray], deadline: float | None = None
+    ) -> list[asyncio.Future[np.ndarray]]:
+        """Queue each chunk (at most max_batch_size rows) as one item, all or none."""
+        if not self.accepting:
+            raise ModelUnavailableError(
+                f"model {self.model!r} version {self.version} is not accepting requests"
+            )
+        if len(self._queue) + len(chunks) > self.capacity:
+            raise QueueFullError(
+                f"model {self.model!r} version {self.version}: queue full "
+                f"({len(self._queue)} requests waiting); retry later"
+            )
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            self._m_deadline.inc()
+            raise DeadlineExceededError("deadline passed before the request was queued")
+        if any(chunk.shape[0] > self.max_batch_size or chunk.shape[0] < 1 for chunk in chunks):
+            raise ValueError(f"each chunk must have 1..{self.max_batch_size} rows")
+        assert self._loop is not None
+        futures: list[asyncio.Future[np.ndarray]] = []
+        for chunk in chunks:
+            future: asyncio.Future[np.ndarray] = self._loop.create_future()
+            self._queue.append(_Item(chunk, future, now, deadline))
+            self._queued_rows += chunk.shape[0]
+            futures.append(future)
+        self._m_depth.set(len(self._queue))
+        self._wake()
+        return futures
+
+    # -- the batch loop --------------------------------------------------------------------
+
+    async def _worker(self, runtime: Runtime, executor: ThreadPoolExecutor) -> None:
+        while True:
+            items = await self._next_batch()
+            if items is None:
+                return
+            try:
+                await self._execute(items, runtime, executor)
+            except Exception as exc:  # a fault here must not end the loop of later batches
+                log.exception("model %s version %s: batch failed", self.model, self.version)
+                self._fail(items, exc)
+
+    async def _next_batch(self) -> list[_Item] | None:
+        """Wait until a batch is due and take it; None once closing with nothing queued."""
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return None
+                await self._wait(None)
+                continue
+            if self._closing or self._queued_rows >= self.max_batch_size:
+                return self._take()
+            remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+            if remaining <= 0:
+                return self._take()
+            await self._wait(remaining)
+
+    def _take(self) -> list[_Item]:
+        items: list[_Item] = []
+        rows = 0
+        while self._queue:
+            item = self._queue[0]
+            if items and rows + item.rows > self.max_batch_size:
+                break  # it starts the next batch
+            self._queue.popleft()
+            items.append(item)
+            rows += item.rows
+        self._queued_rows -= rows
+        self._m_depth.set(len(self._queue))
+        return items
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Sleep until an enqueue, close, or `timeout` seconds (monotonic) pass."""
+        assert self._loop is not None
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.add(waiter)
+        timer = None if timeout is None else self._loop.call_later(timeout, _wake_one, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.discard(waiter)
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            _wake_one(waiter)
+
+    async def _execute(
+        self, items: list[_Item], runtime: Runtime, executor: ThreadPoolExecutor
+    ) -> None:
+        started = time.monotonic()
+        live: list[_Item] = []
+        for item in items:
+            if item.future.done():  # the caller went away (cancelled) while queued
+                self._m_cancelled.inc()
+            elif item.deadline is not None and started >= item.deadline:
+                item.future.set_exception(
+                    DeadlineExceededError("deadline passed while the request was queued")
+                )
+                self._m_deadline.inc()
+            else:
+                live.append(item)
+        if not live:
+            return
+        stats = self.stats
+        for item in live:
+            waited = started - item.enqueued
+            self._m_queue.observe(waited)
+            stats.queue_count += 1
+            stats.queue_ns += int(waited * 1e9)
+        rows = sum(item.rows for item in live)
+        batch = live[0].images if len(live) == 1 else np.concatenate([i.images for i in live])
+        self._m_batch_size.observe(rows)
+        assert self._loop is not None
+        t0 = time.perf_counter_ns()
+        try:
+            output = await self._loop.run_in_executor(executor, runtime.run, batch)
+            _check_output(output, rows)
+        except Exception as exc:
+            self._m_failed.inc()
+            log.warning(
+                "model %s version %s: batch of %d rows failed: %s: %s",
+                self.model, self.version, rows, type(exc).__name__, exc,
+            )  # fmt: skip
+            self._fail(live, exc)
+            return
+        elapsed = time.perf_counter_ns() - t0
+        self._m_ok.inc()
+        self._m_inferences.inc(rows)
+        self._m_compute.observe(elapsed / 1e9)
+        stats.execution_count += 1
+        stats.inference_count += rows
+        stats.compute_count += 1
+        stats.compute_ns += elapsed
+        offset = 0
+        for item in live:
+            if not item.future.done():  # cancelled callers are skipped, never set twice
+                item.future.set_result(output[offset : offset + item.rows])
+            offset += item.rows
+
+    @staticmethod
+    def _fail(items: list[_Item], exc: BaseException) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(exc)
+
+
+def _wake_one(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _check_output(output: object, rows: int) -> None:
+    if not isinstance(output, np.ndarray) or output.ndim != 2:
+        shape = getattr(output, "shape", type(output).__name__)
+        raise BatchError(f"runtime returned {shape}, expected a (rows, classes) array")
+    if output.shape[0] != rows:
+        raise BatchError(f"runtime returned {output.shape[0]} rows for a batch of {rows}")

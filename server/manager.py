@@ -1,0 +1,401 @@
+"""Loads model versions from the repository, checks them, and serves them through batchers.
+
+A version is served only after its runtimes are created, warmed up (batch 1 and
+max_batch_size) and agree with the version's reference.npz; a version that fails any
+step is recorded as UNAVAILABLE with the reason, and other models keep serving.
+Blocking work (reading files, creating sessions, warm-up) runs in threads so the event
+loop keeps answering health checks and requests while models load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelrepo.config import ModelConfig
+from modelrepo.layout import REFERENCE_FILE
+from server.batcher import Batcher, ModelStats
+from server.config import Settings
+from server.errors import InvalidInputError, ModelNotFoundError, ModelUnavailableError
+from server.metrics import Metrics
+from server.repository import ModelSpec, RepositoryError, model_names, read_model
+from server.runtimes import Runtime, RuntimeLoadError, create_runtime
+from server.runtimes.base import first_line
+
+__all__ = ["ModelManager", "ModelState", "ModelStats", "ServedModel"]
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+LOADING = "LOADING"
+
+
+@dataclass(frozen=True)
+class ModelState:
+    name: str
+    version: str  # "" when no version is loaded
+    state: str  # "READY" | "UNAVAILABLE" | "LOADING"
+    reason: str  # why not ready ("" when READY)
+
+
+class ServedModel:
+    """One loaded version of one model: its runtimes behind one batcher."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        version: int,
+        runtimes: list[Runtime],
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self.name = spec.name
+        self.version = version
+        self.platform = spec.platform
+        self.config = ModelConfig()
+        self.config.CopyFrom(spec.config)
+        self.labels = list(spec.labels)
+        self.input_shape = spec.input_shape
+        self.num_classes = spec.num_classes
+        self.max_batch_size = spec.max_batch_size
+        self.runtimes = tuple(runtimes)
+        self.device = runtimes[0].device
+        self.stats = ModelStats()
+        self._batcher = Batcher(
+            runtimes,
+            model=spec.name,
+            version=version,
+            max_batch_size=spec.max_batch_size,
+            max_queue_delay_s=spec.max_queue_delay_us / 1e6,
+            max_queue_size=settings.max_queue_size,
+            metrics=metrics,
+            stats=self.stats,
+        )
+
+    def __repr__(self) -> str:
+        return f"<ServedModel {self.name} v{self.version} {self.platform} on {self.device}>"
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batcher.queue_depth
+
+    def start(self) -> None:
+        self._batcher.start()
+
+    async def infer(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """images: float32 (N, C, H, W) in [0, 1]; deadline: time.monotonic() seconds or None.
+
+        Returns float32 (N, num_classes), row i answering image i. Raises QueueFullError,
+        DeadlineExceededError, ModelUnavailableError, or the runtime's exception for the batch.
+        """
+        started = time.perf_counter_ns()
+        stats = self.stats
+        try:
+            result = await self._batcher.submit(self._checked(images), deadline)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            stats.fail_count += 1
+            stats.fail_ns += time.perf_counter_ns() - started
+            raise
+        stats.success_count += 1
+        stats.success_ns += time.perf_counter_ns() - started
+        stats.last_inference_ms = int(time.time() * 1000)
+        return result
+
+    def _checked(self, images: np.ndarray) -> np.ndarray:
+        """The codecs validate; this guards the batcher against a caller that did not."""
+        if images.ndim != 4 or images.shape[0] < 1 or tuple(images.shape[1:]) != self.input_shape:
+            raise InvalidInputError(
+                f"model {self.name!r} expects float32 [N, {', '.join(map(str, self.input_shape))}]"
+                f" with N >= 1, got shape {list(images.shape)}"
+            )
+        return images if images.dtype == np.float32 else images.astype(np.float32)
+
+    async def close(self) -> None:
+        """Finish accepted requests, then free the runtimes."""
+        await self._batcher.close()
+        for runtime in self.runtimes:
+            runtime.close()
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._served: dict[str, dict[int, ServedModel]] = {}
+        self._latest: dict[str, ServedModel] = {}  # highest ready version: the hot path of get()
+        self._states: dict[str, dict[str, ModelState]] = {}  # name -> version ("" model-wide)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._required: set[str] = set()
+        self._started = False
+        self._closing = False
+
+    # -- loading ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load settings.models (or every model folder); failures are recorded, not raised."""
+        repository = self._settings.model_repository
+        names = list(self._settings.models) or await asyncio.to_thread(model_names, repository)
+        if not names:
+            log.warning("no model folders in the repository %s", repository)
+        self._required = set(names)
+        for name in names:  # known (not ready) from now on, not unknown until its turn comes
+            self._states.setdefault(name, {"": ModelState(name, "", LOADING, "")})
+        for name in names:
+            try:
+                await self.load(name)
+            except ModelNotFoundError as exc:
+                log.error("model %s not loaded: %s", name, exc)
+                self._states[name] = {"": ModelState(name, "", UNAVAILABLE, str(exc))}
+            except ModelUnavailableError:
+                pass  # logged and recorded by load()
+        self._started = True
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model; the versions it serves are replaced only once new ones are ready."""
+        async with self._lock(name):
+            if self._closing:
+                raise ModelUnavailableError("the server is shutting down")
+            await self._load(name)
+
+    async def _load(self, name: str) -> None:
+        settings = self._settings
+        try:
+            spec = await asyncio.to_thread(read_model, settings.model_repository, name, settings)
+        except (RepositoryError, OSError) as exc:
+            log.error("model %s not loaded: %s", name, exc)
+            if name not in self._served:
+                self._states[name] = {"": ModelState(name, "", UNAVAILABLE, str(exc))}
+            raise ModelUnavailableError(f"model {name!r}: {exc}") from None
+        old = self._served.get(name, {})
+        loading = {str(v): ModelState(name, str(v), LOADING, "") for v in spec.versions}
+        self._states[name] = loading | {str(v): _ready(name, v) for v in old}
+
+        ready: dict[int, ServedModel] = {}
+        failures = {v: f"version folder {v} not found" for v in spec.missing_versions}
+        for version in spec.versions:
+            began = time.monotonic()
+            try:
+                runtimes = await asyncio.to_thread(_prepare_version, spec, version, settings)
+            except Exception as exc:  # any failure to load is this version's, not the server's
+                failures[version] = str(exc) or type(exc).__name__
+            else:
+                served = ServedModel(spec, version, runtimes, settings, self._metrics)
+                served.start()
+                ready[version] = served
+                log.info(
+                    "model %s version %d ready on %s (%d instance(s), max batch %d)",
+                    name, version, served.device, len(runtimes), spec.max_batch_size,
+                )  # fmt: skip
+            self._metrics.load_duration.labels(name, str(version)).set(time.monotonic() - began)
+        if self._closing:  # close() ran while this load was in a thread: serve nothing new
+            await asyncio.gather(*(model.close() for model in ready.values()))
+            raise ModelUnavailableError("the server is shutting down")
+        for version, reason in sorted(failures.items()):
+            log.error("model %s version %d not served: %s", name, version, reason)
+
+        states = {str(v): ModelState(name, str(v), UNAVAILABLE, r) for v, r in failures.items()}
+        if ready:
+            self._served[name] = ready
+            self._latest[name] = ready[max(ready)]
+            self._required.add(name)
+            states |= {str(v): _ready(name, v) for v in ready}
+            replaced = list(old.values())
+        else:  # nothing new is ready: what served before keeps serving
+            states |= {str(v): _ready(name, v) for v in old}
+            replaced = []
+        self._set_states(name, states, previous=old)
+        # Requests already accepted by the replaced copies finish before their runtimes close.
+        await asyncio.gather(*(model.close() for model in replaced))
+        if failures:
+            detail = "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
+            raise ModelUnavailableError(f"model {name!r}: {detail}")
+
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of `name` once their accepted requests finish."""
+        async with self._lock(name):
+            served = self._served.pop(name, None)
+            self._latest.pop(name, None)
+            if not served:
+                raise ModelNotFoundError(f"model {name!r} is not loaded")
+            self._required.discard(name)
+            states = {str(v): ModelState(name, str(v), UNAVAILABLE, "unloaded") for v in served}
+            self._set_states(name, states, previous=served)
+            await asyncio.gather(*(model.close() for model in served.values()))
+            log.info("model %s unloaded", name)
+
+    async def close(self) -> None:
+        """Let every batcher finish its accepted work, then close the runtimes."""
+        self._closing = True
+        served = [m for versions in self._served.values() for m in versions.values()]
+        for name, versions in list(self._served.items()):
+            states = {
+                str(v): ModelState(name, str(v), UNAVAILABLE, "server stopped") for v in versions
+            }
+            self._set_states(name, states, previous=versions)
+        self._served.clear()
+        self._latest.clear()
+        await asyncio.gather(*(model.close() for model in served))
+
+    def _set_states(
+        self, name: str, states: dict[str, ModelState], previous: dict[int, ServedModel]
+    ) -> None:
+        self._states[name] = states
+        for version in {*states, *(str(v) for v in previous)} - {""}:
+            ready = version in states and states[version].state == READY
+            self._metrics.model_ready.labels(name, version).set(1 if ready else 0)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        """version "" = highest ready version."""
+        versions = self._served.get(name)
+        if versions:
+            if not version:
+                return self._latest[name]
+            number = int(version) if version.isdigit() else -1
+            model = versions.get(number)
+            if model is not None:
+                return model
+            state = self._states.get(name, {}).get(str(number))
+            if state is not None and state.state != READY:
+                raise ModelUnavailableError(
+                    f"model {name!r} version {version} is {state.state.lower()}: {state.reason}"
+                )
+            loaded = ", ".join(str(v) for v in sorted(versions))
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version!r} loaded (loaded: {loaded})"
+            )
+        states = self._states.get(name)
+        if states:
+            reasons = sorted({s.reason for s in states.values() if s.reason})
+            detail = "; ".join(reasons) or "loading"
+            raise ModelUnavailableError(f"model {name!r} is not ready: {detail}")
+        raise ModelNotFoundError(f"unknown model {name!r}")
+
+    def served(self) -> list[ServedModel]:
+        """Every ready version, sorted by (name, version)."""
+        return [
+            self._served[name][version]
+            for name in sorted(self._served)
+            for version in sorted(self._served[name])
+        ]
+
+    def index(self) -> list[ModelState]:
+        """Every model folder in the repository, plus any model known to the manager."""
+        names = {*model_names(self._settings.model_repository), *self._states, *self._served}
+        result: list[ModelState] = []
+        for name in sorted(names):
+            states = self._states.get(name)
+            if not states:
+                result.append(ModelState(name, "", UNAVAILABLE, "not loaded"))
+                continue
+            result.extend(sorted(states.values(), key=lambda s: (len(s.version), s.version)))
+        return result
+
+    @property
+    def all_ready(self) -> bool:
+        """start() finished and every model asked for (at start, or loaded since) serves.
+
+        An explicit unload removes a model from what is asked for.
+        """
+        return self._started and all(name in self._served for name in self._required)
+
+
+def _ready(name: str, version: int) -> ModelState:
+    return ModelState(name, str(version), READY, "")
+
+
+# -- blocking load steps (run in a worker thread) ----------------------------------------------
+
+
+def _prepare_version(spec: ModelSpec, version: int, settings: Settings) -> list[Runtime]:
+    """Create the version's runtime instances, warm each up, and check them against reference."""
+    path = spec.model_path(version)
+    if not path.is_file():
+        raise RuntimeLoadError(f"model file {version}/{path.name} not found")
+    runtimes: list[Runtime] = []
+    try:
+        for _ in range(spec.instance_count):
+            threads = settings.intra_op_threads
+            runtime = create_runtime(spec.platform, path, spec.device_pref, threads)
+            runtimes.append(runtime)
+            _warm_up(runtime, spec)
+        _check_reference(runtimes, spec, version, settings.reference_tolerance)
+    except BaseException:
+        for runtime in runtimes:
+            runtime.close()
+        raise
+    return runtimes
+
+
+def _warm_up(runtime: Runtime, spec: ModelSpec) -> None:
+    """First runs allocate and optimise; doing them here keeps them out of request latency,
+    and checks that the model takes the config's input dims and returns its classes."""
+    for rows in sorted({1, spec.max_batch_size}):
+        zeros = np.zeros((rows, *spec.input_shape), np.float32)
+        output = _run(runtime, zeros, f"warm-up at batch {rows}")
+        expected = (rows, spec.num_classes)
+        if not isinstance(output, np.ndarray) or output.shape != expected:
+            shape = getattr(output, "shape", type(output).__name__)
+            raise RuntimeLoadError(
+                f"model returns shape {shape} at batch {rows}; the config expects {expected}"
+            )
+
+
+def _check_reference(
+    runtimes: list[Runtime], spec: ModelSpec, version: int, tolerance: float
+) -> None:
+    path = spec.reference_path(version)
+    if not path.is_file():
+        log.warning(
+            "model %s version %d has no %s; serving without the reference check",
+            spec.name, version, REFERENCE_FILE,
+        )  # fmt: skip
+        return
+    try:
+        with np.load(path) as data:
+            inputs = np.ascontiguousarray(data["inputs"], dtype=np.float32)
+            expected = np.asarray(data["outputs"], dtype=np.float32)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise RuntimeLoadError(f"cannot read {REFERENCE_FILE}: {exc}") from None
+    if inputs.ndim != 4 or tuple(inputs.shape[1:]) != spec.input_shape or len(inputs) < 1:
+        raise RuntimeLoadError(
+            f"{REFERENCE_FILE} inputs have shape {list(inputs.shape)}, "
+            f"expected [N, {', '.join(map(str, spec.input_shape))}]"
+        )
+    if expected.shape != (len(inputs), spec.num_classes):
+        raise RuntimeLoadError(
+            f"{REFERENCE_FILE} outputs have shape {list(expected.shape)}, "
+            f"expected [{len(inputs)}, {spec.num_classes}]"
+        )
+    step = spec.max_batch_size
+    for runtime in runtimes:
+        got = np.concatenate(
+            [
+                _run(runtime, inputs[i : i + step], "reference check")
+                for i in range(0, len(inputs), step)
+            ]
+        )
+        diff = float(np.max(np.abs(got - expected)))
+        if not diff <= tolerance:  # also catches NaN
+            raise RuntimeLoadError(
+                f"reference check failed: max abs diff {diff:.3g} > {tolerance:g}"
+            )
+
+
+def _run(runtime: Runtime, batch: np.ndarray, step: str) -> np.ndarray:
+    try:
+        return runtime.run(batch)
+    except Exception as exc:
+        raise RuntimeLoadError(f"{step} failed: {first_line(exc)}") from exc

@@ -1,0 +1,200 @@
+"""Reads the model repository: model folders, config, labels, version policy, file paths.
+
+Everything here is plain file reading and checking against the repository contract
+(modelrepo.layout); nothing loads a runtime. Problems raise RepositoryError whose
+message is the reason shown in the model's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelrepo.config import ConfigError, ModelConfig, load_config
+from modelrepo.layout import (
+    CONFIG_FILE,
+    INPUT_NAME,
+    MODEL_FILES,
+    OUTPUT_NAME,
+    PLATFORM_ONNX,
+    PLATFORM_TORCHSCRIPT,
+    REFERENCE_FILE,
+    list_versions,
+    read_labels,
+)
+from server.config import Settings
+from server.errors import ModelNotFoundError
+from wire import model_config_pb2
+
+# Triton's backend names, accepted where a config names a backend instead of a platform.
+_BACKENDS = {"onnxruntime": PLATFORM_ONNX, "pytorch": PLATFORM_TORCHSCRIPT}
+_FP32 = model_config_pb2.TYPE_FP32
+_NCHW_OK = (model_config_pb2.ModelInput.FORMAT_NCHW, model_config_pb2.ModelInput.FORMAT_NONE)
+_KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+class RepositoryError(Exception):
+    """A model folder that does not meet the repository contract; str() is the reason."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the server needs to load one model, as read (and defaulted) from its folder."""
+
+    name: str
+    directory: Path
+    config: ModelConfig  # max_batch_size and dynamic_batching filled from Settings when unset
+    platform: str
+    labels: list[str]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    max_batch_size: int
+    max_queue_delay_us: int
+    instance_count: int
+    device_pref: str  # "auto" | "cpu" | "cuda"
+    versions: tuple[int, ...]  # versions to load, ascending
+    missing_versions: tuple[int, ...]  # versions the policy names that have no folder
+
+    def model_path(self, version: int) -> Path:
+        filename = self.config.default_model_filename or MODEL_FILES[self.platform]
+        return self.directory / str(version) / filename
+
+    def reference_path(self, version: int) -> Path:
+        return self.directory / str(version) / REFERENCE_FILE
+
+
+def model_names(repository: Path) -> list[str]:
+    """Every model folder of the repository (hidden folders and files ignored), sorted."""
+    if not repository.is_dir():
+        return []
+    return sorted(p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def model_dir(repository: Path, name: str) -> Path:
+    """The folder of model `name`; ModelNotFoundError when there is none."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise ModelNotFoundError(f"invalid model name {name!r}")
+    directory = repository / name
+    if not directory.is_dir():
+        raise ModelNotFoundError(f"no model {name!r} in the repository {repository}")
+    return directory
+
+
+def select_versions(
+    policy: model_config_pb2.ModelVersionPolicy, available: list[int]
+) -> tuple[list[int], list[int]]:
+    """Triton's version policy: (versions to load, versions asked for but absent).
+
+    Default (no policy) is the latest version only.
+    """
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return list(available), []
+    if choice == "specific":
+        wanted = sorted(set(policy.specific.versions))
+        return [v for v in wanted if v in available], [v for v in wanted if v not in available]
+    count = max(policy.latest.num_versions, 1) if choice == "latest" else 1
+    return list(available[-count:]), []
+
+
+def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
+    """Read and check one model folder. Raises ModelNotFoundError or RepositoryError."""
+    directory = model_dir(repository, name)
+    try:
+        config = load_config(directory / CONFIG_FILE)
+    except ConfigError as exc:
+        raise RepositoryError(f"bad config: {exc}") from None
+    if config.name and config.name != name:
+        raise RepositoryError(f"{CONFIG_FILE} names the model {config.name!r}, its folder {name!r}")
+    config.name = name
+    platform = _platform(config)
+    input_shape = _check_input(config)
+    num_classes = _check_output(config)
+    labels = _labels(directory, config, num_classes)
+    if config.max_batch_size < 0:
+        raise RepositoryError(f"max_batch_size cannot be negative ({config.max_batch_size})")
+    if config.max_batch_size == 0:
+        config.max_batch_size = settings.max_batch_size
+    config.dynamic_batching.SetInParent()  # the server always batches dynamically
+    if config.dynamic_batching.max_queue_delay_microseconds == 0:
+        # proto3 cannot tell 0 from unset: 0 means "the server's default".
+        config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    groups = list(config.instance_group)
+    if any(g.count < 0 for g in groups):
+        raise RepositoryError("instance_group count cannot be negative")
+    instance_count = sum(max(g.count, 1) for g in groups) if groups else 1
+    cpu_only = bool(groups) and all(g.kind == _KIND_CPU for g in groups)
+    available = list_versions(directory)
+    versions, missing = select_versions(config.version_policy, available)
+    if not versions and not missing:
+        raise RepositoryError(f"no version folders (1, 2, ...) in {directory}")
+    return ModelSpec(
+        name=name,
+        directory=directory,
+        config=config,
+        platform=platform,
+        labels=labels,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_us=config.dynamic_batching.max_queue_delay_microseconds,
+        instance_count=instance_count,
+        device_pref="cpu" if cpu_only else settings.device,
+        versions=tuple(versions),
+        missing_versions=tuple(missing),
+    )
+
+
+def _platform(config: ModelConfig) -> str:
+    platform = config.platform or _BACKENDS.get(config.backend, "")
+    if platform not in MODEL_FILES:
+        shown = config.platform or config.backend or "(none)"
+        raise RepositoryError(
+            f"unsupported platform {shown!r} (expected {PLATFORM_ONNX} or {PLATFORM_TORCHSCRIPT})"
+        )
+    return platform
+
+
+def _check_input(config: ModelConfig) -> tuple[int, int, int]:
+    if len(config.input) != 1 or config.input[0].name != INPUT_NAME:
+        names = [i.name for i in config.input]
+        raise RepositoryError(f"config inputs {names}, expected one input named {INPUT_NAME!r}")
+    spec = config.input[0]
+    if spec.data_type != _FP32:
+        raise RepositoryError(f"input {INPUT_NAME!r} must be TYPE_FP32")
+    if spec.format not in _NCHW_OK:
+        raise RepositoryError(f"input {INPUT_NAME!r} must be FORMAT_NCHW")
+    dims = list(spec.dims)
+    if len(dims) != 3 or any(d <= 0 for d in dims):
+        raise RepositoryError(f"input dims {dims}, expected [C, H, W] with positive sizes")
+    return dims[0], dims[1], dims[2]
+
+
+def _check_output(config: ModelConfig) -> int:
+    names = [o.name for o in config.output]
+    if OUTPUT_NAME not in names:
+        raise RepositoryError(f"config outputs {names}, expected one named {OUTPUT_NAME!r}")
+    spec = config.output[names.index(OUTPUT_NAME)]
+    if spec.data_type != _FP32:
+        raise RepositoryError(f"output {OUTPUT_NAME!r} must be TYPE_FP32")
+    dims = list(spec.dims)
+    if len(dims) != 1 or dims[0] <= 0:
+        raise RepositoryError(f"output dims {dims}, expected [classes]")
+    return dims[0]
+
+
+def _labels(directory: Path, config: ModelConfig, num_classes: int) -> list[str]:
+    """Class names from the output's label_filename; class indices when it names none."""
+    spec = next(o for o in config.output if o.name == OUTPUT_NAME)
+    if not spec.label_filename:
+        return [str(i) for i in range(num_classes)]
+    path = directory / spec.label_filename
+    try:
+        labels = read_labels(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RepositoryError(f"cannot read labels {path.name}: {exc}") from None
+    if len(labels) != num_classes:
+        raise RepositoryError(
+            f"{path.name} has {len(labels)} labels, the output has {num_classes} classes"
+        )
+    return labels

@@ -1,0 +1,337 @@
+"""The dynamic batcher on a real ONNX Runtime session of the fixture repository's MLP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelrepo.layout import ONNX_FILE, PLATFORM_ONNX
+from server.batcher import Batcher, BatchError
+from server.errors import DeadlineExceededError, ModelUnavailableError, QueueFullError
+from server.metrics import Metrics
+from server.runtimes import Runtime, create_runtime
+
+MODEL, VERSION = "fashion_mnist", "1"
+LABELS = {"model": MODEL, "version": VERSION}
+SHAPE = (1, 28, 28)
+MARKER = 7.0  # a pixel value no real image has: batches holding it fail in FailingOnMarker
+
+
+@pytest.fixture(scope="module")
+def runtime(model_repository: Path) -> Iterator[Runtime]:
+    runtime = create_runtime(PLATFORM_ONNX, model_repository / MODEL / "1" / ONNX_FILE, "cpu", 1)
+    yield runtime
+    runtime.close()
+
+
+class FailingOnMarker:
+    """A real runtime that raises for any batch containing the marker pixel value."""
+
+    def __init__(self, inner: Runtime) -> None:
+        self.inner = inner
+        self.device = inner.device
+        self.calls: list[int] = []
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(batch.shape[0])
+        if (batch == MARKER).any():
+            raise ValueError("marker in batch")
+        return self.inner.run(batch)
+
+    def close(self) -> None:
+        pass
+
+
+class Slow:
+    """A real runtime that takes at least `seconds` per batch, to make instances overlap."""
+
+    def __init__(self, inner: Runtime, seconds: float) -> None:
+        self.inner, self.seconds, self.device = inner, seconds, inner.device
+        self.batches = 0
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.batches += 1
+        time.sleep(self.seconds)
+        return self.inner.run(batch)
+
+    def close(self) -> None:
+        pass
+
+
+def make_batcher(
+    runtimes: Runtime | list[Runtime],
+    metrics: Metrics,
+    *,
+    max_batch_size: int = 64,
+    delay_s: float = 0.005,
+    max_queue_size: int = 1024,
+) -> Batcher:
+    batcher = Batcher(
+        runtimes if isinstance(runtimes, list) else [runtimes],
+        model=MODEL,
+        version=VERSION,
+        max_batch_size=max_batch_size,
+        max_queue_delay_s=delay_s,
+        max_queue_size=max_queue_size,
+        metrics=metrics,
+    )
+    batcher.start()
+    return batcher
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, *SHAPE), dtype=np.float32)
+
+
+def sample(metrics: Metrics, name: str, **extra: str) -> float:
+    value = metrics.registry.get_sample_value(f"imgserve_{name}", {**LABELS, **extra})
+    return 0.0 if value is None else value
+
+
+def test_concurrent_single_images_form_batches_and_each_caller_gets_its_row(
+    runtime: Runtime,
+) -> None:
+    metrics = Metrics()
+    x = images(64)
+
+    async def main() -> list[np.ndarray]:
+        batcher = make_batcher(runtime, metrics, delay_s=0.05)
+        outputs = await asyncio.gather(*(batcher.submit(x[i : i + 1]) for i in range(64)))
+        await batcher.close()
+        return outputs
+
+    outputs = asyncio.run(main())
+    batches = sample(metrics, "batch_size_count")
+    assert sample(metrics, "batch_size_sum") == 64
+    assert 1 <= batches < 64  # batching happened: fewer batches than requests
+    assert sample(metrics, "batches_total", outcome="success") == batches
+    assert sample(metrics, "inferences_total") == 64
+    assert sample(metrics, "queue_duration_seconds_count") == 64
+    assert sample(metrics, "compute_duration_seconds_count") == batches
+    assert sample(metrics, "queue_depth") == 0
+    for i, out in enumerate(outputs):
+        assert out.shape == (1, 10)
+        np.testing.assert_allclose(out, runtime.run(x[i : i + 1]), rtol=0, atol=1e-6)
+
+
+def test_full_batch_closes_without_waiting_for_the_delay(runtime: Runtime) -> None:
+    metrics = Metrics()
+
+    async def main() -> tuple[float, float]:
+        batcher = make_batcher(runtime, metrics, max_batch_size=4, delay_s=30.0)
+        began = time.monotonic()
+        await asyncio.gather(*(batcher.submit(images(1, i)) for i in range(4)))
+        full = time.monotonic() - began
+        short = make_batcher(runtime, metrics, max_batch_size=4, delay_s=0.05)
+        began = time.monotonic()
+        await short.submit(images(1))
+        alone = time.monotonic() - began
+        await asyncio.gather(batcher.close(), short.close())
+        return full, alone
+
+    full, alone = asyncio.run(main())
+    assert full < 10.0  # a 30 s delay was not waited out: four rows filled the batch
+    assert alone >= 0.045  # a lone request waits out its batch's delay
+
+
+def test_oversize_request_is_split_and_answered_whole_in_order(runtime: Runtime) -> None:
+    metrics = Metrics()
+    x = images(150, seed=1)
+
+    async def main() -> np.ndarray:
+        batcher = make_batcher(runtime, metrics, max_batch_size=64)
+        out = await batcher.submit(x)
+        await batcher.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out.shape == (150, 10)
+    np.testing.assert_allclose(out, runtime.run(x), rtol=0, atol=1e-6)
+    assert sample(metrics, "batch_size_sum") == 150
+    assert sample(metrics, "batch_size_count") == 3
+    assert sample(metrics, "batch_size_bucket", le="64.0") == 3  # no batch over 64 rows
+
+
+def test_expired_deadlines_are_dropped_before_compute(runtime: Runtime) -> None:
+    metrics = Metrics()
+    spy = FailingOnMarker(runtime)
+
+    async def main() -> np.ndarray:
+        batcher = make_batcher(spy, metrics, delay_s=0.2)
+        with pytest.raises(DeadlineExceededError):
+            await batcher.submit(images(1), deadline=time.monotonic() - 1.0)
+        # Passes while queued: the batch closes after 0.2 s, the deadline is at 0.02 s.
+        expiring = asyncio.ensure_future(batcher.submit(images(1), time.monotonic() + 0.02))
+        living = asyncio.ensure_future(batcher.submit(images(2), time.monotonic() + 30.0))
+        with pytest.raises(DeadlineExceededError):
+            await expiring
+        out = await living
+        await batcher.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out.shape == (2, 10)
+    assert sample(metrics, "requests_dropped_total", reason="deadline") == 2
+    assert spy.calls == [2]  # only the living request reached the runtime
+
+
+def test_full_queue_refuses_at_once_and_close_finishes_accepted_work(runtime: Runtime) -> None:
+    metrics = Metrics()
+
+    async def main() -> list[np.ndarray]:
+        batcher = make_batcher(runtime, metrics, max_queue_size=2, delay_s=30.0)
+        accepted = [asyncio.ensure_future(batcher.submit(images(1, i))) for i in range(2)]
+        await asyncio.sleep(0)  # both enqueued
+        assert batcher.queue_depth == 2
+        assert sample(metrics, "queue_depth") == 2
+        began = time.monotonic()
+        with pytest.raises(QueueFullError, match="queue full"):
+            await batcher.submit(images(1, 9))
+        assert time.monotonic() - began < 1.0
+        with pytest.raises(QueueFullError):  # all chunks of a request fit, or none is queued
+            await batcher.submit(images(130))
+        await batcher.close()  # does not wait out the 30 s delay, and answers both
+        assert all(task.done() for task in accepted)
+        with pytest.raises(ModelUnavailableError):
+            await batcher.submit(images(1))
+        return [task.result() for task in accepted]
+
+    results = asyncio.run(main())
+    for i, out in enumerate(results):
+        np.testing.assert_allclose(out, runtime.run(images(1, i)), rtol=0, atol=1e-6)
+
+
+def test_cancelled_caller_is_dropped_and_the_loop_goes_on(runtime: Runtime) -> None:
+    metrics = Metrics()
+    spy = FailingOnMarker(runtime)
+
+    async def main() -> tuple[np.ndarray, np.ndarray]:
+        batcher = make_batcher(spy, metrics, delay_s=0.05)
+        gone = asyncio.ensure_future(batcher.submit(images(3)))
+        split = asyncio.ensure_future(batcher.submit(images(100)))  # two queue items
+        kept = asyncio.ensure_future(batcher.submit(images(1, 5)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        split.cancel()
+        first = await kept
+        second = await batcher.submit(images(2, 6))
+        assert gone.cancelled() and split.cancelled()
+        await batcher.close()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first.shape == (1, 10) and second.shape == (2, 10)
+    assert sample(metrics, "requests_dropped_total", reason="cancelled") == 3
+    assert spy.calls == [1, 2]  # the cancelled rows never reached the runtime
+
+
+def test_failing_batch_fails_only_its_own_requests(runtime: Runtime) -> None:
+    metrics = Metrics()
+    spy = FailingOnMarker(runtime)
+    poisoned = images(2)
+    poisoned[1, 0, 0, 0] = MARKER
+
+    async def main() -> list[object]:
+        batcher = make_batcher(spy, metrics, delay_s=0.05)
+        first = await asyncio.gather(
+            batcher.submit(images(1, 1)),
+            batcher.submit(poisoned),
+            batcher.submit(images(3, 2)),
+            return_exceptions=True,
+        )
+        after = await batcher.submit(images(4, 3))
+        await batcher.close()
+        return [*first, after]
+
+    *first, after = asyncio.run(main())
+    assert spy.calls == [6, 4]
+    assert all(isinstance(r, ValueError) and str(r) == "marker in batch" for r in first)
+    assert isinstance(after, np.ndarray) and after.shape == (4, 10)
+    assert sample(metrics, "batches_total", outcome="failure") == 1
+    assert sample(metrics, "batches_total", outcome="success") == 1
+    assert sample(metrics, "inferences_total") == 4
+
+
+def _one_row_model(path: Path) -> Path:
+    """A valid ONNX graph that always answers one row, whatever the batch: a broken export."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name: str, values: list[int]) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+            helper.make_node("Slice", ["flat", "start", "end", "axes"], ["cut"]),
+            helper.make_node("Softmax", ["cut"], ["probabilities"], axis=1),
+        ],
+        "one_row",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *SHAPE])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 10])],
+        initializer=[const("start", [0, 0]), const("end", [1, 10]), const("axes", [0, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def test_batch_with_wrong_row_count_fails_and_the_next_batch_succeeds(tmp_path: Path) -> None:
+    broken = create_runtime(PLATFORM_ONNX, _one_row_model(tmp_path / ONNX_FILE), "cpu", 1)
+    metrics = Metrics()
+
+    async def main() -> tuple[list[object], np.ndarray]:
+        batcher = make_batcher(broken, metrics, delay_s=0.05)
+        pair = await asyncio.gather(
+            batcher.submit(images(1, 1)), batcher.submit(images(1, 2)), return_exceptions=True
+        )
+        alone = await batcher.submit(images(1, 3))  # one row in, one row out: fine
+        await batcher.close()
+        return pair, alone
+
+    pair, alone = asyncio.run(main())
+    for result in pair:
+        assert isinstance(result, BatchError)
+        assert str(result) == "runtime returned 1 rows for a batch of 2"
+    assert alone.shape == (1, 10)
+    assert sample(metrics, "batches_total", outcome="failure") == 1
+    broken.close()
+
+
+def test_instances_share_one_queue_and_run_side_by_side(runtime: Runtime) -> None:
+    metrics = Metrics()
+    instances = [Slow(runtime, 0.1), Slow(runtime, 0.1)]
+
+    async def main() -> list[np.ndarray]:
+        batcher = make_batcher(list(instances), metrics, max_batch_size=2, delay_s=0.001)
+        x = images(4)
+        out = await asyncio.gather(*(batcher.submit(x[i : i + 1]) for i in range(4)))
+        await batcher.close()
+        return out
+
+    outputs = asyncio.run(main())
+    assert len(outputs) == 4
+    assert [s.batches for s in instances] == [1, 1]  # one batch of two rows on each instance
+
+
+def test_idle_batcher_does_not_poll(runtime: Runtime) -> None:
+    """An idle loop costs no CPU: the batch loop sleeps until a request or its timer."""
+    metrics = Metrics()
+
+    async def main() -> float:
+        batcher = make_batcher(runtime, metrics, delay_s=0.0001)
+        await batcher.submit(images(1))
+        cpu = time.process_time()
+        await asyncio.sleep(0.5)
+        used = time.process_time() - cpu
+        await batcher.close()
+        return used
+
+    assert asyncio.run(main()) < 0.1
