@@ -1,0 +1,6 @@
+"""`python -m training train|evaluate|export|build-repository`."""
+
+from training.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

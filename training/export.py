@@ -1,0 +1,381 @@
+"""Checkpoint -> a new, parity-checked version in a Triton-layout model repository.
+
+The version is assembled in a hidden folder inside the model's folder and renamed into place
+only after the exported files match eager PyTorch, so the server never sees half a version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelrepo import layout
+from modelrepo.config import ConfigError, ModelConfig, format_config, load_config
+from training.checkpoint import classifier_from_checkpoint, load_checkpoint
+from training.data import DataBundle, DatasetUnavailable, first_images, load_dataset
+from training.errors import TrainingError
+from wire import model_config_pb2
+
+FORMATS = ("onnx", "torchscript", "both")
+PARITY_TOLERANCE = 1e-5
+PARITY_BATCH_SIZES = (1, 7, 64)
+REFERENCE_ROWS = 16
+# Loggers of the exporter stack that report progress at INFO: useful to its developers, noise here.
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
+
+
+def export_checkpoint(
+    checkpoint: Path | str,
+    repository: Path | str,
+    name: str,
+    fmt: str = "onnx",
+    *,
+    max_batch_size: int = 64,
+    instance_count: int = 1,
+    max_queue_delay_us: int = 2000,
+    data: DataBundle | torch.Tensor | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Export a checkpoint as the next version of model `name`; returns the version folder.
+
+    `data` (a DataBundle, or a float32 N x C x H x W batch in [0, 1]) supplies real images for the
+    parity check and reference.npz; without it both use seeded random pixels.
+    """
+    _check_options(name, fmt, max_batch_size, instance_count, max_queue_delay_us)
+    state = load_checkpoint(checkpoint)
+    served = classifier_from_checkpoint(state, checkpoint).probabilities().eval()
+    shape = tuple(int(d) for d in state["input_shape"])
+    labels = list(state["class_names"])
+    model_dir = Path(repository) / name
+    platform = _platform(model_dir, name, fmt, shape, labels)
+
+    images = _dataset_images(data, shape)
+    batches = _parity_batches(shape, images)
+    reference = images[:REFERENCE_ROWS] if images is not None else batches[-1][:REFERENCE_ROWS]
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / f".export-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        if fmt in ("onnx", "both"):
+            path = staging / layout.ONNX_FILE
+            _export_onnx(served, shape, path)
+            _check_parity("ONNX", served, _onnx_runner(path), batches)
+        if fmt in ("torchscript", "both"):
+            path = staging / layout.TORCHSCRIPT_FILE
+            runner = _export_torchscript(served, shape, path)
+            _check_parity("TorchScript", served, runner, batches)
+        with torch.inference_mode():
+            outputs = served(reference).numpy().astype(np.float32)
+        np.savez(
+            staging / layout.REFERENCE_FILE,
+            inputs=reference.numpy().astype(np.float32),
+            outputs=outputs,
+        )
+        config = build_config(
+            name, platform, shape, len(labels), max_batch_size, instance_count, max_queue_delay_us
+        )
+        _replace_file(model_dir / layout.CONFIG_FILE, format_config(config))
+        _replace_file(model_dir / layout.LABELS_FILE, "".join(f"{label}\n" for label in labels))
+        version_dir = _publish(staging, model_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    kinds = {"onnx": "ONNX", "torchscript": "TorchScript", "both": "ONNX + TorchScript"}[fmt]
+    source = "dataset images" if images is not None else "random inputs"
+    log(
+        f"exported {state['arch']} ({kinds}) to {version_dir}: matches PyTorch within "
+        f"{PARITY_TOLERANCE:g} at batch sizes {', '.join(map(str, PARITY_BATCH_SIZES))} "
+        f"on {source}"
+    )
+    return version_dir
+
+
+def build_config(
+    name: str,
+    platform: str,
+    shape: tuple[int, ...],
+    num_classes: int,
+    max_batch_size: int,
+    instance_count: int,
+    max_queue_delay_us: int,
+) -> ModelConfig:
+    """The config.pbtxt message: Triton's names, so Triton loads the same folder unchanged."""
+    config = ModelConfig(name=name, platform=platform, max_batch_size=max_batch_size)
+    config.input.add(
+        name=layout.INPUT_NAME,
+        data_type=model_config_pb2.TYPE_FP32,
+        format=model_config_pb2.ModelInput.FORMAT_NCHW,
+        dims=list(shape),
+    )
+    config.output.add(
+        name=layout.OUTPUT_NAME,
+        data_type=model_config_pb2.TYPE_FP32,
+        dims=[num_classes],
+        label_filename=layout.LABELS_FILE,
+    )
+    config.dynamic_batching.SetInParent()
+    config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    config.instance_group.add(
+        count=instance_count, kind=model_config_pb2.ModelInstanceGroup.KIND_AUTO
+    )
+    return config
+
+
+def _check_options(name: str, fmt: str, max_batch: int, instances: int, delay_us: int) -> None:
+    if not name or name.startswith(".") or "/" in name or "\\" in name or name != name.strip():
+        raise TrainingError(f"invalid model name {name!r}: use a plain folder name")
+    if fmt not in FORMATS:
+        raise TrainingError(f"unknown export format {fmt!r} (choose from: {', '.join(FORMATS)})")
+    if max_batch < 1:
+        raise TrainingError(f"--max-batch-size must be at least 1, got {max_batch}")
+    if instances < 1:
+        raise TrainingError(f"--instance-count must be at least 1, got {instances}")
+    if delay_us < 0:
+        raise TrainingError(f"--max-queue-delay-us must not be negative, got {delay_us}")
+
+
+def _platform(
+    model_dir: Path, name: str, fmt: str, shape: tuple[int, ...], labels: list[str]
+) -> str:
+    """The config's platform; an existing model must keep its shape, classes and platform."""
+    wanted = layout.PLATFORM_TORCHSCRIPT if fmt == "torchscript" else layout.PLATFORM_ONNX
+    config_path = model_dir / layout.CONFIG_FILE
+    if not config_path.exists():
+        return wanted
+    try:
+        existing = load_config(config_path)
+    except ConfigError as exc:
+        raise TrainingError(f"cannot add a version to {name}: {exc}") from None
+    old_in = list(existing.input[0].dims) if existing.input else []
+    old_out = list(existing.output[0].dims) if existing.output else []
+    if old_in != list(shape) or old_out != [len(labels)]:
+        raise TrainingError(
+            f"{config_path} declares input {old_in} and {old_out} classes, but this checkpoint "
+            f"takes {list(shape)} and has [{len(labels)}]: export under another --name"
+        )
+    labels_path = model_dir / layout.LABELS_FILE
+    if labels_path.exists() and layout.read_labels(labels_path) != labels:
+        raise TrainingError(
+            f"{labels_path} lists other class names than this checkpoint: export under another "
+            "--name"
+        )
+    produced = {
+        "onnx": {layout.PLATFORM_ONNX},
+        "torchscript": {layout.PLATFORM_TORCHSCRIPT},
+        "both": {layout.PLATFORM_ONNX, layout.PLATFORM_TORCHSCRIPT},
+    }[fmt]
+    if existing.platform not in produced:
+        raise TrainingError(
+            f"{name} is served as {existing.platform!r}, which --format {fmt} does not produce: "
+            "use a --format that includes it, or another --name"
+        )
+    return existing.platform
+
+
+def _dataset_images(data: DataBundle | torch.Tensor | None, shape: tuple) -> torch.Tensor | None:
+    if data is None:
+        return None
+    images = (
+        first_images(data.test, max(PARITY_BATCH_SIZES)) if isinstance(data, DataBundle) else data
+    )
+    images = images.detach().to(torch.float32).cpu()
+    if images.dim() != 4 or tuple(images.shape[1:]) != shape or images.shape[0] < 1:
+        raise TrainingError(
+            f"reference images shaped {list(images.shape)} do not fit {list(shape)}"
+        )
+    return images.contiguous()
+
+
+def _parity_batches(shape: tuple, images: torch.Tensor | None) -> list[torch.Tensor]:
+    """Seeded random pixels at every checked batch size, plus dataset images when given."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.rand(n, *shape, generator=generator) for n in PARITY_BATCH_SIZES]
+    if images is not None:
+        batches += [images[:n] for n in PARITY_BATCH_SIZES if n <= images.shape[0]]
+    return batches
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[io.StringIO]:
+    """The exporter reports progress and internal deprecations that say nothing about the user's
+    model; keep them off the console. The parity check afterwards is what vouches for the file."""
+    saved = {n: logging.getLogger(n).level for n in EXPORTER_LOGGERS}
+    chatter = io.StringIO()
+    try:
+        for logger_name in EXPORTER_LOGGERS:
+            logging.getLogger(logger_name).setLevel(logging.ERROR)
+        with warnings.catch_warnings(record=True), contextlib.redirect_stdout(chatter):
+            warnings.simplefilter("always")
+            yield chatter
+    finally:
+        for logger_name, level in saved.items():
+            logging.getLogger(logger_name).setLevel(level)
+
+
+def _export_onnx(module: nn.Module, shape: tuple, path: Path) -> None:
+    example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(1))
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with _quiet_exporter():
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=[layout.INPUT_NAME],
+                output_names=[layout.OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                dynamo=True,
+                verbose=False,
+            )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(f"ONNX export failed: {first[:300]}") from None
+    if not path.is_file():
+        raise TrainingError("ONNX export produced no file")
+
+
+def _onnx_runner(path: Path) -> Callable[[torch.Tensor], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its graph-optimisation notes are not for users
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run([layout.OUTPUT_NAME], {layout.INPUT_NAME: x.numpy()})[0]
+
+
+@contextlib.contextmanager
+def torchscript_deprecation_silenced() -> Iterator[None]:
+    """torch 2.14 flags every torch.jit call as deprecated; TorchScript is still what
+    Triton's pytorch_libtorch backend loads, so it is used on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+        yield
+
+
+def _export_torchscript(
+    module: nn.Module, shape: tuple, path: Path
+) -> Callable[[torch.Tensor], np.ndarray]:
+    example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(1))
+    with torchscript_deprecation_silenced():
+        try:
+            traced = torch.jit.trace(module, (example,))
+            traced.save(str(path))
+            loaded = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainingError(f"TorchScript export failed: {first[:300]}") from None
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return loaded(x).numpy()
+
+    return run
+
+
+def _check_parity(
+    kind: str,
+    eager: nn.Module,
+    exported: Callable[[torch.Tensor], Any],
+    batches: list[torch.Tensor],
+) -> None:
+    for batch in batches:
+        with torch.inference_mode():
+            expected = eager(batch).numpy()
+        got = np.asarray(exported(batch))
+        if got.shape != expected.shape:
+            raise TrainingError(
+                f"{kind} export returns shape {list(got.shape)} for batch {batch.shape[0]}, "
+                f"PyTorch {list(expected.shape)}: nothing written"
+            )
+        diff = float(np.max(np.abs(got - expected)))
+        if not diff <= PARITY_TOLERANCE:
+            raise TrainingError(
+                f"{kind} export differs from PyTorch by {diff:.3g} (> {PARITY_TOLERANCE:g}) "
+                f"at batch size {batch.shape[0]}: nothing written"
+            )
+
+
+def _replace_file(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _publish(staging: Path, model_dir: Path) -> Path:
+    """Rename the staged folder to the next free version number (never over an existing one)."""
+    for _ in range(100):
+        target = model_dir / str(layout.next_version(model_dir))
+        if target.exists():
+            continue
+        try:
+            os.rename(staging, target)
+        except OSError:
+            continue  # another export took that number first
+        return target
+    raise TrainingError(f"could not find a free version number in {model_dir}")
+
+
+def reference_data(
+    state: dict[str, Any], data_dir: Path | str | None, skip_checksum: bool, log: Callable
+) -> DataBundle | None:
+    """The checkpoint's own dataset when it is at hand (never downloaded), for real-image parity."""
+    recorded = state.get("args", {}) or {}
+    options = state.get("data_options", {}) or {}
+    try:
+        return load_dataset(
+            state["dataset"],
+            state["input_shape"],
+            data_dir=data_dir if data_dir is not None else recorded.get("data_dir", "data"),
+            download=False,
+            skip_checksum=skip_checksum or bool(recorded.get("skip_checksum", False)),
+            synthetic_train_size=int(options.get("train_size", 1)),
+            synthetic_test_size=int(options.get("test_size", REFERENCE_ROWS)),
+            synthetic_classes=int(options.get("num_classes", len(state["class_names"]))),
+            seed=int(options.get("seed", 0)),
+            log=log,
+        )
+    except DatasetUnavailable:
+        log(
+            f"note: no {state['dataset']} data at hand (see --data-dir); checking parity on "
+            "random inputs only"
+        )
+    except TrainingError as exc:
+        log(f"note: cannot use the training data for parity ({exc}); using random inputs only")
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    """`python -m training export`: the parsed command line -> export_checkpoint()."""
+    state = load_checkpoint(args.checkpoint)
+    data = (
+        None
+        if args.random_reference
+        else reference_data(state, args.data_dir, args.skip_checksum, print)
+    )
+    export_checkpoint(
+        args.checkpoint,
+        args.model_repository,
+        args.name,
+        args.format,
+        max_batch_size=args.max_batch_size,
+        instance_count=args.instance_count,
+        max_queue_delay_us=args.max_queue_delay_us,
+        data=data,
+    )
+    return 0
