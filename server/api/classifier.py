@@ -1,0 +1,89 @@
+"""The native Classifier API servicer (`imgserve.classifier.v1.Classifier`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from server import codecs
+from server.api.common import ApiState, answer_concurrently, generic_handler
+from server.api.status import Call, deadline_of, describe, guarded
+from wire import classifier_pb2 as pb
+
+API_LABEL = "native"
+# Payloads past this many bytes are decoded in a worker thread: decoding a few small images
+# costs less than the hop, large ones would stall every other request on the event loop.
+DECODE_INLINE_BYTES = 64 * 1024
+
+
+class ClassifierServicer:
+    def __init__(self, state: ApiState) -> None:
+        self._state = state
+
+    @guarded
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        with self._state.call(API_LABEL, context) as call:
+            return await self._classify(request, deadline_of(context), call)
+
+    @guarded
+    async def ClassifyStream(
+        self, requests: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        async def answer(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
+            with self._state.call(API_LABEL, context) as call:
+                response = await self._classify(request, deadline_of(context), call)
+            return pb.ClassifyStreamResponse(id=request.id, response=response)
+
+        def fail(request: pb.ClassifyRequest, exc: Exception) -> pb.ClassifyStreamResponse:
+            code, message = describe(exc)
+            error = pb.StreamError(code=code.name, message=message)
+            return pb.ClassifyStreamResponse(id=request.id, error=error)
+
+        async for response in answer_concurrently(requests, answer, fail):
+            yield response
+
+    @guarded
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        manager = self._state.manager
+        served = {(m.name, str(m.version)): m for m in manager.served()}
+        models = []
+        for state in manager.index():
+            info = pb.ModelInfo(
+                name=state.name, version=state.version, state=state.state, reason=state.reason
+            )
+            model = served.get((state.name, state.version))
+            if model is not None:
+                info.platform = model.platform
+                info.input_shape.extend(model.input_shape)
+                info.labels.extend(model.labels)
+            models.append(info)
+        return pb.ListModelsResponse(models=models)
+
+    async def _classify(
+        self, request: pb.ClassifyRequest, deadline: float | None, call: Call
+    ) -> pb.ClassifyResponse:
+        served = self._state.resolve(request.model, request.version, call)
+        if codecs.payload_size(request.images) > DECODE_INLINE_BYTES:
+            images = await asyncio.to_thread(
+                codecs.decode_images, request.images, served.input_shape
+            )
+        else:
+            images = codecs.decode_images(request.images, served.input_shape)
+        probabilities = await served.infer(images, deadline)
+        return pb.ClassifyResponse(
+            model=served.name,
+            version=str(served.version),
+            id=request.id,
+            results=codecs.classifications(probabilities, served.labels, request.top_k),
+        )
+
+
+def handler(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:
+    service = pb.DESCRIPTOR.services_by_name["Classifier"]
+    return generic_handler(service, servicer, service.full_name)

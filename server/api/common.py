@@ -1,0 +1,128 @@
+"""What both APIs share: model resolution (with draining), streaming fan-out, registration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from google.protobuf import descriptor, message_factory
+
+from server.api.status import Call
+from server.errors import ModelUnavailableError
+from server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from server.manager import ModelManager, ServedModel
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+# Requests of one stream in progress or answered but not yet sent; past it the stream stops
+# reading (backpressure, also against a client that sends without reading its answers).
+STREAM_CONCURRENCY = 128
+
+
+@dataclass
+class ApiState:
+    """The core as the servicers see it, plus the server-wide draining flag."""
+
+    manager: ModelManager
+    metrics: Metrics
+    draining: bool = False
+
+    def call(self, api: str, context: grpc.aio.ServicerContext | None) -> Call:
+        return Call(self.metrics, api, context)
+
+    def resolve(self, name: str, version: str, call: Call) -> ServedModel:
+        """The model version that answers an inference request; UNAVAILABLE while draining."""
+        if self.draining:
+            raise ModelUnavailableError("the server is shutting down; retry on another replica")
+        try:
+            served = self.manager.get(name, version)
+        except ModelUnavailableError:
+            call.bind(name, version)
+            raise
+        call.bind(served.name, str(served.version))
+        return served
+
+    @property
+    def ready(self) -> bool:
+        return self.manager.all_ready and not self.draining
+
+
+async def answer_concurrently(
+    requests: AsyncIterator[Req],
+    answer: Callable[[Req], Awaitable[Resp]],
+    fail: Callable[[Req, Exception], Resp],
+) -> AsyncIterator[Resp]:
+    """Answer a request stream's messages concurrently, yielding each answer as it is ready.
+
+    Concurrency is what lets one stream fill the batcher. `answer` raising becomes `fail`'s
+    response for that message, so one bad message never ends the stream.
+    """
+    results: asyncio.Queue[Any] = asyncio.Queue()
+    slots = asyncio.Semaphore(STREAM_CONCURRENCY)
+    tasks: set[asyncio.Task[None]] = set()
+    end = object()
+
+    async def run(request: Req) -> None:
+        try:
+            results.put_nowait(await answer(request))
+        except Exception as exc:
+            results.put_nowait(fail(request, exc))
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.create_task(run(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.wait(set(tasks))
+        finally:
+            results.put_nowait(end)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await results.get()) is not end:
+            yield item
+            slots.release()  # a slot covers a request until its answer is sent
+        await reader  # re-raises a failure to read the stream
+    finally:
+        reader.cancel()
+        for task in list(tasks):
+            task.cancel()
+
+
+def generic_handler(
+    service: descriptor.ServiceDescriptor, servicer: object, wire_name: str
+) -> grpc.GenericRpcHandler:
+    """Method handlers for every method of `service`, registered under `wire_name`.
+
+    The KServe messages live in our own protobuf package, so the service name clients call
+    (`inference.GRPCInferenceService`) is given here rather than taken from the descriptor.
+    A servicer missing a method fails here, at start, not on the first call.
+    """
+    handlers = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(wire_name, handlers)

@@ -1,0 +1,105 @@
+"""grpc.health.v1 statuses kept in step with the models, and server reflection.
+
+Health services: "" (the whole server: every model asked for is ready and the server is
+not draining), each API's service name (same as ""), and each model by its name.
+
+Reflection describes the KServe service under its wire name `inference.GRPCInferenceService`:
+our messages live in package `imgserve.inference`, so reflection gets a private descriptor
+pool holding a copy of our files with the package renamed (type references rewritten).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from server.api.common import ApiState
+from server.errors import ServingError
+from wire import classifier_pb2, grpc_service_pb2, model_config_pb2
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+OUR_PACKAGE = "imgserve.inference"
+WIRE_PACKAGE = "inference"
+
+
+class Health:
+    """The health servicer, plus `refresh` computing every status from the manager."""
+
+    def __init__(self, state: ApiState, api_services: Iterable[str]) -> None:
+        self._state = state
+        self._api_services = tuple(api_services)
+        self.servicer = health.aio.HealthServicer()
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    async def refresh(self) -> None:
+        overall = SERVING if self._state.ready else NOT_SERVING
+        for service in ("", *self._api_services):
+            await self.servicer.set(service, overall)
+        manager = self._state.manager
+        for name in sorted({model.name for model in manager.index()}):
+            await self.servicer.set(name, SERVING if self._serves(name) else NOT_SERVING)
+
+    def _serves(self, name: str) -> bool:
+        if self._state.draining:
+            return False
+        try:
+            self._state.manager.get(name)
+        except ServingError:
+            return False
+        return True
+
+    async def drain(self) -> None:
+        """Every service NOT_SERVING from now on, whatever refresh would say."""
+        await self.servicer.enter_graceful_shutdown()
+
+
+def _renamed(file: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
+    """A copy of `file` in package `inference`, with every type reference rewritten."""
+    copy = descriptor_pb2.FileDescriptorProto()
+    copy.CopyFrom(file)
+    copy.package = WIRE_PACKAGE
+    old, new = f".{OUR_PACKAGE}.", f".{WIRE_PACKAGE}."
+
+    def fix_message(message: descriptor_pb2.DescriptorProto) -> None:
+        for field in message.field:
+            if field.type_name.startswith(old):
+                field.type_name = new + field.type_name[len(old) :]
+        for nested in message.nested_type:
+            fix_message(nested)
+
+    for message in copy.message_type:
+        fix_message(message)
+    for service in copy.service:
+        for method in service.method:
+            method.input_type = new + method.input_type[len(old) :]
+            method.output_type = new + method.output_type[len(old) :]
+    return copy
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """The files reflection serves: KServe (as `inference`), native API, health, reflection."""
+    pool = descriptor_pool.DescriptorPool()
+    for module, rename in (
+        (model_config_pb2, True),
+        (grpc_service_pb2, True),
+        (classifier_pb2, False),
+        (health_pb2, False),
+        (reflection_pb2, False),
+    ):
+        file = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(file)
+        pool.Add(_renamed(file) if rename else file)
+    return pool
+
+
+def enable_reflection(server: grpc.aio.Server, services: Iterable[str]) -> None:
+    names = (*services, HEALTH_SERVICE, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=reflection_pool())

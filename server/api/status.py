@@ -1,0 +1,152 @@
+"""The one table from core exceptions to gRPC status codes, and the wrappers that apply it.
+
+Servicer methods raise the core's exceptions (server.errors) and never build a status
+themselves: `guarded` turns an exception into the mapped status, and anything unexpected
+into INTERNAL with a generic message (the traceback goes to the log, never to the caller).
+`Call` records the request metrics of one inference request with the same codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from server.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    QueueFullError,
+    UnsupportedError,
+)
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
+}
+_LOGGED = "_imgserve_logged"
+INTERNAL_MESSAGE = "internal error while serving the request (details are in the server log)"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        code = STATUS_CODES.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def describe(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Status code and caller-facing message; logs unexpected errors with their traceback."""
+    code = code_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        if getattr(exc, _LOGGED, False):  # one failed batch fails many requests: one traceback
+            log.error("request failed with the error logged above: %s", type(exc).__name__)
+        else:
+            log.error("unexpected error while serving a request", exc_info=exc)
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(exc, _LOGGED, True)
+        return code, INTERNAL_MESSAGE
+    return code, str(exc) or type(exc).__name__
+
+
+def guarded(method: F) -> F:
+    """Wrap a servicer method (unary or streaming) so exceptions become gRPC statuses."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except Exception as exc:
+                code, message = describe(exc)
+            else:
+                return
+            await context.abort(code, message)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            code, message = describe(exc)
+        await context.abort(code, message)
+
+    return unary  # type: ignore[return-value]
+
+
+def deadline_of(context: grpc.aio.ServicerContext | None) -> float | None:
+    """The RPC's deadline on the time.monotonic() clock, or None when the client set none."""
+    remaining = context.time_remaining() if context is not None else None
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class Call:
+    """Request metrics of one inference request: in-flight gauge, count by code, duration.
+
+    The model labels stay empty until `bind` names a model the server knows, so requests
+    for made-up names cannot grow the label sets without bound.
+    """
+
+    def __init__(
+        self, metrics: Metrics, api: str, context: grpc.aio.ServicerContext | None = None
+    ) -> None:
+        self._metrics = metrics
+        self._api = api
+        self._context = context
+        self.model = ""
+        self.version = ""
+        self._bound = False
+        self._started = time.perf_counter()
+
+    def bind(self, model: str, version: str = "") -> None:
+        if not self._bound:
+            self._bound = True
+            self._metrics.inflight.labels(model).inc()
+        self.model, self.version = model, version
+
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            code = grpc.StatusCode.OK
+        elif isinstance(exc, asyncio.CancelledError):
+            remaining = self._context.time_remaining() if self._context is not None else None
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        else:
+            code = code_of(exc)
+        m = self._metrics
+        m.requests.labels(self.model, self.version, self._api, code.name).inc()
+        m.request_duration.labels(self.model, self.version).observe(
+            time.perf_counter() - self._started
+        )
+        if self._bound:
+            m.inflight.labels(self.model).dec()

@@ -1,0 +1,172 @@
+"""Assembles the server: metrics HTTP, the gRPC server and its services, signals, draining.
+
+Start order: the gRPC port is bound and answering before models load, so liveness
+(ServerLive, health "" NOT_SERVING) answers during a long load and orchestrators can tell
+"starting" from "dead"; ServerReady and health turn true once every model asked for is ready.
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING and ServerReady false at once, new inference
+answers UNAVAILABLE, the gRPC server stops taking RPCs and gives those in flight up to
+grace_period_s to finish, then the batchers finish their accepted work and the runtimes close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+import grpc
+
+from server.api import classifier, inference
+from server.api.common import ApiState
+from server.api.health import Health, enable_reflection
+from server.config import Settings
+from server.manager import ModelManager
+from server.metrics import Metrics
+
+log = logging.getLogger("server")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Without this, Linux lets a second server bind the same port and share its traffic.
+    ("grpc.so_reuseport", 0),
+)
+# Logged once start-up has finished (models loaded or failed): scripts and tests wait for it.
+STARTED = "startup complete"
+API_SERVICES = (inference.WIRE_SERVICE, "imgserve.classifier.v1.Classifier")
+
+
+class StartupError(Exception):
+    """The server cannot start (bad repository, port in use); str() is the one-line reason."""
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status. Raises StartupError."""
+    repository = settings.model_repository
+    if not repository.is_dir():
+        raise StartupError(
+            f"model repository {repository} is not a directory; build one with "
+            f"`python -m training build-repository --model-repository {repository}`"
+        )
+    metrics = Metrics()
+    try:
+        httpd, _, metrics_port = metrics.serve_http(settings.host, settings.metrics_port)
+    except OSError as exc:
+        where = _hostport(settings.host, settings.metrics_port)
+        raise StartupError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+    try:
+        return await _serve(settings, metrics, metrics_port)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int:
+    manager = ModelManager(settings, metrics)
+    state = ApiState(manager, metrics)
+    health = Health(state, API_SERVICES)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers(
+        [
+            *inference.handlers(inference.InferenceServicer(state, health)),
+            classifier.handler(classifier.ClassifierServicer(state)),
+        ]
+    )
+    health.add_to_server(server)
+    enable_reflection(server, API_SERVICES)
+    address = _hostport(settings.host, settings.grpc_port)
+    try:
+        grpc_port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
+    if not grpc_port:
+        raise StartupError(f"cannot listen for gRPC on {address} (is the port in use?)")
+
+    await health.refresh()  # "" is NOT_SERVING until the models are loaded
+    await server.start()
+    grpc_at = _hostport(settings.host, grpc_port)
+    log.info(
+        "serving on grpc %s metrics http://%s/metrics; loading models from %s",
+        grpc_at, _hostport(settings.host, metrics_port), settings.model_repository,
+    )  # fmt: skip
+
+    stop = asyncio.Event()
+    _on_signals(stop)
+    starting = asyncio.create_task(manager.start(), name="load models")
+    stopping = asyncio.create_task(stop.wait(), name="wait for a signal")
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if starting.done():
+        if starting.exception() is not None:
+            log.error("loading the models failed", exc_info=starting.exception())
+            stop.set()
+            status = 1
+        else:
+            await health.refresh()
+            _report(manager, state, grpc_at)
+    await stopping
+
+    began = time.monotonic()
+    log.info(
+        "stopping: refusing new requests, finishing those accepted (up to %gs)",
+        settings.grace_period_s,
+    )
+    state.draining = True
+    await health.drain()
+    await server.stop(settings.grace_period_s)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+    left = max(settings.grace_period_s - (time.monotonic() - began), 1.0)
+    try:
+        await asyncio.wait_for(manager.close(), timeout=left)
+    except TimeoutError:
+        log.warning("models did not close within the grace period; exiting anyway")
+    log.info("stopped after %.2fs", time.monotonic() - began)
+    return status
+
+
+def _on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def handle(signum: int) -> None:
+        if stop.is_set():
+            log.info("%s: already stopping", signal.Signals(signum).name)
+        else:
+            log.info("%s received", signal.Signals(signum).name)
+            stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, handle, signum)
+
+
+def _report(manager: ModelManager, state: ApiState, grpc_at: str) -> None:
+    """One line per model, then whether the server is ready and how to call it."""
+    served = {(m.name, str(m.version)): m for m in manager.served()}
+    index = manager.index()
+    for model in index:
+        one = served.get((model.name, model.version))
+        if one is not None:
+            c, h, w = one.input_shape
+            log.info(
+                "model %s version %s: READY (%s on %s, input [N,%d,%d,%d], %d classes)",
+                model.name, model.version, one.platform, one.device, c, h, w, one.num_classes,
+            )  # fmt: skip
+        else:
+            version = f" version {model.version}" if model.version else ""
+            log.warning("model %s%s: %s: %s", model.name, version, model.state, model.reason)
+    log.info(
+        "%s: %d model version(s) serving, %s; call it with the KServe v2 protocol "
+        "(tritonclient.grpc.InferenceServerClient(%r)) or the native API "
+        "(python -m client models --server %s)",
+        STARTED, len(served), "ready" if state.ready else "NOT ready (see the models above)",
+        grpc_at, grpc_at,
+    )  # fmt: skip

@@ -1,0 +1,297 @@
+"""Protocol tensors and encoded images <-> numpy arrays, validated.
+
+The servicers call these to turn messages into the one thing the core accepts, a float32
+N x C x H x W array with pixels in [0, 1], and to turn its answer back into messages. Every
+check raises InvalidInputError with a message that says what was expected, so a caller can
+fix the request without reading the server's code. Both APIs share the pixel conversions,
+so the same pixels give the same answer whichever API carried them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from modelrepo.layout import INPUT_NAME, OUTPUT_NAME
+from server.errors import InvalidInputError, UnsupportedError
+from wire import classifier_pb2, grpc_service_pb2
+
+Shape = tuple[int, int, int]
+
+# Little-endian on the wire, whatever the host's byte order.
+INPUT_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+# Typed-contents field that carries each input datatype (KServe v2).
+_CONTENTS_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
+CLASSIFICATION_PARAM = "classification"
+DEFAULT_TOP_K = 5
+# Refuse images whose decoded pixels would not fit a sane budget (decompression bombs).
+MAX_IMAGE_PIXELS = 40_000_000
+IMAGE_FORMATS = ("PNG", "JPEG")
+_MODES = {1: "L", 3: "RGB"}
+
+
+def expected_batch(input_shape: Shape) -> str:
+    c, h, w = input_shape
+    return f"[N,{c},{h},{w}] (N>=1)"
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def to_unit_float(pixels: np.ndarray) -> np.ndarray:
+    """UINT8 0..255 -> float32 0..1 (exact float32 division); float32 passes through uncopied."""
+    if pixels.dtype == np.uint8:
+        return np.divide(pixels, np.float32(255.0), dtype=np.float32)
+    return pixels.astype(np.float32, copy=False)
+
+
+def _check_datatype(datatype: str, what: str) -> np.dtype:
+    dtype = INPUT_DTYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInputError(
+            f"{what}: expected datatype FP32 (pixels in [0,1]) or UINT8 (0..255), got {datatype!r}"
+        )
+    return dtype
+
+
+def _from_bytes(data: bytes, dtype: np.dtype, shape: Sequence[int], what: str) -> np.ndarray:
+    """Zero-copy view of little-endian bytes; the length must match the shape exactly."""
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInputError(
+            f"{what}: shape {_shape_text(shape)} of {dtype_name(dtype)} needs {expected} bytes, "
+            f"got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return next(name for name, d in INPUT_DTYPES.items() if d == dtype)
+
+
+# --- KServe v2 -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InferInputs:
+    """A decoded ModelInferRequest: the images, and whether to answer in raw_output_contents."""
+
+    images: np.ndarray
+    raw: bool
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    # 0: the probabilities; k > 0: the top k classes as BYTES (classification extension).
+    class_count: int = 0
+
+
+def decode_infer_inputs(
+    request: grpc_service_pb2.ModelInferRequest, input_shape: Shape
+) -> InferInputs:
+    """The request's one input `input` as float32 N x C x H x W in [0, 1]."""
+    names = [t.name for t in request.inputs]
+    if names != [INPUT_NAME]:
+        raise InvalidInputError(
+            f"expected exactly one input named {INPUT_NAME!r} of shape "
+            f"{expected_batch(input_shape)}, got {names or 'none'}"
+        )
+    tensor = request.inputs[0]
+    what = f"input {INPUT_NAME!r}"
+    if "shared_memory_region" in tensor.parameters:
+        raise UnsupportedError("shared-memory tensors are not supported; send the data inline")
+    dtype = _check_datatype(tensor.datatype, what)
+    shape = list(tensor.shape)
+    if len(shape) != 4 or shape[0] < 1 or tuple(shape[1:]) != tuple(input_shape):
+        raise InvalidInputError(
+            f"{what}: expected shape {expected_batch(input_shape)}, got {_shape_text(shape)}"
+        )
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidInputError(
+                "expected one raw_input_contents entry (one per input), "
+                f"got {len(request.raw_input_contents)}"
+            )
+        pixels = _from_bytes(request.raw_input_contents[0], dtype, shape, what)
+        return InferInputs(to_unit_float(pixels), raw=True)
+    field = _CONTENTS_FIELD[tensor.datatype]
+    values = getattr(tensor.contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInputError(
+            f"{what}: shape {_shape_text(shape)} needs {count} values in contents.{field} "
+            f"(or the bytes in raw_input_contents), got {len(values)}"
+        )
+    if dtype == np.uint8:
+        wide = np.asarray(values, dtype=np.uint32)
+        if wide.size and int(wide.max()) > 255:
+            raise InvalidInputError(f"{what}: UINT8 values must be 0..255, got {int(wide.max())}")
+        pixels = wide.astype(np.uint8)
+    else:
+        pixels = np.asarray(values, dtype=np.float32)
+    return InferInputs(to_unit_float(pixels.reshape(shape)), raw=False)
+
+
+def requested_outputs(
+    request: grpc_service_pb2.ModelInferRequest, num_classes: int
+) -> list[RequestedOutput]:
+    """What to answer: every output when none is named, else the named ones in order."""
+    if not request.outputs:
+        return [RequestedOutput(OUTPUT_NAME)]
+    outputs = []
+    for tensor in request.outputs:
+        if tensor.name != OUTPUT_NAME:
+            raise InvalidInputError(
+                f"unknown output {tensor.name!r}: this model has one output, {OUTPUT_NAME!r}"
+            )
+        if "shared_memory_region" in tensor.parameters:
+            raise UnsupportedError("shared-memory tensors are not supported")
+        count = 0
+        if CLASSIFICATION_PARAM in tensor.parameters:
+            param = tensor.parameters[CLASSIFICATION_PARAM]
+            kind = param.WhichOneof("parameter_choice")
+            count = int(getattr(param, kind)) if kind in ("int64_param", "uint64_param") else 0
+            if count < 1:
+                raise InvalidInputError(
+                    f"output {OUTPUT_NAME!r}: parameter {CLASSIFICATION_PARAM!r} must be an "
+                    "integer class count >= 1"
+                )
+        outputs.append(RequestedOutput(tensor.name, min(count, num_classes)))
+    return outputs
+
+
+def top_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """N x k class indices, most probable first (ties: lower index first)."""
+    return np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+
+
+def classification_strings(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[bytes]:
+    """Triton's classification format, row-major N x k: b"probability:index:label"."""
+    items = []
+    for row, indices in zip(probabilities, top_indices(probabilities, k), strict=True):
+        for i in indices:
+            text = f"{float(row[i]):f}:{int(i)}"
+            if i < len(labels):
+                text += f":{labels[i]}"
+            items.append(text.encode())
+    return items
+
+
+def serialize_bytes_tensor(items: Sequence[bytes]) -> bytes:
+    """The raw BYTES layout: each element prefixed by its 4-byte little-endian length."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def encode_infer_outputs(
+    response: grpc_service_pb2.ModelInferResponse,
+    probabilities: np.ndarray,
+    outputs: Sequence[RequestedOutput],
+    labels: Sequence[str],
+    raw: bool,
+) -> None:
+    """Fill `outputs` (and raw_output_contents when the request was raw) from the model's answer."""
+    n, classes = probabilities.shape
+    for spec in outputs:
+        tensor = response.outputs.add(name=spec.name)
+        if spec.class_count:
+            items = classification_strings(probabilities, spec.class_count, labels)
+            tensor.datatype = "BYTES"
+            tensor.shape.extend([n, spec.class_count])
+            if raw:
+                response.raw_output_contents.append(serialize_bytes_tensor(items))
+            else:
+                tensor.contents.bytes_contents.extend(items)
+        else:
+            tensor.datatype = "FP32"
+            tensor.shape.extend([n, classes])
+            if raw:
+                response.raw_output_contents.append(probabilities.astype("<f4").tobytes())
+            else:
+                tensor.contents.fp32_contents.extend(probabilities.ravel().tolist())
+
+
+# --- native Classifier API -------------------------------------------------------------------
+
+
+def decode_image(data: bytes, input_shape: Shape, what: str = "image") -> np.ndarray:
+    """A PNG/JPEG of any mode and size -> float32 C x H x W in [0, 1] (model channels, size)."""
+    channels, height, width = input_shape
+    mode = _MODES.get(channels)
+    if mode is None:
+        raise UnsupportedError(f"encoded images need a 1- or 3-channel model, not {channels}")
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise InvalidInputError(
+                    f"{what}: {image.width}x{image.height} is larger than {MAX_IMAGE_PIXELS} pixels"
+                )
+            converted = image.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise InvalidInputError(
+            f"{what}: not a decodable PNG or JPEG ({len(data)} bytes)"
+        ) from None
+    if converted.size != (width, height):
+        converted = converted.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(converted, dtype=np.uint8).reshape(height, width, channels)
+    return to_unit_float(pixels.transpose(2, 0, 1))
+
+
+def decode_tensor(tensor: classifier_pb2.Tensor, input_shape: Shape, what: str) -> np.ndarray:
+    """One C x H x W image tensor (FP32 or UINT8) -> float32 in [0, 1]."""
+    dtype = _check_datatype(tensor.datatype, what)
+    shape = tuple(tensor.shape)
+    if shape != tuple(input_shape):
+        raise InvalidInputError(
+            f"{what}: expected shape {_shape_text(input_shape)} (C,H,W), got {_shape_text(shape)}"
+        )
+    return to_unit_float(_from_bytes(tensor.data, dtype, shape, what))
+
+
+def decode_images(images: Sequence[classifier_pb2.Image], input_shape: Shape) -> np.ndarray:
+    """The request's images as one float32 N x C x H x W batch."""
+    if not images:
+        raise InvalidInputError("expected at least one image, got none")
+    decoded = []
+    for i, image in enumerate(images):
+        what = f"image {i}"
+        kind = image.WhichOneof("data")
+        if kind == "encoded":
+            decoded.append(decode_image(image.encoded, input_shape, what))
+        elif kind == "tensor":
+            decoded.append(decode_tensor(image.tensor, input_shape, what))
+        else:
+            raise InvalidInputError(f"{what}: set either `encoded` (PNG/JPEG) or `tensor`")
+    return np.stack(decoded)
+
+
+def payload_size(images: Sequence[classifier_pb2.Image]) -> int:
+    """Bytes the images carry: decides whether decoding is worth moving off the event loop."""
+    return sum(len(i.encoded) + (len(i.tensor.data) if i.HasField("tensor") else 0) for i in images)
+
+
+def classifications(
+    probabilities: np.ndarray, labels: Sequence[str], top_k: int
+) -> list[classifier_pb2.Classification]:
+    """One Classification per image: all probabilities plus the top k (0: the default 5)."""
+    num_classes = probabilities.shape[1]
+    k = min(top_k or DEFAULT_TOP_K, num_classes)
+    results = []
+    for row, indices in zip(probabilities, top_indices(probabilities, k), strict=True):
+        top = [
+            classifier_pb2.Prediction(
+                index=int(i),
+                label=labels[i] if i < len(labels) else str(int(i)),
+                probability=float(row[i]),
+            )
+            for i in indices
+        ]
+        results.append(classifier_pb2.Classification(probabilities=row.tolist(), top=top))
+    return results

@@ -1,0 +1,129 @@
+"""Dynamic batching seen from outside: concurrent callers over gRPC, figures from /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+from server_process import ServerProcess, copy_repository, onnx_probabilities, set_batching
+
+SHAPE = (1, 28, 28)
+CONCURRENT = 64
+
+
+@pytest.fixture(scope="module")
+def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = copy_repository(
+        model_repository, tmp_path_factory.mktemp("batching") / "repository", ["fashion_mnist"]
+    )
+    # A 50 ms window: concurrent callers land in the same batches.
+    set_batching(repo / "fashion_mnist", max_queue_delay_us=50_000, max_batch_size=64)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(repository) as running:
+        yield running
+
+
+def _expected(repository: Path, images: np.ndarray) -> np.ndarray:
+    return onnx_probabilities(repository / "fashion_mnist" / "1" / "model.onnx", images)
+
+
+def _batch_figures(server: ServerProcess) -> tuple[float, float]:
+    """(batches formed, images in them) for fashion_mnist, from the batch-size histogram."""
+    return (
+        server.metric("imgserve_batch_size_count", model="fashion_mnist"),
+        server.metric("imgserve_batch_size_sum", model="fashion_mnist"),
+    )
+
+
+async def _concurrent_single_image_requests(target: str, images: np.ndarray) -> list[np.ndarray]:
+    async with triton_aio.InferenceServerClient(target) as client:
+
+        async def one(index: int) -> np.ndarray:
+            tensor = triton_aio.InferInput("input", [1, *SHAPE], "FP32")
+            tensor.set_data_from_numpy(images[index : index + 1])
+            result = await client.infer(
+                "fashion_mnist", [tensor], request_id=str(index), client_timeout=30
+            )
+            assert result.get_response().id == str(index)
+            return result.as_numpy("probabilities")[0]
+
+        return await asyncio.gather(*(one(i) for i in range(len(images))))
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows(
+    server: ServerProcess, repository: Path
+) -> None:
+    images = np.random.default_rng(0).random((CONCURRENT, *SHAPE), dtype=np.float32)
+    batches, rows = _batch_figures(server)
+    answered = server.metric("imgserve_requests_total", model="fashion_mnist", code="OK")
+
+    rows_back = asyncio.run(_concurrent_single_image_requests(server.target, images))
+
+    np.testing.assert_allclose(
+        np.stack(rows_back), _expected(repository, images), rtol=0, atol=1e-6
+    )
+    after_batches, after_rows = _batch_figures(server)
+    assert after_rows - rows == CONCURRENT
+    # Fewer batches than requests: some batch held more than one caller's image.
+    assert 1 <= after_batches - batches < CONCURRENT
+    assert (
+        server.metric("imgserve_requests_total", model="fashion_mnist", api="kserve", code="OK")
+        == answered + CONCURRENT
+    )
+    assert server.metric("imgserve_inflight_requests", model="fashion_mnist") == 0
+
+
+def test_one_stream_fills_batches(server: ServerProcess, repository: Path) -> None:
+    """Requests on one ModelStreamInfer stream are answered concurrently, so they batch too."""
+    images = np.random.default_rng(1).random((32, *SHAPE), dtype=np.float32)
+    batches, rows = _batch_figures(server)
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    client = triton.InferenceServerClient(server.target)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i in range(len(images)):
+            tensor = triton.InferInput("input", [1, *SHAPE], "FP32")
+            tensor.set_data_from_numpy(images[i : i + 1])
+            client.async_stream_infer("fashion_mnist", [tensor], request_id=str(i))
+        got = {}
+        for _ in range(len(images)):
+            result, error = answers.get(timeout=30)
+            assert error is None, error
+            got[int(result.get_response().id)] = result.as_numpy("probabilities")[0]
+    finally:
+        client.stop_stream()
+        client.close()
+    expected = _expected(repository, images)
+    np.testing.assert_allclose(np.stack([got[i] for i in range(len(images))]), expected, atol=1e-6)
+    after_batches, after_rows = _batch_figures(server)
+    assert after_rows - rows == len(images)
+    assert after_batches - batches < len(images)
+
+
+def test_request_larger_than_max_batch_size_is_answered_whole(
+    server: ServerProcess, repository: Path
+) -> None:
+    images = np.random.default_rng(2).random((150, *SHAPE), dtype=np.float32)
+    batches, rows = _batch_figures(server)
+    client = triton.InferenceServerClient(server.target)
+    try:
+        tensor = triton.InferInput("input", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        probabilities = client.infer("fashion_mnist", [tensor]).as_numpy("probabilities")
+    finally:
+        client.close()
+    assert probabilities.shape == (150, 10)
+    np.testing.assert_allclose(probabilities, _expected(repository, images), rtol=0, atol=1e-6)
+    after_batches, after_rows = _batch_figures(server)
+    assert after_rows - rows == 150
+    assert after_batches - batches == 3  # 64 + 64 + 22: split, never refused

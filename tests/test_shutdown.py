@@ -1,0 +1,179 @@
+"""Process lifecycle: draining on SIGTERM/SIGINT, and start-up failures that exit cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_process import (
+    PROJECT_ROOT,
+    ServerProcess,
+    copy_repository,
+    onnx_probabilities,
+    set_batching,
+)
+
+from wire import grpc_service_pb2 as pb
+
+SHAPE = (1, 28, 28)
+GRACE_S = 5.0
+WAVE = 100
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+@pytest.fixture(scope="module")
+def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = copy_repository(
+        model_repository, tmp_path_factory.mktemp("shutdown") / "repository", ["fashion_mnist"]
+    )
+    # Requests wait up to 1 s in the queue: a signal is sure to find some in flight.
+    set_batching(repo / "fashion_mnist", max_queue_delay_us=1_000_000, max_batch_size=256)
+    return repo
+
+
+def _request(images: np.ndarray, index: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="fashion_mnist", id=str(index))
+    request.inputs.add(name="input", datatype="FP32", shape=[1, *SHAPE])
+    request.raw_input_contents.append(images[index : index + 1].tobytes())
+    return request
+
+
+async def _drain_scenario(server: ServerProcess, images: np.ndarray) -> dict[str, object]:
+    """Fire a wave, wait until the server holds all of it, signal, fire a second wave."""
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        infer = channel.unary_unary(
+            INFER,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+
+        async def call(index: int) -> object:
+            try:
+                return await infer(_request(images, index), timeout=20)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=20
+        )
+        stream = channel.stream_stream(
+            STREAM,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )(timeout=20)
+        statuses = [(await watch.read()).status]
+
+        first = [asyncio.create_task(call(i)) for i in range(WAVE)]
+        held = time.monotonic() + 10
+        while True:  # until the whole wave has reached the server
+            samples = await asyncio.to_thread(server.metrics)  # one scrape: a consistent view
+            in_flight = sum(v for (n, _), v in samples.items() if n == "imgserve_inflight_requests")
+            answered = sum(v for (n, _), v in samples.items() if n == "imgserve_requests_total")
+            if in_flight + answered >= WAVE:
+                break
+            assert time.monotonic() < held, "the first wave never reached the server"
+            await asyncio.sleep(0.02)
+
+        server.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        statuses.append((await watch.read()).status)  # the drain is announced to watchers
+        watch.cancel()
+        await stream.write(_request(images, 0))  # an open stream's next request is refused
+        refused_on_stream = await stream.read()
+        await stream.done_writing()
+        second = [asyncio.create_task(call(WAVE + i)) for i in range(WAVE)]
+        _, pending = await asyncio.wait([*first, *second], timeout=30)
+        assert not pending, f"{len(pending)} requests hang"
+    return {
+        "first": [t.result() for t in first],
+        "second": [t.result() for t in second],
+        "statuses": statuses,
+        "stream": refused_on_stream,
+        "signalled": signalled,
+        "in_flight": in_flight,
+    }
+
+
+def test_sigterm_finishes_accepted_requests_and_exits_zero(repository: Path) -> None:
+    images = np.random.default_rng(0).random((2 * WAVE, *SHAPE), dtype=np.float32)
+    expected = onnx_probabilities(repository / "fashion_mnist" / "1" / "model.onnx", images)
+    server = ServerProcess(repository, grace_period_s=GRACE_S).start()
+    try:
+        outcome = asyncio.run(_drain_scenario(server, images))
+        status = server.wait(GRACE_S + 10)
+        exited_after = time.monotonic() - outcome["signalled"]
+    finally:
+        server.kill()
+
+    assert outcome["in_flight"] > 0  # the 1 s window holds the wave: normally all of it
+    for index, answer in enumerate(outcome["first"]):  # accepted before the signal: answered
+        assert isinstance(answer, pb.ModelInferResponse), (index, answer)
+        row = np.frombuffer(answer.raw_output_contents[0], np.float32)
+        np.testing.assert_allclose(row, expected[index], rtol=0, atol=1e-6)
+    for answer in outcome["second"]:  # after it: answered or refused, never lost
+        assert isinstance(answer, pb.ModelInferResponse) or answer == grpc.StatusCode.UNAVAILABLE
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING, 2)
+    assert outcome["statuses"] == [serving, not_serving]
+    assert "shutting down" in outcome["stream"].error_message
+    assert status == 0, server.log
+    assert exited_after < GRACE_S + 3
+    assert "SIGTERM received" in server.log
+
+
+def test_sigint_on_an_idle_server_exits_zero_quickly_json_logs(repository: Path) -> None:
+    server = ServerProcess(repository, "--log-format", "json", grace_period_s=GRACE_S).start()
+    try:
+        server.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert server.wait(GRACE_S + 10) == 0, server.log
+        assert time.monotonic() - started < 3
+    finally:
+        server.kill()
+    entries = [json.loads(line) for line in server.log.splitlines()]  # one object per line
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    messages = [entry["message"] for entry in entries]
+    assert any(m.startswith("model fashion_mnist version 1: READY") for m in messages)
+    assert "SIGINT received" in messages
+    assert all(entry["level"] in ("info", "warning") for entry in entries)
+
+
+def _run_server(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_port_in_use_is_a_clear_error(repository: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run_server(
+            "--model-repository", str(repository), "--host", "127.0.0.1",
+            "--grpc-port", str(port), "--metrics-port", "0",
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"cannot listen for gRPC on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
+    result = _run_server("--model-repository", str(tmp_path / "nowhere"), "--metrics-port", "0")
+    assert result.returncode == 1
+    assert "is not a directory" in result.stderr and "build-repository" in result.stderr
+    assert "Traceback" not in result.stderr
