@@ -163,10 +163,18 @@ def _report(manager: ModelManager, state: ApiState, grpc_at: str) -> None:
         else:
             version = f" version {model.version}" if model.version else ""
             log.warning("model %s%s: %s: %s", model.name, version, model.state, model.reason)
+    dial = _dial_address(grpc_at)
+    example = min(served) if served else ("MODEL", "")
     log.info(
-        "%s: %d model version(s) serving, %s; call it with the KServe v2 protocol "
-        "(tritonclient.grpc.InferenceServerClient(%r)) or the native API "
-        "(python -m client models --server %s)",
+        "%s: %d model version(s) serving, %s; call it with the native API "
+        "(python -m client classify --server %s --model %s IMAGE.png) or the KServe v2 "
+        "protocol (tritonclient.grpc.InferenceServerClient(%r))",
         STARTED, len(served), "ready" if state.ready else "NOT ready (see the models above)",
-        grpc_at, grpc_at,
+        dial, example[0], dial,
     )  # fmt: skip
+
+
+def _dial_address(bound: str) -> str:
+    """A wildcard bind address is not one a client can dial: show localhost instead."""
+    host, _, port = bound.rpartition(":")
+    return f"localhost:{port}" if host in ("0.0.0.0", "[::]", "") else bound

@@ -61,6 +61,7 @@ class _Item:
     future: asyncio.Future[np.ndarray]
     enqueued: float  # time.monotonic()
     deadline: float | None  # time.monotonic() seconds
+    queued: bool = True  # still in the queue (not yet taken into a batch)
 
     @property
     def rows(self) -> int:
@@ -195,7 +196,9 @@ class Batcher:
         futures: list[asyncio.Future[np.ndarray]] = []
         for chunk in chunks:
             future: asyncio.Future[np.ndarray] = self._loop.create_future()
-            self._queue.append(_Item(chunk, future, now, deadline))
+            item = _Item(chunk, future, now, deadline)
+            future.add_done_callback(lambda _, item=item: self._discard_if_cancelled(item))
+            self._queue.append(item)
             self._queued_rows += chunk.shape[0]
             futures.append(future)
         self._m_depth.set(len(self._queue))
@@ -238,11 +241,21 @@ class Batcher:
             if items and rows + item.rows > self.max_batch_size:
                 break  # it starts the next batch
             self._queue.popleft()
+            item.queued = False
             items.append(item)
             rows += item.rows
         self._queued_rows -= rows
         self._m_depth.set(len(self._queue))
         return items
+
+    def _discard_if_cancelled(self, item: _Item) -> None:
+        """A caller that hung up frees its queue slot at once, not when its batch forms."""
+        if item.queued and item.future.cancelled():
+            self._queue.remove(item)
+            item.queued = False
+            self._queued_rows -= item.rows
+            self._m_cancelled.inc()
+            self._m_depth.set(len(self._queue))
 
     async def _wait(self, timeout: float | None) -> None:
         """Sleep until an enqueue, close, or `timeout` seconds (monotonic) pass."""
@@ -268,7 +281,7 @@ class Batcher:
         started = time.monotonic()
         live: list[_Item] = []
         for item in items:
-            if item.future.done():  # the caller went away (cancelled) while queued
+            if item.future.done():  # the caller went away after the batch was taken
                 self._m_cancelled.inc()
             elif item.deadline is not None and started >= item.deadline:
                 item.future.set_exception(

@@ -230,6 +230,28 @@ def test_cancelled_caller_is_dropped_and_the_loop_goes_on(runtime: Runtime) -> N
     assert spy.calls == [1, 2]  # the cancelled rows never reached the runtime
 
 
+def test_cancelled_caller_frees_its_queue_slot_at_once(runtime: Runtime) -> None:
+    metrics = Metrics()
+
+    async def main() -> np.ndarray:
+        batcher = make_batcher(runtime, metrics, delay_s=30.0, max_queue_size=1)
+        gone = asyncio.ensure_future(batcher.submit(images(1)))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await batcher.submit(images(1))
+        gone.cancel()
+        await asyncio.sleep(0)  # the done-callback runs: the slot is free, no 30 s wait
+        assert batcher.queue_depth == 0
+        kept = asyncio.ensure_future(batcher.submit(images(1, 4)))
+        await asyncio.sleep(0)
+        await batcher.close()  # flushes the kept request without waiting out the delay
+        return await kept
+
+    out = asyncio.run(main())
+    np.testing.assert_allclose(out, runtime.run(images(1, 4)), rtol=0, atol=1e-6)
+    assert sample(metrics, "requests_dropped_total", reason="cancelled") == 1
+
+
 def test_failing_batch_fails_only_its_own_requests(runtime: Runtime) -> None:
     metrics = Metrics()
     spy = FailingOnMarker(runtime)
