@@ -49,7 +49,7 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
 
 bench: $(STAMP)  ## compare native vs KServe serving throughput on $(REPO) (run `make repository` first)
-	$(PY) bench/load.py --start-server $(REPO) --model fashion_mnist --duration 5 --rounds 2 \
+	$(PY) bench/load.py --model-repository $(REPO) --model fashion_mnist --duration 5 --rounds 2 \
 		--compare "native=--api native" "kserve=--api kserve" --out bench-results/apis.json
 
 clean:  ## remove the generated code and build output (keeps .venv and data)

@@ -22,6 +22,15 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
 
+# How gRPC words a target it cannot resolve ("errors resolving X: [...lookup error: WHY]", or
+# "DNS resolution failed for X: ... WHY" in older releases), and the WHYs worth rewording.
+_RESOLVE_MARKERS = ("errors resolving", "DNS resolution failed", "lookup error")
+_RESOLVE_REASONS = (
+    ("parse port", "the port is not a number"),
+    ("Misformatted domain name", "not a valid host name"),
+    ("Domain name not found", "unknown host"),
+)
+
 # A path to a PNG/JPEG file, its bytes, or pixels shaped C x H x W (or H x W for one channel).
 ImageInput = str | os.PathLike | bytes | np.ndarray
 
@@ -90,13 +99,32 @@ class ClientError(Exception):
         self.details = details or message
 
 
+def address_problem(details: str) -> str | None:
+    """Why gRPC could not turn the target into an address, if that is what `details` says.
+
+    gRPC reports such targets as UNAVAILABLE, like a server that is down; told apart, the
+    user fixes the address instead of looking for a server that is running fine.
+    """
+    if "target uri is not valid" in details:
+        return "not a gRPC target"
+    if not any(marker in details for marker in _RESOLVE_MARKERS):
+        return None
+    for marker, reason in _RESOLVE_REASONS:
+        if marker in details:
+            return reason
+    return "cannot resolve it"
+
+
 def error_from_rpc(error: grpc.RpcError, target: str, timeout: float | None) -> ClientError:
     """Translate a gRPC failure into a ClientError with a readable message."""
     code_obj = error.code() if hasattr(error, "code") else None
     code = code_obj.name if code_obj is not None else "UNKNOWN"
     details = (error.details() if hasattr(error, "details") else None) or str(error)
     message = details
-    if code == "UNAVAILABLE":
+    problem = address_problem(details) if code in ("UNAVAILABLE", "UNKNOWN") else None
+    if problem is not None:
+        message = f"invalid server address {target!r}: {problem} (expected HOST:PORT)"
+    elif code == "UNAVAILABLE":
         message = f"cannot reach the server at {target} (is it running?)"
     elif code == "DEADLINE_EXCEEDED":
         message = f"no answer from {target} within {timeout:g} s" if timeout else details

@@ -43,6 +43,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _server(text: str) -> str:
+    """Catch an empty or spaced address here: gRPC answers one with internals on stderr."""
+    if not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"invalid server address {text!r} (expected HOST:PORT)")
+    return text
+
+
 def _top_k(text: str) -> int:
     try:
         value = int(text)
@@ -57,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--server",
+        type=_server,
         default=os.environ.get(SERVER_ENV) or DEFAULT_TARGET,
         metavar="HOST:PORT",
         help=f"gRPC address of the server (default: ${SERVER_ENV}, else {DEFAULT_TARGET}).",

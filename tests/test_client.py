@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from PIL import Image
 
 from client import AsyncClassifierClient, ClassifierClient, ClientError
 from modelrepo.layout import LABELS_FILE, ONNX_FILE, read_labels
-from tests.server_process import PROJECT_ROOT, ServerProcess, onnx_probabilities
+from tests.server_process import (
+    PROJECT_ROOT,
+    ServerProcess,
+    copy_repository,
+    onnx_probabilities,
+)
 
 MODEL = "fashion_mnist"
 CLI_TIMEOUT_S = 60
@@ -163,6 +169,23 @@ def test_errors_carry_code_and_readable_message(client: ClassifierClient) -> Non
     assert down.value.details  # the raw gRPC text stays available for debugging
 
 
+def test_invalid_address_is_not_reported_as_a_server_down() -> None:
+    """gRPC says UNAVAILABLE for both; only the address can be fixed by the caller."""
+    with ClassifierClient("bad::addr::", timeout=5.0) as client, pytest.raises(ClientError) as bad:
+        client.list_models()
+    assert bad.value.message.startswith("invalid server address 'bad::addr::'")
+    assert "is it running" not in bad.value.message
+
+    async def ask() -> None:
+        async with AsyncClassifierClient("localhost:notaport", timeout=5.0) as aio:
+            await aio.list_models()
+
+    with pytest.raises(ClientError) as bad_port:
+        asyncio.run(ask())
+    assert "invalid server address 'localhost:notaport'" in bad_port.value.message
+    assert "port" in bad_port.value.message
+
+
 def test_async_client_matches_sync(
     client: ClassifierClient, server: ServerProcess, images: list[Path]
 ) -> None:
@@ -226,7 +249,9 @@ def test_cli_models(server: ServerProcess) -> None:
     assert states[MODEL] == "READY"
 
 
-@pytest.mark.parametrize("case", ["unknown model", "missing file", "unreachable server"])
+@pytest.mark.parametrize(
+    "case", ["unknown model", "missing file", "unreachable server", "invalid address"]
+)
 def test_cli_errors_are_one_line(
     case: str, server: ServerProcess, images: list[Path], tmp_path: Path
 ) -> None:
@@ -235,8 +260,11 @@ def test_cli_errors_are_one_line(
         model = mention = "no_such_model"
     elif case == "missing file":
         image = mention = str(tmp_path / "missing.png")
+    elif case == "unreachable server":
+        target = f"127.0.0.1:{_closed_port()}"
+        mention = f"cannot reach the server at {target}"
     else:
-        target = mention = f"127.0.0.1:{_closed_port()}"
+        target, mention = "bad::addr::", "invalid server address 'bad::addr::'"
     done = run_cli("classify", "--server", target, "--model", model, "--timeout", "5", image)
 
     assert done.returncode != 0
@@ -250,17 +278,24 @@ def test_cli_errors_are_one_line(
 # --- load generator --------------------------------------------------------------------------
 
 
+def run_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """bench/load.py run as a script, as users run it (not as a module)."""
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "bench" / "load.py"), *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_bench_short_run(server: ServerProcess, tmp_path: Path) -> None:
     """About two seconds: one second on each API, side by side, with ratios to the first."""
     out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [
-            sys.executable, str(PROJECT_ROOT / "bench" / "load.py"),
-            "--server", server.target, "--model", MODEL, "--concurrency", "4",
-            "--duration", "1", "--warmup", "0.2", "--out", str(out),
-            "--compare", "native=--api native", "kserve=--api kserve",
-        ],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+    done = run_bench(
+        "--server", server.target, "--model", MODEL, "--concurrency", "4",
+        "--duration", "1", "--warmup", "0.2", "--out", str(out),
+        "--compare", "native=--api native", "kserve=--api kserve",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
@@ -276,3 +311,57 @@ def test_bench_short_run(server: ServerProcess, tmp_path: Path) -> None:
         kserve["requests_per_s"] / native["requests_per_s"], rel=0.01
     )
     assert "REQ/S" in done.stdout and "kserve" in done.stdout
+
+
+def test_bench_starts_its_own_server(model_repository: Path, tmp_path: Path) -> None:
+    """--model-repository: a server per configuration, measured from outside, then stopped."""
+    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
+    out = tmp_path / "bench.json"
+    done = run_bench(
+        "--model-repository", str(repo), "--model", MODEL, "--concurrency", "2",
+        "--duration", "0.5", "--warmup", "0.1", "--out", str(out),
+        "--compare", "one=--intra-op-threads 1", "k=--api kserve",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["target"] == f"started server on {repo}"
+    one, kserve = report["results"]
+    assert one["config"]["server_args"] == ["--intra-op-threads", "1"]
+    assert kserve["config"]["api"] == "kserve"
+    for result in (one, kserve):
+        assert result["requests"] > 0 and result["errors"] == {}
+        assert result["server_cores"] is not None and result["server_cores"] > 0
+
+
+@pytest.mark.parametrize("case", ["server exits", "model not ready"])
+def test_bench_fails_at_once_when_its_server_cannot_serve(
+    case: str, model_repository: Path, tmp_path: Path
+) -> None:
+    """No waiting out the start-up timeout (minutes): the cause comes back in seconds."""
+    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
+    flags = ["--model-repository", str(repo), "--duration", "0.5", "--warmup", "0"]
+    if case == "server exits":
+        flags.append("--server-args=--no-such-flag")
+        expected = ["exited with status 2 before it was ready", "--no-such-flag"]
+    else:
+        (repo / MODEL / "1" / ONNX_FILE).write_bytes(b"not an onnx model")
+        expected = [f"model '{MODEL}' is not ready after start-up", "UNAVAILABLE"]
+    began = time.monotonic()
+    done = run_bench(*flags)
+    elapsed = time.monotonic() - began
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    for text in expected:
+        assert text in done.stderr
+    if case == "server exits":  # the server's own last words are shown
+        assert "unrecognized arguments" in done.stderr
+
+
+def test_bench_rejects_an_invalid_address() -> None:
+    done = run_bench("--server", "bad::addr::", "--duration", "0.5", timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: invalid server address 'bad::addr::': not a valid host name"
+    )

@@ -1,0 +1,1 @@
+"""Load generator for the server: `python bench/load.py --help`."""

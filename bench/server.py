@@ -1,0 +1,132 @@
+"""Runs `python -m server` as a subprocess for one measurement, on loopback with OS-picked ports.
+
+The measurement starts only once the server has finished loading its models, so loading
+does not compete with the load for CPU; a server that dies first fails the run at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import BenchError
+from server.app import STARTED, parse_listening
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_START_TIMEOUT_S = 180.0
+SERVER_STOP_TIMEOUT_S = 30.0
+TAIL_LINES = 20
+# Lines of the server's output shown when it fails: enough for a traceback's end.
+SHOWN_LINES = 10
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    target: str
+    tail: collections.deque[str]
+    args: tuple[str, ...]
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU of the server so far (Linux /proc); None elsewhere."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def check_alive(self) -> None:
+        """Raise BenchError, with the server's last output, if the server has exited."""
+        code = self.process.poll()
+        if code is not None:
+            raise BenchError(_failure(_exited(code), self.args, self.tail))
+
+
+def _exited(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _failure(why: str, args: Sequence[str], tail: Sequence[str]) -> str:
+    shown = [line for line in tail if line.strip()][-SHOWN_LINES:]
+    output = "\n".join(f"  {line}" for line in shown) or "  (no output)"
+    return f"the server {why} (server args: {' '.join(args) or 'none'}); its last output:\n{output}"
+
+
+def _dial(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@contextmanager
+def start_server(repository: Path, extra_args: Sequence[str]) -> Iterator[ServerProcess]:
+    """Run the server until the block ends, then stop it (SIGTERM, then SIGKILL if it hangs).
+
+    Yields once the server logged that start-up finished; raises BenchError at once if it
+    exits before that, or after SERVER_START_TIMEOUT_S if it never gets there.
+    """
+    command = [
+        sys.executable, "-m", "server",
+        "--model-repository", str(repository),
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        *extra_args,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    started = threading.Event()
+    listening: list[tuple[str, int, int]] = []
+
+    def read() -> None:  # drains the pipe for the server's whole life so it never blocks
+        assert process.stdout is not None
+        for line in process.stdout:
+            tail.append(line.rstrip())
+            if not listening and (found := parse_listening(line)):
+                listening.append(found)
+            if listening and not started.is_set() and STARTED in line:
+                started.set()
+
+    reader = threading.Thread(target=read, name="server-output", daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not started.wait(0.1):
+            code = process.poll()
+            if code is not None:
+                reader.join(1.0)  # the rest of its output, for the message
+                why = f"{_exited(code)} before it was ready"
+                raise BenchError(_failure(why, extra_args, tail))
+            if time.monotonic() > deadline:
+                what = "finish starting" if listening else "announce its ports"
+                why = f"did not {what} within {SERVER_START_TIMEOUT_S:g} s"
+                raise BenchError(_failure(why, extra_args, tail))
+        host, grpc_port, _ = listening[0]
+        yield ServerProcess(process, _dial(host, grpc_port), tail, tuple(extra_args))
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        reader.join(2.0)
