@@ -25,12 +25,19 @@ def parse_config(text: str, source: str = "config.pbtxt") -> ModelConfig:
     return config
 
 
-def load_config(path: Path) -> ModelConfig:
+def load_config(path: Path, shown: str | None = None) -> ModelConfig:
+    """Read and parse `path`; messages name it as `shown` (say, relative to the repository,
+    when they go to callers who must not learn the server's file system), else as `path`."""
+    source = str(path) if shown is None else shown
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    return parse_config(text, str(path))
+        raise ConfigError(f"{source}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{source}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    return parse_config(text, source)
 
 
 def format_config(config: ModelConfig) -> str:

@@ -19,6 +19,12 @@ MODEL_FILES = {PLATFORM_ONNX: ONNX_FILE, PLATFORM_TORCHSCRIPT: TORCHSCRIPT_FILE}
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
 
+# config.pbtxt `parameters` key naming the dataset the model was trained on (Triton passes
+# unknown parameters through). Models trained on SYNTHETIC_DATASET classify noise patterns,
+# not real images: the server warns about them at load.
+TRAINING_DATASET_PARAMETER = "training_dataset"
+SYNTHETIC_DATASET = "synthetic"
+
 
 def list_versions(model_dir: Path) -> list[int]:
     """Numbered version folders of a model, ascending; other entries are ignored."""

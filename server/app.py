@@ -6,6 +6,7 @@ Start order: the gRPC port is bound and answering before models load, so livenes
 Shutdown (SIGTERM/SIGINT): health NOT_SERVING and ServerReady false at once, new inference
 answers UNAVAILABLE, the gRPC server stops taking RPCs and gives those in flight up to
 grace_period_s to finish, then the batchers finish their accepted work and the runtimes close.
+A load in progress is abandoned at its next step. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import signal
 import time
 
 import grpc
+from prometheus_client import disable_created_metrics
 
 from server.api import classifier, inference
 from server.api.common import ApiState
 from server.api.health import Health, enable_reflection
 from server.config import Settings
+from server.loading import SYNTHETIC_WARNING
 from server.manager import ModelManager
 from server.metrics import Metrics
 
@@ -37,14 +42,35 @@ GRPC_OPTIONS = (
 # Logged once start-up has finished (models loaded or failed): scripts and tests wait for it.
 STARTED = "startup complete"
 API_SERVICES = (inference.WIRE_SERVICE, "imgserve.classifier.v1.Classifier")
+# Logged once the ports are bound: "serving on grpc HOST:PORT metrics http://HOST:PORT/metrics; ..."
+# Scripts read the ports chosen for port 0 from it with parse_listening().
+LISTENING_PREFIX = "serving on grpc "
+_LISTENING = re.compile(
+    re.escape(LISTENING_PREFIX)
+    + r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^\s:\[\]]+)):(?P<grpc>\d+)"
+    + r" metrics http://(?:\[[^\]]*\]|[^\s:\[\]]+):(?P<metrics>\d+)/metrics"
+)
 
 
 class StartupError(Exception):
     """The server cannot start (bad repository, port in use); str() is the one-line reason."""
 
 
-def _hostport(host: str, port: int) -> str:
+def hostport(host: str, port: int) -> str:
+    """HOST:PORT with an IPv6 host in brackets, as gRPC dials it and the server logs it."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_listening(line: str) -> tuple[str, int, int] | None:
+    """(gRPC host, gRPC port, metrics port) from the server's "serving on grpc ..." log line.
+
+    Works on text and JSON log lines; the host comes without IPv6 brackets (hostport() adds
+    them back). None for any other line.
+    """
+    match = _LISTENING.search(line)
+    if match is None:
+        return None
+    return match["v6"] or match["host"], int(match["grpc"]), int(match["metrics"])
 
 
 async def serve(settings: Settings) -> int:
@@ -55,11 +81,14 @@ async def serve(settings: Settings) -> int:
             f"model repository {repository} is not a directory; build one with "
             f"`python -m training build-repository --model-repository {repository}`"
         )
+    # `*_created` series double the metrics page and no dashboard reads them. The switch is
+    # process-wide, so it belongs to the process that serves, not to each Metrics().
+    disable_created_metrics()
     metrics = Metrics()
     try:
         httpd, _, metrics_port = metrics.serve_http(settings.host, settings.metrics_port)
     except OSError as exc:
-        where = _hostport(settings.host, settings.metrics_port)
+        where = hostport(settings.host, settings.metrics_port)
         raise StartupError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
     try:
         return await _serve(settings, metrics, metrics_port)
@@ -81,7 +110,7 @@ async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int
     )
     health.add_to_server(server)
     enable_reflection(server, API_SERVICES)
-    address = _hostport(settings.host, settings.grpc_port)
+    address = hostport(settings.host, settings.grpc_port)
     try:
         grpc_port = server.add_insecure_port(address)
     except RuntimeError as exc:
@@ -91,15 +120,15 @@ async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int
 
     await health.refresh()  # "" is NOT_SERVING until the models are loaded
     await server.start()
-    grpc_at = _hostport(settings.host, grpc_port)
+    grpc_at = hostport(settings.host, grpc_port)
     log.info(
-        "serving on grpc %s metrics http://%s/metrics; loading models from %s",
-        grpc_at, _hostport(settings.host, metrics_port), settings.model_repository,
+        "%s%s metrics http://%s/metrics; loading models from %s",
+        LISTENING_PREFIX, grpc_at, hostport(settings.host, metrics_port), settings.model_repository,
     )  # fmt: skip
 
     stop = asyncio.Event()
     _on_signals(stop)
-    starting = asyncio.create_task(manager.start(), name="load models")
+    starting = asyncio.create_task(manager.start(on_change=health.refresh), name="load models")
     stopping = asyncio.create_task(stop.wait(), name="wait for a signal")
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     status = 0
@@ -120,26 +149,36 @@ async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int
     )
     state.draining = True
     await health.drain()
+    # close() first when models are still loading: it tells the load thread to give up at its
+    # next step; the RPCs in flight are answered by the batchers it lets finish.
+    closing = None if starting.done() else asyncio.ensure_future(manager.close())
     await server.stop(settings.grace_period_s)
-    if not starting.done():
-        starting.cancel()
-        with contextlib.suppress(BaseException):
-            await starting
+    if closing is None:
+        closing = asyncio.ensure_future(manager.close())
     left = max(settings.grace_period_s - (time.monotonic() - began), 1.0)
     try:
-        await asyncio.wait_for(manager.close(), timeout=left)
-    except TimeoutError:
+        await asyncio.wait_for(asyncio.gather(closing, _finish(starting)), timeout=left)
+    except asyncio.TimeoutError:  # builtin TimeoutError only from Python 3.11
         log.warning("models did not close within the grace period; exiting anyway")
     log.info("stopped after %.2fs", time.monotonic() - began)
     return status
+
+
+async def _finish(starting: asyncio.Task[None]) -> None:
+    """Wait for start() to give up (it stops at the load's next step); its outcome is logged."""
+    with contextlib.suppress(Exception):
+        await starting
 
 
 def _on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
 
     def handle(signum: int) -> None:
-        if stop.is_set():
-            log.info("%s: already stopping", signal.Signals(signum).name)
+        if stop.is_set():  # the operator will not wait for the graceful stop
+            log.warning("%s received again: exiting now", signal.Signals(signum).name)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(128 + signum)
         else:
             log.info("%s received", signal.Signals(signum).name)
             stop.set()
@@ -156,9 +195,11 @@ def _report(manager: ModelManager, state: ApiState, grpc_at: str) -> None:
         one = served.get((model.name, model.version))
         if one is not None:
             c, h, w = one.input_shape
-            log.info(
-                "model %s version %s: READY (%s on %s, input [N,%d,%d,%d], %d classes)",
+            log.log(
+                logging.WARNING if one.synthetic else logging.INFO,
+                "model %s version %s: READY (%s on %s, input [N,%d,%d,%d], %d classes%s)",
                 model.name, model.version, one.platform, one.device, c, h, w, one.num_classes,
+                f"; {SYNTHETIC_WARNING}" if one.synthetic else "",
             )  # fmt: skip
         else:
             version = f" version {model.version}" if model.version else ""

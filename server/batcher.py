@@ -27,7 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import DeadlineExceededError, ModelUnavailableError, QueueFullError
+from server.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelUnavailableError,
+    QueueFullError,
+)
 from server.metrics import Metrics
 from server.runtimes.base import Runtime
 
@@ -176,10 +181,21 @@ class Batcher:
     def enqueue(
         self, chunks: Sequence[np.ndarray], deadline: float | None = None
     ) -> list[asyncio.Future[np.ndarray]]:
-        """Queue each chunk (at most max_batch_size rows) as one item, all or none."""
+        """Queue each chunk (at most max_batch_size rows) as one item, all or none.
+
+        More chunks than the queue can ever hold is the request's fault (InvalidInputError);
+        more than it holds now is QueueFullError.
+        """
         if not self.accepting:
             raise ModelUnavailableError(
                 f"model {self.model!r} version {self.version} is not accepting requests"
+            )
+        if len(chunks) > self.capacity:  # "retry later" would never come true
+            rows = sum(chunk.shape[0] for chunk in chunks)
+            raise InvalidInputError(
+                f"request of {rows} images is too large for this server's queue: model "
+                f"{self.model!r} version {self.version} takes at most "
+                f"{self.capacity * self.max_batch_size} images per request"
             )
         if len(self._queue) + len(chunks) > self.capacity:
             raise QueueFullError(

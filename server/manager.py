@@ -1,31 +1,36 @@
-"""Loads model versions from the repository, checks them, and serves them through batchers.
+"""Loads model versions from the repository and serves them through batchers.
 
-A version is served only after its runtimes are created, warmed up (batch 1 and
-max_batch_size) and agree with the version's reference.npz; a version that fails any
-step is recorded as UNAVAILABLE with the reason, and other models keep serving.
-Blocking work (reading files, creating sessions, warm-up) runs in threads so the event
-loop keeps answering health checks and requests while models load.
+A version serves only after server.loading has created, warmed up and checked its runtimes;
+a version (or model) that fails any step is recorded as UNAVAILABLE with the reason, and
+other models keep serving. Blocking work (reading files, creating sessions, warm-up) runs
+in threads so the event loop keeps answering health checks and requests while models load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-import zipfile
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from modelrepo.config import ModelConfig
-from modelrepo.layout import REFERENCE_FILE
 from server.batcher import Batcher, ModelStats
 from server.config import Settings
 from server.errors import InvalidInputError, ModelNotFoundError, ModelUnavailableError
+from server.loading import (
+    SYNTHETIC_WARNING,
+    LoadCancelled,
+    hide_paths,
+    is_synthetic,
+    prepare_version,
+)
 from server.metrics import Metrics
 from server.repository import ModelSpec, RepositoryError, model_names, read_model
-from server.runtimes import Runtime, RuntimeLoadError, create_runtime
-from server.runtimes.base import first_line
+from server.runtimes import Runtime
 
 __all__ = ["ModelManager", "ModelState", "ModelStats", "ServedModel"]
 
@@ -64,6 +69,8 @@ class ServedModel:
         self.input_shape = spec.input_shape
         self.num_classes = spec.num_classes
         self.max_batch_size = spec.max_batch_size
+        self.training_dataset = spec.training_dataset  # "" when export recorded none
+        self.synthetic = is_synthetic(spec)
         self.runtimes = tuple(runtimes)
         self.device = runtimes[0].device
         self.stats = ModelStats()
@@ -136,11 +143,17 @@ class ModelManager:
         self._required: set[str] = set()
         self._started = False
         self._closing = False
+        # Set by close(): load threads check it between steps and give up (see server.loading).
+        self._cancel = threading.Event()
 
     # -- loading ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Load settings.models (or every model folder); failures are recorded, not raised."""
+    async def start(self, on_change: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Load settings.models (or every model folder); failures are recorded, not raised.
+
+        `on_change` (say, refreshing health statuses) is awaited once every model to load is
+        known, and again after each model's load, so callers see each model as it turns ready.
+        """
         repository = self._settings.model_repository
         names = list(self._settings.models) or await asyncio.to_thread(model_names, repository)
         if not names:
@@ -148,7 +161,10 @@ class ModelManager:
         self._required = set(names)
         for name in names:  # known (not ready) from now on, not unknown until its turn comes
             self._states.setdefault(name, {"": ModelState(name, "", LOADING, "")})
+        await _notify(on_change)
         for name in names:
+            if self._closing:
+                break
             try:
                 await self.load(name)
             except ModelNotFoundError as exc:
@@ -156,6 +172,12 @@ class ModelManager:
                 self._states[name] = {"": ModelState(name, "", UNAVAILABLE, str(exc))}
             except ModelUnavailableError:
                 pass  # logged and recorded by load()
+            except Exception as exc:  # a fault with one model must not stop the server
+                log.exception("model %s not loaded", name)
+                if name not in self._served:
+                    reason = self._hidden(f"cannot load: {type(exc).__name__}: {exc}")
+                    self._set_states(name, {"": ModelState(name, "", UNAVAILABLE, reason)}, {})
+            await _notify(on_change)
         self._started = True
 
     async def load(self, name: str) -> None:
@@ -171,32 +193,28 @@ class ModelManager:
             spec = await asyncio.to_thread(read_model, settings.model_repository, name, settings)
         except (RepositoryError, OSError) as exc:
             log.error("model %s not loaded: %s", name, exc)
+            reason = self._hidden(str(exc))
             if name not in self._served:
-                self._states[name] = {"": ModelState(name, "", UNAVAILABLE, str(exc))}
-            raise ModelUnavailableError(f"model {name!r}: {exc}") from None
+                self._states[name] = {"": ModelState(name, "", UNAVAILABLE, reason)}
+            raise ModelUnavailableError(f"model {name!r}: {reason}") from None
+        if is_synthetic(spec):
+            log.warning("model %s was %s", name, SYNTHETIC_WARNING)
         old = self._served.get(name, {})
         loading = {str(v): ModelState(name, str(v), LOADING, "") for v in spec.versions}
         self._states[name] = loading | {str(v): _ready(name, v) for v in old}
 
         ready: dict[int, ServedModel] = {}
-        failures = {v: f"version folder {v} not found" for v in spec.missing_versions}
-        for version in spec.versions:
-            began = time.monotonic()
-            try:
-                runtimes = await asyncio.to_thread(_prepare_version, spec, version, settings)
-            except Exception as exc:  # any failure to load is this version's, not the server's
-                failures[version] = str(exc) or type(exc).__name__
-            else:
-                served = ServedModel(spec, version, runtimes, settings, self._metrics)
-                served.start()
-                ready[version] = served
-                log.info(
-                    "model %s version %d ready on %s (%d instance(s), max batch %d)",
-                    name, version, served.device, len(runtimes), spec.max_batch_size,
-                )  # fmt: skip
-            self._metrics.load_duration.labels(name, str(version)).set(time.monotonic() - began)
+        try:
+            failures = await self._load_versions(spec, ready)
+        except asyncio.CancelledError:  # nobody will serve what is ready: free it
+            await _close_all(ready.values())
+            raise
         if self._closing:  # close() ran while this load was in a thread: serve nothing new
-            await asyncio.gather(*(model.close() for model in ready.values()))
+            await _close_all(ready.values())
+            self._states[name] = {
+                v: ModelState(name, v, UNAVAILABLE, "server stopped") if s.state == LOADING else s
+                for v, s in self._states.get(name, {}).items()
+            }
             raise ModelUnavailableError("the server is shutting down")
         for version, reason in sorted(failures.items()):
             log.error("model %s version %d not served: %s", name, version, reason)
@@ -218,6 +236,42 @@ class ModelManager:
             detail = "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
             raise ModelUnavailableError(f"model {name!r}: {detail}")
 
+    async def _load_versions(
+        self, spec: ModelSpec, ready: dict[int, ServedModel]
+    ) -> dict[int, str]:
+        """Load each version of `spec` into `ready`; returns {version: why it cannot serve}."""
+        name, settings = spec.name, self._settings
+        failures = {v: f"version folder {v} not found" for v in spec.missing_versions}
+        for version in spec.versions:
+            if self._closing:
+                break
+            began = time.monotonic()
+            try:
+                runtimes = await asyncio.to_thread(
+                    prepare_version, spec, version, settings, self._cancel
+                )
+            except LoadCancelled:
+                log.info("model %s version %d: load abandoned (shutting down)", name, version)
+                break
+            except Exception as exc:  # any failure to load is this version's, not the server's
+                raw = str(exc) or type(exc).__name__
+                log.debug("model %s version %d failed to load: %s", name, version, raw)
+                failures[version] = self._hidden(raw)
+            else:
+                served = ServedModel(spec, version, runtimes, settings, self._metrics)
+                served.start()
+                ready[version] = served
+                log.info(
+                    "model %s version %d ready on %s (%d instance(s), max batch %d)",
+                    name, version, served.device, len(runtimes), spec.max_batch_size,
+                )  # fmt: skip
+            self._metrics.load_duration.labels(name, str(version)).set(time.monotonic() - began)
+        return failures
+
+    def _hidden(self, reason: str) -> str:
+        """A reason fit for clients: no paths of the server's file system."""
+        return hide_paths(reason, self._settings.model_repository)
+
     async def unload(self, name: str) -> None:
         """Stop serving every version of `name` once their accepted requests finish."""
         async with self._lock(name):
@@ -232,8 +286,9 @@ class ModelManager:
             log.info("model %s unloaded", name)
 
     async def close(self) -> None:
-        """Let every batcher finish its accepted work, then close the runtimes."""
+        """Stop loading; let every batcher finish its accepted work, then close the runtimes."""
         self._closing = True
+        self._cancel.set()
         served = [m for versions in self._served.values() for m in versions.values()]
         for name, versions in list(self._served.items()):
             states = {
@@ -242,7 +297,7 @@ class ModelManager:
             self._set_states(name, states, previous=versions)
         self._served.clear()
         self._latest.clear()
-        await asyncio.gather(*(model.close() for model in served))
+        await _close_all(served)
 
     def _set_states(
         self, name: str, states: dict[str, ModelState], previous: dict[int, ServedModel]
@@ -316,86 +371,14 @@ def _ready(name: str, version: int) -> ModelState:
     return ModelState(name, str(version), READY, "")
 
 
-# -- blocking load steps (run in a worker thread) ----------------------------------------------
+async def _close_all(models: Iterable[ServedModel]) -> None:
+    await asyncio.gather(*(model.close() for model in models))
 
 
-def _prepare_version(spec: ModelSpec, version: int, settings: Settings) -> list[Runtime]:
-    """Create the version's runtime instances, warm each up, and check them against reference."""
-    path = spec.model_path(version)
-    if not path.is_file():
-        raise RuntimeLoadError(f"model file {version}/{path.name} not found")
-    runtimes: list[Runtime] = []
-    try:
-        for _ in range(spec.instance_count):
-            threads = settings.intra_op_threads
-            runtime = create_runtime(spec.platform, path, spec.device_pref, threads)
-            runtimes.append(runtime)
-            _warm_up(runtime, spec)
-        _check_reference(runtimes, spec, version, settings.reference_tolerance)
-    except BaseException:
-        for runtime in runtimes:
-            runtime.close()
-        raise
-    return runtimes
-
-
-def _warm_up(runtime: Runtime, spec: ModelSpec) -> None:
-    """First runs allocate and optimise; doing them here keeps them out of request latency,
-    and checks that the model takes the config's input dims and returns its classes."""
-    for rows in sorted({1, spec.max_batch_size}):
-        zeros = np.zeros((rows, *spec.input_shape), np.float32)
-        output = _run(runtime, zeros, f"warm-up at batch {rows}")
-        expected = (rows, spec.num_classes)
-        if not isinstance(output, np.ndarray) or output.shape != expected:
-            shape = getattr(output, "shape", type(output).__name__)
-            raise RuntimeLoadError(
-                f"model returns shape {shape} at batch {rows}; the config expects {expected}"
-            )
-
-
-def _check_reference(
-    runtimes: list[Runtime], spec: ModelSpec, version: int, tolerance: float
-) -> None:
-    path = spec.reference_path(version)
-    if not path.is_file():
-        log.warning(
-            "model %s version %d has no %s; serving without the reference check",
-            spec.name, version, REFERENCE_FILE,
-        )  # fmt: skip
+async def _notify(on_change: Callable[[], Awaitable[None]] | None) -> None:
+    if on_change is None:
         return
     try:
-        with np.load(path) as data:
-            inputs = np.ascontiguousarray(data["inputs"], dtype=np.float32)
-            expected = np.asarray(data["outputs"], dtype=np.float32)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise RuntimeLoadError(f"cannot read {REFERENCE_FILE}: {exc}") from None
-    if inputs.ndim != 4 or tuple(inputs.shape[1:]) != spec.input_shape or len(inputs) < 1:
-        raise RuntimeLoadError(
-            f"{REFERENCE_FILE} inputs have shape {list(inputs.shape)}, "
-            f"expected [N, {', '.join(map(str, spec.input_shape))}]"
-        )
-    if expected.shape != (len(inputs), spec.num_classes):
-        raise RuntimeLoadError(
-            f"{REFERENCE_FILE} outputs have shape {list(expected.shape)}, "
-            f"expected [{len(inputs)}, {spec.num_classes}]"
-        )
-    step = spec.max_batch_size
-    for runtime in runtimes:
-        got = np.concatenate(
-            [
-                _run(runtime, inputs[i : i + step], "reference check")
-                for i in range(0, len(inputs), step)
-            ]
-        )
-        diff = float(np.max(np.abs(got - expected)))
-        if not diff <= tolerance:  # also catches NaN
-            raise RuntimeLoadError(
-                f"reference check failed: max abs diff {diff:.3g} > {tolerance:g}"
-            )
-
-
-def _run(runtime: Runtime, batch: np.ndarray, step: str) -> np.ndarray:
-    try:
-        return runtime.run(batch)
-    except Exception as exc:
-        raise RuntimeLoadError(f"{step} failed: {first_line(exc)}") from exc
+        await on_change()
+    except Exception:  # a listener's fault is not a reason to stop loading models
+        log.exception("model state listener failed")

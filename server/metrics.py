@@ -16,7 +16,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -36,8 +35,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 class Metrics:
     def __init__(self) -> None:
-        # `*_created` series double the page and no dashboard reads them (process-wide switch).
-        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -150,11 +147,29 @@ class GpuCollector(Collector):
         total = GaugeMetricFamily(
             f"{PREFIX}_gpu_memory_total_bytes", "GPU memory in total.", labels=["gpu"]
         )
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            rates = nvml.nvmlDeviceGetUtilizationRates(handle)
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            util.add_metric([str(index)], rates.gpu / 100.0)
-            used.add_metric([str(index)], float(memory.used))
-            total.add_metric([str(index)], float(memory.total))
+        # Any NVML call can fail (NotSupported on MIG devices, GPU lost, driver reloaded): skip
+        # what fails, or the whole scrape fails and every other metric goes missing with it.
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError as exc:
+            log.debug("NVML: cannot count devices: %s", exc)
+            count = 0
+        for index in range(count):
+            label = [str(index)]
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            except nvml.NVMLError as exc:
+                log.debug("NVML: gpu %d: %s", index, exc)
+                continue
+            try:
+                rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+                util.add_metric(label, rates.gpu / 100.0)
+            except nvml.NVMLError as exc:
+                log.debug("NVML: gpu %d utilisation: %s", index, exc)
+            try:
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                used.add_metric(label, float(memory.used))
+                total.add_metric(label, float(memory.total))
+            except nvml.NVMLError as exc:
+                log.debug("NVML: gpu %d memory: %s", index, exc)
         yield from (util, used, total)

@@ -2,7 +2,8 @@
 
 Everything here is plain file reading and checking against the repository contract
 (modelrepo.layout); nothing loads a runtime. Problems raise RepositoryError whose
-message is the reason shown in the model's state.
+message is the reason shown in the model's state: clients read it, so it names files
+relative to the repository, never by their path on the server.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from modelrepo.layout import (
     PLATFORM_ONNX,
     PLATFORM_TORCHSCRIPT,
     REFERENCE_FILE,
+    TRAINING_DATASET_PARAMETER,
     list_versions,
     read_labels,
 )
@@ -62,6 +64,18 @@ class ModelSpec:
     def reference_path(self, version: int) -> Path:
         return self.directory / str(version) / REFERENCE_FILE
 
+    def shown(self, path: Path) -> str:
+        """`path` as callers may see it: relative to the repository ("name/1/model.onnx")."""
+        return path.relative_to(self.directory.parent).as_posix()
+
+    @property
+    def training_dataset(self) -> str:
+        """The dataset export recorded in config.pbtxt; "" when it recorded none."""
+        parameters = self.config.parameters
+        if TRAINING_DATASET_PARAMETER not in parameters:
+            return ""
+        return parameters[TRAINING_DATASET_PARAMETER].string_value
+
 
 def model_names(repository: Path) -> list[str]:
     """Every model folder of the repository (hidden folders and files ignored), sorted."""
@@ -75,8 +89,8 @@ def model_dir(repository: Path, name: str) -> Path:
     if not name or name.startswith(".") or "/" in name or "\\" in name:
         raise ModelNotFoundError(f"invalid model name {name!r}")
     directory = repository / name
-    if not directory.is_dir():
-        raise ModelNotFoundError(f"no model {name!r} in the repository {repository}")
+    if not directory.is_dir():  # no path in the message: it goes to clients
+        raise ModelNotFoundError(f"no model {name!r} in the repository")
     return directory
 
 
@@ -101,7 +115,7 @@ def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
     """Read and check one model folder. Raises ModelNotFoundError or RepositoryError."""
     directory = model_dir(repository, name)
     try:
-        config = load_config(directory / CONFIG_FILE)
+        config = load_config(directory / CONFIG_FILE, shown=f"{name}/{CONFIG_FILE}")
     except ConfigError as exc:
         raise RepositoryError(f"bad config: {exc}") from None
     if config.name and config.name != name:
@@ -127,7 +141,7 @@ def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
     available = list_versions(directory)
     versions, missing = select_versions(config.version_policy, available)
     if not versions and not missing:
-        raise RepositoryError(f"no version folders (1, 2, ...) in {directory}")
+        raise RepositoryError(f"no version folders (1, 2, ...) in {name}/")
     return ModelSpec(
         name=name,
         directory=directory,
@@ -189,12 +203,15 @@ def _labels(directory: Path, config: ModelConfig, num_classes: int) -> list[str]
     if not spec.label_filename:
         return [str(i) for i in range(num_classes)]
     path = directory / spec.label_filename
+    shown = f"{directory.name}/{spec.label_filename}"
     try:
         labels = read_labels(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RepositoryError(f"cannot read labels {path.name}: {exc}") from None
+    except OSError as exc:
+        raise RepositoryError(f"cannot read labels {shown}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise RepositoryError(f"cannot read labels {shown}: not UTF-8 text") from None
     if len(labels) != num_classes:
         raise RepositoryError(
-            f"{path.name} has {len(labels)} labels, the output has {num_classes} classes"
+            f"{shown} has {len(labels)} labels, the output has {num_classes} classes"
         )
     return labels

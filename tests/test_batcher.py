@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import selectors
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,12 @@ import pytest
 
 from modelrepo.layout import ONNX_FILE, PLATFORM_ONNX
 from server.batcher import Batcher, BatchError
-from server.errors import DeadlineExceededError, ModelUnavailableError, QueueFullError
+from server.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelUnavailableError,
+    QueueFullError,
+)
 from server.metrics import Metrics
 from server.runtimes import Runtime, create_runtime
 
@@ -194,7 +200,7 @@ def test_full_queue_refuses_at_once_and_close_finishes_accepted_work(runtime: Ru
             await batcher.submit(images(1, 9))
         assert time.monotonic() - began < 1.0
         with pytest.raises(QueueFullError):  # all chunks of a request fit, or none is queued
-            await batcher.submit(images(130))
+            await batcher.submit(images(100))  # two chunks: room for them once the queue drains
         await batcher.close()  # does not wait out the 30 s delay, and answers both
         assert all(task.done() for task in accepted)
         with pytest.raises(ModelUnavailableError):
@@ -204,6 +210,28 @@ def test_full_queue_refuses_at_once_and_close_finishes_accepted_work(runtime: Ru
     results = asyncio.run(main())
     for i, out in enumerate(results):
         np.testing.assert_allclose(out, runtime.run(images(1, i)), rtol=0, atol=1e-6)
+
+
+def test_request_larger_than_the_whole_queue_is_invalid_not_retryable(runtime: Runtime) -> None:
+    metrics = Metrics()
+
+    async def main() -> np.ndarray:
+        # Room for 2 chunks of 64 rows: 128 images per request at most, whatever the load.
+        batcher = make_batcher(runtime, metrics, max_queue_size=2, delay_s=0.01)
+        with pytest.raises(InvalidInputError) as raised:
+            await batcher.submit(images(129))
+        assert str(raised.value) == (
+            "request of 129 images is too large for this server's queue: model "
+            "'fashion_mnist' version 1 takes at most 128 images per request"
+        )
+        assert batcher.queue_depth == 0
+        out = await batcher.submit(images(128, seed=3))  # the largest request that fits
+        await batcher.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out.shape == (128, 10)
+    np.testing.assert_allclose(out, runtime.run(images(128, seed=3)), rtol=0, atol=1e-6)
 
 
 def test_cancelled_caller_is_dropped_and_the_loop_goes_on(runtime: Runtime) -> None:
@@ -343,17 +371,47 @@ def test_instances_share_one_queue_and_run_side_by_side(runtime: Runtime) -> Non
     assert [s.batches for s in instances] == [1, 1]  # one batch of two rows on each instance
 
 
+class CountingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The event loop's selector, counting its waits: each is one wake-up of the loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def select(self, timeout: float | None = None) -> list:
+        self.waits += 1
+        return super().select(timeout)
+
+
 def test_idle_batcher_does_not_poll(runtime: Runtime) -> None:
-    """An idle loop costs no CPU: the batch loop sleeps until a request or its timer."""
+    """An idle batcher never wakes the event loop: its loops sleep until a request or a timer."""
     metrics = Metrics()
+    selector = CountingSelector()
 
-    async def main() -> float:
-        batcher = make_batcher(runtime, metrics, delay_s=0.0001)
+    async def wake_ups(seconds: float) -> int:
+        before = selector.waits
+        await asyncio.sleep(seconds)
+        return selector.waits - before
+
+    async def poll(period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+
+    async def main() -> tuple[int, int]:
+        # Two instance loops with a 0.1 ms window, both idle once the request is answered.
+        batcher = make_batcher([runtime, runtime], metrics, delay_s=0.0001)
         await batcher.submit(images(1))
-        cpu = time.process_time()
-        await asyncio.sleep(0.5)
-        used = time.process_time() - cpu
+        idle = await wake_ups(0.5)
+        poller = asyncio.ensure_future(poll(0.01))  # what a 10 ms poller would cost
+        polled = await wake_ups(0.5)
+        poller.cancel()
         await batcher.close()
-        return used
+        return idle, polled
 
-    assert asyncio.run(main()) < 0.1
+    loop = asyncio.SelectorEventLoop(selector)
+    try:
+        idle, polled = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert polled >= 20  # the count sees polling (about 100 wake-ups when idle otherwise)
+    assert idle <= 5, idle  # the sleep's own timer (2 wake-ups); a 100 ms poller would be 10

@@ -12,9 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_startup import write_slow_model
 
 from modelrepo.config import ModelConfig, load_config, write_config
-from modelrepo.layout import CONFIG_FILE, LABELS_FILE, ONNX_FILE, REFERENCE_FILE, TORCHSCRIPT_FILE
+from modelrepo.layout import (
+    CONFIG_FILE,
+    LABELS_FILE,
+    ONNX_FILE,
+    REFERENCE_FILE,
+    TORCHSCRIPT_FILE,
+    TRAINING_DATASET_PARAMETER,
+)
 from server.config import Settings
 from server.errors import InvalidInputError, ModelNotFoundError, ModelUnavailableError
 from server.manager import ModelManager, ModelState
@@ -27,7 +35,7 @@ FIXTURE_MODELS = ("cifar10", "fashion_mnist", "fashion_mnist_ts")
 def settings(repo: Path, **overrides: object) -> Settings:
     # intra_op_threads 0 keeps torch's thread count: its pools are process-wide, and this
     # test process also trains models.
-    return Settings(model_repository=repo, intra_op_threads=0, **overrides)  # type: ignore[arg-type]
+    return Settings(**{"model_repository": repo, "intra_op_threads": 0, **overrides})  # type: ignore[arg-type]
 
 
 def reference(repo: Path, name: str, version: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +122,8 @@ def test_broken_versions_are_unavailable_with_reasons_and_others_serve(
     (repo / "wrong_classes" / LABELS_FILE).write_text("".join(f"c{i}\n" for i in range(12)))
     (clone_model(repo, "fashion_mnist", "few_labels") / LABELS_FILE).write_text("a\nb\n")
     (clone_model(repo, "fashion_mnist", "bad_config") / CONFIG_FILE).write_text("name: [")
+    latin1 = 'name: "bad_utf8"  # entra\u00eene sur Fashion-MNIST\n'.encode("latin-1")
+    (clone_model(repo, "fashion_mnist", "bad_utf8") / CONFIG_FILE).write_bytes(latin1)
     metrics = Metrics()
 
     async def main() -> None:
@@ -125,18 +135,26 @@ def test_broken_versions_are_unavailable_with_reasons_and_others_serve(
         assert reasons["tampered"] == "reference check failed: max abs diff 0.31 > 0.0001"
         assert reasons["corrupt"].startswith("onnxruntime cannot load model.onnx")
         assert reasons["corrupt_ts"].startswith("torch cannot load model.pt")
-        assert reasons["no_file"] == "model file 1/model.onnx not found"
+        assert reasons["no_file"] == "model file no_file/1/model.onnx not found"
         assert reasons["wrong_dims"].startswith("warm-up at batch 1 failed:")
         assert "dimensions" in reasons["wrong_dims"]
         assert reasons["wrong_classes"] == (
             "model returns shape (1, 10) at batch 1; the config expects (1, 12)"
         )
-        assert reasons["few_labels"] == "labels.txt has 2 labels, the output has 10 classes"
-        assert reasons["bad_config"].startswith("bad config:")
+        assert reasons["few_labels"] == (
+            "few_labels/labels.txt has 2 labels, the output has 10 classes"
+        )
+        assert reasons["bad_config"].startswith("bad config: bad_config/config.pbtxt: 1:7")
+        assert reasons["bad_utf8"] == (
+            "bad config: bad_utf8/config.pbtxt: not UTF-8 text (byte 0xee at offset 25)"
+        )
         assert set(reasons) == {
             "tampered", "corrupt", "corrupt_ts", "no_file", "wrong_dims",
-            "wrong_classes", "few_labels", "bad_config",
+            "wrong_classes", "few_labels", "bad_config", "bad_utf8",
         }  # fmt: skip
+        # Reasons reach clients: files are named within the repository, never by server path.
+        assert "corrupt/1/model.onnx" in reasons["corrupt"]
+        assert not [r for r in reasons.values() if str(repo) in r or str(repo.parent) in r]
         assert state_of(manager, "tampered") == [
             ModelState("tampered", "1", "UNAVAILABLE", reasons["tampered"])
         ]
@@ -146,6 +164,9 @@ def test_broken_versions_are_unavailable_with_reasons_and_others_serve(
             manager.get("tampered")
         with pytest.raises(ModelUnavailableError, match="max abs diff"):
             await manager.load("tampered")
+        with pytest.raises(ModelUnavailableError, match="not UTF-8") as raised:
+            await manager.load("bad_utf8")
+        assert str(repo) not in str(raised.value)
         out = await manager.get("cifar10").infer(inputs)
         np.testing.assert_allclose(out, outputs, rtol=0, atol=1e-5)
         await manager.close()
@@ -248,7 +269,7 @@ def test_lookups_unload_and_reload(model_repository: Path) -> None:
         manager = ModelManager(settings(model_repository, models=("cifar10", "nope")), metrics)
         await manager.start()
         assert not manager.all_ready  # "nope" was asked for and has no folder
-        assert state_of(manager, "nope")[0].reason.startswith("no model 'nope'")
+        assert state_of(manager, "nope")[0].reason == "no model 'nope' in the repository"
         assert state_of(manager, "fashion_mnist") == [
             ModelState("fashion_mnist", "", "UNAVAILABLE", "not loaded")
         ]
@@ -270,6 +291,8 @@ def test_lookups_unload_and_reload(model_repository: Path) -> None:
             asyncio.ensure_future(model.infer(np.zeros((1, 3, 32, 32), np.float32)))
             for _ in range(8)
         ]
+        await asyncio.sleep(0)  # each task runs up to its queue wait: all 8 are accepted
+        assert model.queue_depth == 8
         await manager.unload("cifar10")  # accepted requests finish first
         assert all(task.done() and task.result().shape == (1, 10) for task in pending)
         with pytest.raises(ModelUnavailableError, match="unloaded"):
@@ -338,6 +361,7 @@ def test_serving_onnx_models_never_imports_torch(model_repository: Path) -> None
     code = (
         "import asyncio, sys\n"
         "from pathlib import Path\n"
+        "import server.__main__, server.app\n"
         "from server.config import Settings\n"
         "from server.manager import ModelManager\n"
         "from server.metrics import Metrics\n"
@@ -380,3 +404,72 @@ def test_models_waiting_to_load_are_known_and_loading(model_repository: Path) ->
             await manager.load("cifar10")
 
     asyncio.run(main())
+
+
+def test_start_reports_each_model_as_it_loads_and_close_abandons_a_slow_load(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repository"
+    repo.mkdir()
+    shutil.copytree(model_repository / "fashion_mnist", repo / "fashion_mnist")
+    write_slow_model(repo, "slow", instances=200)  # about 20 s to load in full
+    seen: list[dict[str, str]] = []
+
+    async def main() -> tuple[float, ModelManager]:
+        manager = ModelManager(settings(repo, intra_op_threads=1), Metrics())
+
+        async def on_change() -> None:
+            seen.append({s.name: s.state for s in manager.index()})
+
+        starting = asyncio.ensure_future(manager.start(on_change))
+        for _ in range(600):  # bounded: 30 s, until fashion_mnist serves and slow loads
+            await asyncio.sleep(0.05)
+            if len(seen) >= 2:
+                break
+        assert seen[:2] == [
+            {"fashion_mnist": "LOADING", "slow": "LOADING"},
+            {"fashion_mnist": "READY", "slow": "LOADING"},
+        ]
+        assert not starting.done()
+        began = time.monotonic()
+        await manager.close()
+        await asyncio.wait_for(starting, 30)
+        return time.monotonic() - began, manager
+
+    took, manager = asyncio.run(main())
+    # The thread finishes the step in progress (one session or one warm-up run), not the load.
+    assert took < 5.0, took
+    assert state_of(manager, "slow") == [ModelState("slow", "1", "UNAVAILABLE", "server stopped")]
+    assert manager.served() == [] and not manager.all_ready
+
+
+def test_models_trained_on_synthetic_data_are_flagged(
+    writable_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = writable_repository
+    edit_config(repo, "cifar10", lambda c: c.parameters.pop(TRAINING_DATASET_PARAMETER))
+    edit_config(
+        repo,
+        "fashion_mnist_ts",
+        lambda c: c.parameters[TRAINING_DATASET_PARAMETER].__setattr__("string_value", "cifar10"),
+    )
+
+    async def main() -> dict[str, tuple[str, bool]]:
+        manager = ModelManager(settings(repo), Metrics())
+        await manager.start()
+        flags = {m.name: (m.training_dataset, m.synthetic) for m in manager.served()}
+        await manager.close()
+        return flags
+
+    with caplog.at_level("WARNING", logger="server.manager"):
+        flags = asyncio.run(main())
+    assert flags == {
+        "cifar10": ("", False),  # exported before the dataset was recorded
+        "fashion_mnist": ("synthetic", True),
+        "fashion_mnist_ts": ("cifar10", False),
+    }
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "model fashion_mnist was trained on SYNTHETIC data: "
+        "predictions are meaningless for real images"
+    ]

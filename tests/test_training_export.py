@@ -89,6 +89,13 @@ def test_round_trip_both_formats(runs: dict[str, Any], tmp_path: Path, arch: str
     assert [(g.count, g.kind) for g in config.instance_group] == [
         (2, model_config_pb2.ModelInstanceGroup.KIND_AUTO)
     ]
+    # The fixture trained on generated images: the config says so, for the server to warn.
+    assert dict(config.parameters) == {
+        layout.TRAINING_DATASET_PARAMETER: model_config_pb2.ModelParameter(
+            string_value=layout.SYNTHETIC_DATASET
+        )
+    }
+    assert 'key: "training_dataset"' in (tmp_path / "model" / layout.CONFIG_FILE).read_text()
     assert layout.read_labels(tmp_path / "model" / layout.LABELS_FILE) == run.data.class_names
 
     session = ort.InferenceSession(str(version / layout.ONNX_FILE))

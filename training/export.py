@@ -86,7 +86,14 @@ def export_checkpoint(
             outputs=outputs,
         )
         config = build_config(
-            name, platform, shape, len(labels), max_batch_size, instance_count, max_queue_delay_us
+            name,
+            platform,
+            shape,
+            len(labels),
+            max_batch_size,
+            instance_count,
+            max_queue_delay_us,
+            training_dataset=str(state.get("dataset", "")),
         )
         _replace_file(model_dir / layout.CONFIG_FILE, format_config(config))
         _replace_file(model_dir / layout.LABELS_FILE, "".join(f"{label}\n" for label in labels))
@@ -112,8 +119,13 @@ def build_config(
     max_batch_size: int,
     instance_count: int,
     max_queue_delay_us: int,
+    training_dataset: str = "",
 ) -> ModelConfig:
-    """The config.pbtxt message: Triton's names, so Triton loads the same folder unchanged."""
+    """The config.pbtxt message: Triton's names, so Triton loads the same folder unchanged.
+
+    The training dataset goes into `parameters` (Triton passes unknown ones through), so a
+    model trained on synthetic images says so wherever it is served.
+    """
     config = ModelConfig(name=name, platform=platform, max_batch_size=max_batch_size)
     config.input.add(
         name=layout.INPUT_NAME,
@@ -132,6 +144,8 @@ def build_config(
     config.instance_group.add(
         count=instance_count, kind=model_config_pb2.ModelInstanceGroup.KIND_AUTO
     )
+    if training_dataset:
+        config.parameters[layout.TRAINING_DATASET_PARAMETER].string_value = training_dataset
     return config
 
 

@@ -1,0 +1,146 @@
+"""The checks a model version passes before it serves, run in a worker thread.
+
+A version serves only after each runtime instance is created, warmed up (batch 1 and
+max_batch_size) and agrees with the version's reference.npz. These steps block, so the
+manager runs them off the event loop; a thread cannot be interrupted, so shutdown sets
+`cancel` and the steps check it between instances and between runs: a stopping server
+waits for the step in progress, never for the rest of a long load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from modelrepo.layout import REFERENCE_FILE, SYNTHETIC_DATASET
+from server.config import Settings
+from server.repository import ModelSpec
+from server.runtimes import Runtime, RuntimeLoadError, create_runtime
+from server.runtimes.base import first_line
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_WARNING = "trained on SYNTHETIC data: predictions are meaningless for real images"
+
+
+class LoadCancelled(Exception):
+    """Shutdown began while the version was loading; nothing of it was kept."""
+
+
+def prepare_version(
+    spec: ModelSpec, version: int, settings: Settings, cancel: threading.Event
+) -> list[Runtime]:
+    """Create the version's runtime instances, warm each up, and check them against reference.
+
+    Raises RuntimeLoadError (the reason the version cannot serve) or LoadCancelled; either
+    way every runtime created so far is closed.
+    """
+    path = spec.model_path(version)
+    if not path.is_file():
+        raise RuntimeLoadError(f"model file {spec.shown(path)} not found")
+    runtimes: list[Runtime] = []
+    try:
+        for _ in range(spec.instance_count):
+            _check(cancel)
+            threads = settings.intra_op_threads
+            runtime = create_runtime(spec.platform, path, spec.device_pref, threads)
+            runtimes.append(runtime)
+            warm_up(runtime, spec, cancel)
+        check_reference(runtimes, spec, version, settings.reference_tolerance, cancel)
+    except BaseException:
+        for runtime in runtimes:
+            runtime.close()
+        raise
+    return runtimes
+
+
+def warm_up(runtime: Runtime, spec: ModelSpec, cancel: threading.Event) -> None:
+    """First runs allocate and optimise; doing them here keeps them out of request latency,
+    and checks that the model takes the config's input dims and returns its classes."""
+    for rows in sorted({1, spec.max_batch_size}):
+        _check(cancel)
+        zeros = np.zeros((rows, *spec.input_shape), np.float32)
+        output = _run(runtime, zeros, f"warm-up at batch {rows}")
+        expected = (rows, spec.num_classes)
+        if not isinstance(output, np.ndarray) or output.shape != expected:
+            shape = getattr(output, "shape", type(output).__name__)
+            raise RuntimeLoadError(
+                f"model returns shape {shape} at batch {rows}; the config expects {expected}"
+            )
+
+
+def check_reference(
+    runtimes: list[Runtime],
+    spec: ModelSpec,
+    version: int,
+    tolerance: float,
+    cancel: threading.Event,
+) -> None:
+    """Every instance must reproduce the outputs export recorded for the same inputs."""
+    path = spec.reference_path(version)
+    if not path.is_file():
+        log.warning(
+            "model %s version %d has no %s; serving without the reference check",
+            spec.name, version, REFERENCE_FILE,
+        )  # fmt: skip
+        return
+    try:
+        with np.load(path) as data:
+            inputs = np.ascontiguousarray(data["inputs"], dtype=np.float32)
+            expected = np.asarray(data["outputs"], dtype=np.float32)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise RuntimeLoadError(f"cannot read {REFERENCE_FILE}: {first_line(exc)}") from None
+    if inputs.ndim != 4 or tuple(inputs.shape[1:]) != spec.input_shape or len(inputs) < 1:
+        raise RuntimeLoadError(
+            f"{REFERENCE_FILE} inputs have shape {list(inputs.shape)}, "
+            f"expected [N, {', '.join(map(str, spec.input_shape))}]"
+        )
+    if expected.shape != (len(inputs), spec.num_classes):
+        raise RuntimeLoadError(
+            f"{REFERENCE_FILE} outputs have shape {list(expected.shape)}, "
+            f"expected [{len(inputs)}, {spec.num_classes}]"
+        )
+    step = spec.max_batch_size
+    for runtime in runtimes:
+        _check(cancel)
+        got = np.concatenate(
+            [
+                _run(runtime, inputs[i : i + step], "reference check")
+                for i in range(0, len(inputs), step)
+            ]
+        )
+        diff = float(np.max(np.abs(got - expected)))
+        if not diff <= tolerance:  # also catches NaN
+            raise RuntimeLoadError(
+                f"reference check failed: max abs diff {diff:.3g} > {tolerance:g}"
+            )
+
+
+def is_synthetic(spec: ModelSpec) -> bool:
+    """Whether export recorded that the model learned from generated, not real, images."""
+    return spec.training_dataset == SYNTHETIC_DATASET
+
+
+def hide_paths(text: str, repository: Path) -> str:
+    """`text` with the repository's location removed: runtimes name the files they fail on by
+    full path, and reasons go to clients, who must not learn the server's file system."""
+    roots = {str(repository), str(repository.resolve())}
+    for root in sorted(roots, key=len, reverse=True):
+        text = text.replace(root.rstrip("/") + "/", "")
+    return text
+
+
+def _check(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise LoadCancelled("the server is shutting down")
+
+
+def _run(runtime: Runtime, batch: np.ndarray, step: str) -> np.ndarray:
+    try:
+        return runtime.run(batch)
+    except Exception as exc:
+        raise RuntimeLoadError(f"{step} failed: {first_line(exc)}") from exc

@@ -1,0 +1,333 @@
+"""Start-up and shutdown around model loading, on real server processes.
+
+The listening line scripts read the ports from; one unreadable config.pbtxt costs only its
+model; health answers for each model while models load; SIGTERM during a long load exits
+within the grace period, and a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper, numpy_helper
+from server_process import ServerProcess, copy_repository, set_batching
+
+from modelrepo.config import ModelConfig, write_config
+from modelrepo.layout import CONFIG_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, PLATFORM_ONNX
+from server.app import LISTENING_PREFIX, STARTED, hostport, parse_listening
+from wire import grpc_service_pb2 as pb
+from wire import model_config_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+KSERVE = "/inference.GRPCInferenceService"
+SHAPE = (1, 28, 28)
+# A load of about 200 x 0.1 s on an idle 2-core box: far longer than the grace period.
+SLOW_INSTANCES = 200
+SLOW_LAYERS = 100
+GRACE_S = 3.0
+# Exit after SIGTERM: drain (nothing in flight), the load step in progress, process exit.
+# Generous for a loaded 2-core box; finishing the load instead would take well over this.
+EXIT_BOUND_S = GRACE_S + 6.0
+
+
+def write_slow_model(repository: Path, name: str, instances: int) -> Path:
+    """A model whose load is slow in a real way: `instances` sessions of a deep generated
+    network (SLOW_LAYERS MatMul + Tanh on 784 features, one shared weight: small file, small
+    memory), each optimised by onnxruntime and warmed up in turn. No reference.npz."""
+    width = int(np.prod(SHAPE))
+    nodes = [helper.make_node("Flatten", [INPUT_NAME], ["h0"], axis=1)]
+    for i in range(SLOW_LAYERS):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes += [
+        helper.make_node("Slice", [f"h{SLOW_LAYERS}", "start", "end", "axes"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=1),
+    ]
+    weight = np.random.default_rng(0).standard_normal((width, width)) / np.sqrt(width)
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *SHAPE])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 10])],
+        initializer=[
+            numpy_helper.from_array(weight.astype(np.float32), "w"),
+            numpy_helper.from_array(np.array([0], np.int64), "start"),
+            numpy_helper.from_array(np.array([10], np.int64), "end"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    model_dir = repository / name
+    (model_dir / "1").mkdir(parents=True)
+    onnx.save(model, model_dir / "1" / ONNX_FILE)
+    config = ModelConfig(name=name, platform=PLATFORM_ONNX, max_batch_size=64)
+    config.input.add(
+        name=INPUT_NAME,
+        data_type=model_config_pb2.TYPE_FP32,
+        format=model_config_pb2.ModelInput.FORMAT_NCHW,
+        dims=list(SHAPE),
+    )
+    config.output.add(name=OUTPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[10])
+    config.instance_group.add(count=instances, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    write_config(model_dir / CONFIG_FILE, config)
+    return model_dir
+
+
+class Launched:
+    """`python -m server` watched from its first log line: these tests act while models
+    load, before the start-up ServerProcess waits for has finished."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._changed:
+            return "".join(self._lines)
+
+    def wait_line(self, parse: Callable[[str], T | None], timeout: float) -> T:
+        """parse() of the first log line it accepts; fails if the server exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self._lines:
+                    if (found := parse(line)) is not None:
+                        return found
+                left = deadline - time.monotonic()
+                if self.process.poll() is not None or left <= 0:
+                    raise AssertionError(
+                        f"no such line (exited: {self.process.poll()}):\n{self.log}"
+                    )
+                self._changed.wait(min(left, 0.5))
+
+    def exit_after(self, signum: int, timeout: float) -> tuple[int, float]:
+        """Send `signum`; (exit status, seconds from the signal to the exit)."""
+        signalled = time.monotonic()
+        self.process.send_signal(signum)
+        try:
+            status = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit within {timeout}s:\n{self.log}") from None
+        return status, time.monotonic() - signalled
+
+
+@contextmanager
+def launched(repository: Path, grace_period_s: float) -> Iterator[Launched]:
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "server", "--model-repository", str(repository),
+            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+            "--grace-period-s", str(grace_period_s),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )  # fmt: skip
+    server = Launched(process)
+    try:
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        server._reader.join(10)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def health(channel: grpc.Channel, service: str) -> str:
+    """The health status name of `service`, or "NOT_FOUND" when the server knows no such one."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return "NOT_FOUND"
+        raise
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
+def infer_request(model: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=INPUT_NAME, datatype="FP32", shape=[1, *SHAPE])
+    request.raw_input_contents.append(np.full((1, *SHAPE), 0.5, np.float32).tobytes())
+    return request
+
+
+def kserve(channel: grpc.Channel, method: str, response: type) -> grpc.UnaryUnaryMultiCallable:
+    return channel.unary_unary(
+        f"{KSERVE}/{method}",
+        request_serializer=lambda message: message.SerializeToString(),
+        response_deserializer=response.FromString,
+    )
+
+
+# -- the listening line ----------------------------------------------------------------------
+
+
+def test_listening_line_parser_reads_text_and_json_lines() -> None:
+    text = (
+        "2026-01-01 12:00:00,000 INFO    server: serving on grpc 127.0.0.1:50051 metrics "
+        "http://127.0.0.1:8002/metrics; loading models from /srv/models"
+    )
+    assert parse_listening(text) == ("127.0.0.1", 50051, 8002)
+    as_json = (
+        '{"level": "info", "message": "serving on grpc [::]:7001 metrics http://[::]:7002/metrics;'
+        ' loading models from /srv/models"}'
+    )
+    assert parse_listening(as_json) == ("::", 7001, 7002)
+    assert hostport("::", 7001) == "[::]:7001"
+    assert parse_listening(f"{LISTENING_PREFIX}localhost:1 metrics http://localhost:2/metrics") == (
+        "localhost",
+        1,
+        2,
+    )
+    for other in (
+        "startup complete: 1 model version(s) serving",
+        "serving on grpc 127.0.0.1:notaport metrics http://127.0.0.1:1/metrics",
+        "",
+    ):
+        assert parse_listening(other) is None
+
+
+# -- a bad config costs only its model -------------------------------------------------------
+
+
+def test_non_utf8_config_makes_only_that_model_unavailable(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    repo = copy_repository(model_repository, tmp_path / "repository", ["fashion_mnist", "cifar10"])
+    text = 'name: "cifar10"\n# entra\u00eene sur CIFAR-10\n'
+    (repo / "cifar10" / CONFIG_FILE).write_bytes(text.encode("latin-1"))
+    expected = "bad config: cifar10/config.pbtxt: not UTF-8 text (byte 0xee at offset 23)"
+
+    with ServerProcess(repo) as server:
+        listening = parse_listening(server.log)
+        assert listening is not None and listening[1:] == (server.grpc_port, server.metrics_port)
+        with grpc.insecure_channel(hostport("127.0.0.1", server.grpc_port)) as channel:
+            index = kserve(channel, "RepositoryIndex", pb.RepositoryIndexResponse)(
+                pb.RepositoryIndexRequest(), timeout=10
+            )
+            states = {m.name: (m.state, m.reason) for m in index.models}
+            assert states == {"cifar10": ("UNAVAILABLE", expected), "fashion_mnist": ("READY", "")}
+            answer = kserve(channel, "ModelInfer", pb.ModelInferResponse)(
+                infer_request("fashion_mnist"), timeout=30
+            )
+            scores = np.frombuffer(answer.raw_output_contents[0], np.float32)
+            assert scores.shape == (10,) and abs(float(scores.sum()) - 1.0) < 1e-4
+            assert health(channel, "fashion_mnist") == "SERVING"
+            assert health(channel, "cifar10") == "NOT_SERVING"
+            assert health(channel, "") == "NOT_SERVING"  # not every model is ready
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as page:
+            metrics = page.read().decode()
+        assert "imgserve_model_ready" in metrics
+        assert "_created" not in metrics  # switched off by the serving process
+        assert server.process is not None and server.process.poll() is None
+        log = server.log
+    assert f"model cifar10: UNAVAILABLE: {expected}" in log
+    assert str(repo) not in expected
+    # The fixture models learned from generated images: said at load and in the report.
+    assert "model fashion_mnist was trained on SYNTHETIC data" in log
+    ready = next(
+        line for line in log.splitlines() if "model fashion_mnist version 1: READY" in line
+    )
+    assert "WARNING" in ready and "trained on SYNTHETIC data" in ready
+    assert "Traceback" not in log
+
+
+# -- signals while loading -------------------------------------------------------------------
+
+
+def test_sigterm_during_a_slow_load_exits_within_the_grace_period(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    repo = copy_repository(model_repository, tmp_path / "repository", ["fashion_mnist"])
+    write_slow_model(repo, "slow", SLOW_INSTANCES)  # loaded after fashion_mnist (sorted)
+
+    with launched(repo, GRACE_S) as server:
+        host, port, _ = server.wait_line(parse_listening, 60)
+        with grpc.insecure_channel(hostport(host, port)) as channel:
+            # Health knows every model from the start, and each as soon as it is ready.
+            for _ in range(600):  # bounded: 60 s
+                if health(channel, "fashion_mnist") == "SERVING":
+                    break
+                assert health(channel, "slow") == "NOT_SERVING"
+                time.sleep(0.1)
+            assert health(channel, "fashion_mnist") == "SERVING", server.log
+            assert health(channel, "slow") == "NOT_SERVING"
+            assert health(channel, "") == "NOT_SERVING"
+        assert STARTED not in server.log, "the slow model loaded too fast to test anything"
+        status, took = server.exit_after(signal.SIGTERM, EXIT_BOUND_S + 60)
+        log = server.log
+    assert status == 0, log
+    assert took < EXIT_BOUND_S, (took, log)
+    assert "SIGTERM received" in log
+    assert "model slow version 1: load abandoned (shutting down)" in log
+    assert "model slow version 1 ready" not in log
+    assert "stopped after" in log and "Traceback" not in log
+
+
+def test_second_signal_exits_at_once(model_repository: Path, tmp_path: Path) -> None:
+    repo = copy_repository(model_repository, tmp_path / "repository", ["fashion_mnist"])
+    # A request waits 60 s for its batch: the graceful stop would wait for it.
+    set_batching(repo / "fashion_mnist", max_queue_delay_us=60_000_000)
+
+    with launched(repo, grace_period_s=60.0) as server:
+        host, port, metrics_port = server.wait_line(parse_listening, 60)
+        server.wait_line(lambda line: STARTED in line or None, 90)
+        with grpc.insecure_channel(hostport(host, port)) as channel:
+            waiting = kserve(channel, "ModelInfer", pb.ModelInferResponse).future(
+                infer_request("fashion_mnist"), timeout=90
+            )
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            for _ in range(200):  # bounded: 20 s, until the request is queued
+                with urllib.request.urlopen(url, timeout=10) as page:
+                    if 'imgserve_queue_depth{model="fashion_mnist",version="1"} 1.0' in (
+                        page.read().decode()
+                    ):
+                        break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"the request never reached the queue:\n{server.log}")
+            server.process.send_signal(signal.SIGTERM)
+            server.wait_line(lambda line: "stopping: refusing new requests" in line or None, 20)
+            time.sleep(0.5)
+            assert server.process.poll() is None  # still finishing the accepted request
+            status, took = server.exit_after(signal.SIGTERM, 20)
+            waiting.cancel()
+        log = server.log
+    assert status == 128 + signal.SIGTERM, log
+    assert took < 5.0, (took, log)
+    assert "SIGTERM received again: exiting now" in log
