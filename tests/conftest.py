@@ -1,4 +1,5 @@
-"""Shared fixtures: small trained checkpoints and a model repository built by the real pipeline.
+"""Shared fixtures: small trained checkpoints, a model repository built by the real pipeline,
+and servers started on copies of it.
 
 torch is imported inside the fixtures, so test modules that never ask for them (most server
 tests) do not pay for importing it.
@@ -7,10 +8,16 @@ tests) do not pay for importing it.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    import grpc
+    import tritonclient.grpc as triton
+    from server_process import ServerGroup, ServerProcess
 
 # Small synthetic splits: enough to learn the classes in one epoch, cheap to build on 2 cores.
 FIXTURE_TRAIN_SIZE = 1000
@@ -71,3 +78,56 @@ def writable_repository(model_repository: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "model_repository"
     shutil.copytree(model_repository, copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def _exiting_servers() -> Iterator[list[ServerGroup]]:
+    """Servers signalled to stop at the end of their module, waited for at the end of the
+    session: their exit overlaps the next modules' tests instead of adding to the run."""
+    groups: list[ServerGroup] = []
+    yield groups
+    failures = []
+    for group in groups:
+        try:
+            group.wait_all()
+        except AssertionError as exc:  # the others are still waited for
+            failures.append(exc)
+    if failures:
+        raise failures[0]
+
+
+@pytest.fixture(scope="module")
+def serve(
+    model_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    _exiting_servers: list[ServerGroup],
+) -> Iterator[Callable[..., ServerProcess]]:
+    """Starts servers for one test module: `serve(*args, models=, prepare=, grace_period_s=)`
+    (server_process.ServerGroup.start) runs `python -m server ARGS` on a private copy of
+    `model_repository`. All get SIGTERM when the module ends. A module names its server
+    fixture `server` to get the `channel` and `triton_client` fixtures below."""
+    from server_process import ServerGroup
+
+    group = ServerGroup(model_repository, lambda: tmp_path_factory.mktemp("served"))
+    _exiting_servers.append(group)
+    yield group.start
+    group.signal_all()
+
+
+@pytest.fixture(scope="module")
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    """A gRPC channel to the module's `server`."""
+    import grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def triton_client(server: ServerProcess) -> Iterator[triton.InferenceServerClient]:
+    """tritonclient's gRPC client on the module's `server`."""
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(server.target)
+    yield client
+    client.close()

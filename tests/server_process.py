@@ -2,6 +2,7 @@
 
 Every wait is bounded: start-up, readiness, and stop raise (after killing the process)
 instead of hanging a test run. The server's log is kept, for assertions and for failures.
+The ports come from the server's own log line, read with the server's own parser.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -25,15 +27,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modelrepo.config import load_config, write_config
 from modelrepo.layout import CONFIG_FILE
+from server.app import STARTED, hostport, parse_listening
 from wire import grpc_service_pb2
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_PORTS = re.compile(r"serving on grpc 127\.0\.0\.1:(\d+) metrics http://127\.0\.0\.1:(\d+)/metrics")
-STARTED = "startup complete"
+T = TypeVar("T")
 
 
 class ServerProcess:
     def __init__(self, repository: Path, *args: str, grace_period_s: float = 5.0) -> None:
+        self.repository = repository
         self.command = [
             sys.executable, "-m", "server",
             "--model-repository", str(repository),
@@ -41,6 +44,7 @@ class ServerProcess:
             "--grace-period-s", str(grace_period_s),
             *args,
         ]  # fmt: skip
+        self.host = "127.0.0.1"
         self.grpc_port = 0
         self.metrics_port = 0
         self.process: subprocess.Popen[str] | None = None
@@ -63,8 +67,9 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         try:
-            match = self.wait_for(_PORTS, timeout)
-            self.grpc_port, self.metrics_port = int(match[1]), int(match[2])
+            self.host, self.grpc_port, self.metrics_port = self.wait_for_line(
+                parse_listening, "the ports it listens on", timeout
+            )
             self.wait_for(re.compile(re.escape(STARTED)), timeout)
         except BaseException:
             self.kill()
@@ -128,16 +133,29 @@ class ServerProcess:
 
     def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
         """The first match of `pattern` in the log; raises if the server exits or time runs out."""
+        return self._wait(
+            lambda lines: pattern.search("".join(lines)), repr(pattern.pattern), timeout
+        )
+
+    def wait_for_line(self, parse: Callable[[str], T | None], what: str, timeout: float) -> T:
+        """`parse` of the first log line it does not answer None for."""
+
+        def first(lines: list[str]) -> T | None:
+            return next((found for line in lines if (found := parse(line)) is not None), None)
+
+        return self._wait(first, what, timeout)
+
+    def _wait(self, find: Callable[[list[str]], T | None], what: str, timeout: float) -> T:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                match = pattern.search("".join(self._lines))
-                if match:
-                    return match
+                found = find(self._lines)
+                if found is not None:
+                    return found
                 exited = self.process is not None and self.process.poll() is not None
                 left = deadline - time.monotonic()
                 if exited or left <= 0:
-                    why = "exited" if exited else f"did not log {pattern.pattern!r} in {timeout}s"
+                    why = "exited" if exited else f"did not log {what} in {timeout}s"
                     raise AssertionError(f"server {why}:\n{''.join(self._lines)}")
                 self._changed.wait(min(left, 0.5))
 
@@ -145,11 +163,11 @@ class ServerProcess:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return hostport(self.host, self.grpc_port)
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{hostport(self.host, self.metrics_port)}/metrics"
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample of /metrics: (name, sorted labels) -> value."""
@@ -169,6 +187,51 @@ class ServerProcess:
             for (sample, sample_labels), value in self.metrics().items()
             if sample == name and wanted <= set(sample_labels)
         )
+
+
+class ServerGroup:
+    """Servers for one test module, each on its own copy of (some models of) a repository.
+
+    Stopped in two steps: `signal_all` sends every server SIGTERM, `wait_all` waits for them
+    to exit. Between the two the servers finish exiting on their own (mostly idle waiting),
+    so a session can signal at the end of a module and wait once at its own end.
+    """
+
+    def __init__(self, source: Path, workspace: Callable[[], Path]) -> None:
+        self._source = source
+        self._workspace = workspace  # a new empty folder per call
+        self._servers: list[ServerProcess] = []
+
+    def start(
+        self,
+        *args: str,
+        models: Sequence[str] | None = None,
+        prepare: Callable[[Path], None] | None = None,
+        grace_period_s: float = 5.0,
+    ) -> ServerProcess:
+        """Copy `models` (default: all), let `prepare` change the copy, serve it with `args`."""
+        repository = copy_repository(self._source, self._workspace() / "repository", models)
+        if prepare is not None:
+            prepare(repository)
+        server = ServerProcess(repository, *args, grace_period_s=grace_period_s)
+        self._servers.append(server)
+        return server.start()
+
+    def signal_all(self) -> None:
+        for server in self._servers:
+            if server.process is not None and server.process.poll() is None:
+                server.send_signal(signal.SIGTERM)
+
+    def wait_all(self, timeout: float = 20.0) -> None:
+        """Wait for every server to exit (raises if one does not in time; all are ended)."""
+        try:
+            for server in self._servers:
+                if server.process is not None:
+                    server.wait(timeout)
+        finally:
+            for server in self._servers:
+                server.kill()  # no-op for those that exited; frees their output either way
+            self._servers.clear()
 
 
 def copy_repository(source: Path, target: Path, models: Sequence[str] | None = None) -> Path:

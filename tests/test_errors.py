@@ -1,8 +1,9 @@
 """Every error code from a real request, against one server on a repository built to fail.
 
-The repository holds, next to a good `fashion_mnist`:
-- `slow`: the same model with a 600 ms batching window, for deadlines and a full queue
-  (the server runs with --max-queue-size 1);
+The repository holds, next to a good `fashion_mnist` (the server runs with --max-queue-size 1):
+- `slow`: the same model with a 600 ms batching window, for deadlines;
+- `queued`: the same model with a 5 s window, for a full queue (room to be sure the next
+  request arrives while the first still waits, even on a slow, loaded machine);
 - `tampered`: the same model whose reference.npz no longer matches it (fails to load);
 - `poisoned`: the same model with a Gather appended whose index is the batch's largest pixel,
   truncated: any batch holding a pixel of exactly 1.0 makes onnxruntime raise at run time.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from onnx import TensorProto, helper, numpy_helper
 from server_process import (
     ServerProcess,
     clone_model,
-    copy_repository,
     kserve_method,
     onnx_probabilities,
     set_batching,
@@ -66,13 +66,13 @@ def _poison(model_file: Path) -> None:
     np.savez(model_file.parent / REFERENCE_FILE, inputs=inputs, outputs=outputs)
 
 
-@pytest.fixture(scope="module")
-def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = copy_repository(
-        model_repository, tmp_path_factory.mktemp("errors") / "repository", ["fashion_mnist"]
-    )
+QUEUE_WINDOW_US = 5_000_000
+
+
+def _build(repo: Path) -> None:
     source = repo / "fashion_mnist"
     set_batching(clone_model(source, repo, "slow"), max_queue_delay_us=600_000)
+    set_batching(clone_model(source, repo, "queued"), max_queue_delay_us=QUEUE_WINDOW_US)
 
     tampered = clone_model(source, repo, "tampered") / "1" / REFERENCE_FILE
     with np.load(tampered) as data:
@@ -83,26 +83,11 @@ def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory)
     _poison(poisoned / "1" / ONNX_FILE)
     # Four instances: room for four queued requests despite --max-queue-size 1.
     set_batching(poisoned, max_queue_delay_us=300_000, instances=4)
-    return repo
 
 
 @pytest.fixture(scope="module")
-def server(repository: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(repository, "--max-queue-size", "1") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[triton.InferenceServerClient]:
-    client = triton.InferenceServerClient(server.target)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as channel:
-        yield channel
+def server(serve: Callable[..., ServerProcess]) -> ServerProcess:
+    return serve("--max-queue-size", "1", models=["fashion_mnist"], prepare=_build)
 
 
 def _images(n: int = 1, seed: int = 0, top: float = 0.9) -> np.ndarray:
@@ -133,13 +118,13 @@ def _code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     raise AssertionError("the call succeeded")
 
 
-def test_not_found(client: triton.InferenceServerClient, channel: grpc.Channel) -> None:
+def test_not_found(triton_client: triton.InferenceServerClient, channel: grpc.Channel) -> None:
     for model, version, expected in (
         ("no_such_model", "", "unknown model 'no_such_model'"),
         ("fashion_mnist", "7", "no version '7'"),
     ):
         with pytest.raises(InferenceServerException) as caught:
-            _infer(client, model, _images(), model_version=version)
+            _infer(triton_client, model, _images(), model_version=version)
         assert caught.value.status() == "StatusCode.NOT_FOUND"
         assert expected in caught.value.message()
     classify = classifier_pb2_grpc.ClassifierStub(channel).Classify
@@ -147,7 +132,7 @@ def test_not_found(client: triton.InferenceServerClient, channel: grpc.Channel) 
     code, _ = _code_of(lambda: classify(request, timeout=10))
     assert code == grpc.StatusCode.NOT_FOUND
     with pytest.raises(InferenceServerException) as caught:
-        client.get_model_metadata("no_such_model")
+        triton_client.get_model_metadata("no_such_model")
     assert caught.value.status() == "StatusCode.NOT_FOUND"
 
 
@@ -218,26 +203,26 @@ def test_undecodable_image_is_invalid_argument(channel: grpc.Channel) -> None:
 
 
 def test_unsupported_features_are_unimplemented(
-    client: triton.InferenceServerClient, channel: grpc.Channel
+    triton_client: triton.InferenceServerClient, channel: grpc.Channel
 ) -> None:
     request = _raw_request()
     request.parameters["sequence_id"].int64_param = 5
     code, details = _code_of(lambda: kserve_method(channel, "ModelInfer")(request, timeout=10))
     assert code == grpc.StatusCode.UNIMPLEMENTED and "sequence" in details
     with pytest.raises(InferenceServerException) as caught:
-        client.load_model("fashion_mnist", config='{"max_batch_size": 8}')
+        triton_client.load_model("fashion_mnist", config='{"max_batch_size": 8}')
     assert caught.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
 def test_model_that_failed_to_load_is_unavailable(
-    client: triton.InferenceServerClient, channel: grpc.Channel
+    triton_client: triton.InferenceServerClient, channel: grpc.Channel
 ) -> None:
-    assert not client.is_model_ready("tampered")
+    assert not triton_client.is_model_ready("tampered")
     with pytest.raises(InferenceServerException) as caught:
-        _infer(client, "tampered", _images())
+        _infer(triton_client, "tampered", _images())
     assert caught.value.status() == "StatusCode.UNAVAILABLE"
     assert "reference check failed" in caught.value.message()
-    [state] = [m for m in client.get_model_repository_index().models if m.name == "tampered"]
+    [state] = [m for m in triton_client.get_model_repository_index().models if m.name == "tampered"]
     assert state.state == "UNAVAILABLE" and "reference check failed" in state.reason
     health = health_pb2_grpc.HealthStub(channel)
     check = health_pb2.HealthCheckRequest
@@ -245,19 +230,21 @@ def test_model_that_failed_to_load_is_unavailable(
     assert health.Check(check(service="fashion_mnist"), timeout=10).status == 1  # SERVING
     # Honest readiness: a model asked for at start is not serving.
     assert health.Check(check(service=""), timeout=10).status == 2
-    assert not client.is_server_ready()
-    assert client.is_server_live()
+    assert not triton_client.is_server_ready()
+    assert triton_client.is_server_live()
     # The other models are untouched.
-    assert _infer(client, "fashion_mnist", _images()).shape == (1, 10)
+    assert _infer(triton_client, "fashion_mnist", _images()).shape == (1, 10)
 
 
-def test_deadline_exceeded(client: triton.InferenceServerClient, server: ServerProcess) -> None:
+def test_deadline_exceeded(
+    triton_client: triton.InferenceServerClient, server: ServerProcess
+) -> None:
     before = server.metric("imgserve_requests_total", model="slow", code="DEADLINE_EXCEEDED")
     dropped = server.metric("imgserve_requests_dropped_total", model="slow", reason="deadline")
     started = time.monotonic()
     # Triton's server-side `timeout` parameter (microseconds): 20 ms against a 600 ms window.
     with pytest.raises(InferenceServerException) as caught:
-        _infer(client, "slow", _images(), timeout=20_000)
+        _infer(triton_client, "slow", _images(), timeout=20_000)
     assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     assert time.monotonic() - started < 5
     assert (
@@ -268,14 +255,21 @@ def test_deadline_exceeded(client: triton.InferenceServerClient, server: ServerP
         server.metric("imgserve_requests_dropped_total", model="slow", reason="deadline")
         == dropped + 1
     )
-    # A gRPC deadline shorter than the window: the caller gets DEADLINE_EXCEEDED too.
+    # A gRPC deadline shorter than the window: the caller gets DEADLINE_EXCEEDED too, and the
+    # server drops the abandoned request from the queue at once (never computed), freeing
+    # the one queue slot without waiting for the window to close.
+    cancelled = server.metric("imgserve_requests_dropped_total", model="slow", reason="cancelled")
     with pytest.raises(InferenceServerException) as caught:
-        _infer(client, "slow", _images(), client_timeout=0.1)
+        _infer(triton_client, "slow", _images(), client_timeout=0.1)
     assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-    # The abandoned request holds the one queue slot until its window closes; then it is
-    # dropped (never computed) and the model serves again.
-    _wait_until(lambda: server.metric("imgserve_queue_depth", model="slow") == 0)
-    assert _infer(client, "slow", _images()).shape == (1, 10)
+    _wait_until(
+        lambda: (
+            server.metric("imgserve_requests_dropped_total", model="slow", reason="cancelled")
+            == cancelled + 1
+        )
+    )
+    assert server.metric("imgserve_queue_depth", model="slow") == 0
+    assert _infer(triton_client, "slow", _images()).shape == (1, 10)
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -286,21 +280,64 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def test_full_queue_is_resource_exhausted(
-    client: triton.InferenceServerClient, server: ServerProcess
+    triton_client: triton.InferenceServerClient, server: ServerProcess
 ) -> None:
-    """--max-queue-size 1: while one request waits out the 600 ms window, the next is refused."""
+    """--max-queue-size 1: while one request waits out the 5 s window, the next is refused.
+
+    Unloading the model then answers the waiting request at once (accepted requests are
+    finished, never dropped), so the test does not sit out the window.
+    """
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(_infer, client, "slow", _images(seed=1))
-        _wait_until(lambda: server.metric("imgserve_queue_depth", model="slow") == 1)
+        first = pool.submit(_infer, triton_client, "queued", _images(seed=1))
+        _wait_until(lambda: server.metric("imgserve_queue_depth", model="queued") == 1)
         with pytest.raises(InferenceServerException) as caught:
-            _infer(client, "slow", _images(seed=2))
+            _infer(triton_client, "queued", _images(seed=2))
         assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
         assert "queue full" in caught.value.message()
+        assert not first.done()  # still inside the window
+        started = time.monotonic()
+        triton_client.unload_model("queued")
         assert first.result(timeout=30).shape == (1, 10)
+        assert time.monotonic() - started < QUEUE_WINDOW_US / 1e6 / 2
+
+
+def test_made_up_versions_add_no_metric_series(
+    triton_client: triton.InferenceServerClient, channel: grpc.Channel, server: ServerProcess
+) -> None:
+    """A model the server knows but cannot serve is counted under version "", whatever
+    version string the caller sent: clients cannot grow /metrics without bound."""
+    classify = classifier_pb2_grpc.ClassifierStub(channel).Classify
+
+    def ask(version: str, native: bool) -> None:
+        if native:
+            request = classifier_pb2.ClassifyRequest(
+                model="tampered", version=version, images=[classifier_pb2.Image()]
+            )
+            code, _ = _code_of(lambda: classify(request, timeout=10))
+            assert code == grpc.StatusCode.UNAVAILABLE
+        else:
+            with pytest.raises(InferenceServerException) as caught:
+                _infer(triton_client, "tampered", _images(), model_version=version)
+            assert caught.value.status() == "StatusCode.UNAVAILABLE"
+
+    counted = server.metric("imgserve_requests_total", model="tampered", version="")
+    for native in (False, True):  # the series each API has for the model, made once
+        ask("first-made-up", native)
+    series = set(server.metrics())
+    versions = [*(f"bogus-{i}" for i in range(20)), *(str(100 + i) for i in range(10))]
+    for i, version in enumerate(versions):
+        ask(version, native=i % 3 == 0)
+    samples = server.metrics()
+    assert set(samples) == series  # not one new series
+    for _, labels in samples:
+        assert not {value for _, value in labels} & {"first-made-up", *versions}, labels
+    assert server.metric(
+        "imgserve_requests_total", model="tampered", version=""
+    ) == counted + 2 + len(versions)
 
 
 def test_runtime_failure_fails_only_its_batch(
-    client: triton.InferenceServerClient, server: ServerProcess, repository: Path
+    triton_client: triton.InferenceServerClient, server: ServerProcess
 ) -> None:
     failures_before = server.metric("imgserve_batches_total", model="poisoned", outcome="failure")
     poison = _images(seed=3)
@@ -311,7 +348,7 @@ def test_runtime_failure_fails_only_its_batch(
     def call(model: str, images: np.ndarray) -> object:
         barrier.wait(10)
         try:
-            return _infer(client, model, images)
+            return _infer(triton_client, model, images)
         except InferenceServerException as exc:
             return exc
 
@@ -328,7 +365,8 @@ def test_runtime_failure_fails_only_its_batch(
         assert error.message() == INTERNAL_MESSAGE  # nothing of onnxruntime leaks
     for images, outcome in zip(batch, outcomes, strict=True):
         if not isinstance(outcome, InferenceServerException):  # batched apart from the poison
-            expected = onnx_probabilities(repository / "poisoned" / "1" / ONNX_FILE, images)
+            model_file = server.repository / "poisoned" / "1" / ONNX_FILE
+            expected = onnx_probabilities(model_file, images)
             np.testing.assert_allclose(outcome, expected, rtol=0, atol=1e-6)
     assert (
         server.metric("imgserve_batches_total", model="poisoned", outcome="failure")
@@ -339,6 +377,6 @@ def test_runtime_failure_fails_only_its_batch(
     )
     # The failure was logged with its cause, and the model serves the next request.
     assert "Gather" in server.log
-    later = _infer(client, "poisoned", _images(seed=5))
+    later = _infer(triton_client, "poisoned", _images(seed=5))
     assert later.shape == (1, 10)
-    assert client.is_server_live()
+    assert triton_client.is_server_live()

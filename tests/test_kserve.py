@@ -1,13 +1,17 @@
 """The KServe v2 protocol against a real server, with tritonclient and raw gRPC stubs.
 
 Outputs are compared with onnxruntime run directly on the model files of the repository.
+Tests that load and unload models have a server of their own, so the others see one that
+never changes.
 """
 
 from __future__ import annotations
 
+import io
 import queue
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,38 +21,25 @@ import tritonclient.grpc as triton
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from server_process import ServerProcess, copy_repository, kserve_method, onnx_probabilities
+from PIL import Image
+from server_process import ServerProcess, kserve_method, onnx_probabilities
 from tritonclient.utils import InferenceServerException
 
-from modelrepo.layout import read_labels
+from modelrepo.layout import next_version, read_labels
+from wire import classifier_pb2, classifier_pb2_grpc
 from wire import grpc_service_pb2 as pb
 
 SHAPES = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 @pytest.fixture(scope="module")
-def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # A private copy: the load/unload test adds a version to it.
-    return copy_repository(model_repository, tmp_path_factory.mktemp("kserve") / "repository")
+def server(serve: Callable[..., ServerProcess]) -> ServerProcess:
+    return serve()
 
 
 @pytest.fixture(scope="module")
-def server(repository: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(repository) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[triton.InferenceServerClient]:
-    client = triton.InferenceServerClient(server.target)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as channel:
-        yield channel
+def repository(server: ServerProcess) -> Path:
+    return server.repository
 
 
 def _images(model: str, n: int, seed: int = 0) -> np.ndarray:
@@ -68,26 +59,26 @@ def _reference(repository: Path, model: str, images: np.ndarray) -> np.ndarray:
     return onnx_probabilities(repository / model / "1" / "model.onnx", images)
 
 
-def test_live_and_ready(client: triton.InferenceServerClient) -> None:
-    assert client.is_server_live()
-    assert client.is_server_ready()
+def test_live_and_ready(triton_client: triton.InferenceServerClient) -> None:
+    assert triton_client.is_server_live()
+    assert triton_client.is_server_ready()
     for model in ("fashion_mnist", "fashion_mnist_ts", "cifar10"):
-        assert client.is_model_ready(model)
-        assert client.is_model_ready(model, "1")
-    assert not client.is_model_ready("fashion_mnist", "9")
-    assert not client.is_model_ready("no_such_model")
+        assert triton_client.is_model_ready(model)
+        assert triton_client.is_model_ready(model, "1")
+    assert not triton_client.is_model_ready("fashion_mnist", "9")
+    assert not triton_client.is_model_ready("no_such_model")
 
 
-def test_server_metadata(client: triton.InferenceServerClient) -> None:
-    metadata = client.get_server_metadata()
+def test_server_metadata(triton_client: triton.InferenceServerClient) -> None:
+    metadata = triton_client.get_server_metadata()
     assert metadata.name == "imgserve"
     assert metadata.version
     assert {"classification", "model_repository", "statistics"} <= set(metadata.extensions)
 
 
 @pytest.mark.parametrize("model", ["fashion_mnist", "cifar10"])
-def test_model_metadata(client: triton.InferenceServerClient, model: str) -> None:
-    metadata = client.get_model_metadata(model)
+def test_model_metadata(triton_client: triton.InferenceServerClient, model: str) -> None:
+    metadata = triton_client.get_model_metadata(model)
     assert metadata.name == model
     assert list(metadata.versions) == ["1"]
     assert metadata.platform == "onnxruntime_onnx"
@@ -101,8 +92,8 @@ def test_model_metadata(client: triton.InferenceServerClient, model: str) -> Non
     assert (output.name, output.datatype, list(output.shape)) == ("probabilities", "FP32", [-1, 10])
 
 
-def test_model_config(client: triton.InferenceServerClient) -> None:
-    config = client.get_model_config("cifar10").config
+def test_model_config(triton_client: triton.InferenceServerClient) -> None:
+    config = triton_client.get_model_config("cifar10").config
     assert config.name == "cifar10"
     assert config.platform == "onnxruntime_onnx"
     assert config.max_batch_size == 64
@@ -116,10 +107,10 @@ def test_model_config(client: triton.InferenceServerClient) -> None:
 @pytest.mark.parametrize("model", ["fashion_mnist", "cifar10"])
 @pytest.mark.parametrize("batch", [1, 37])
 def test_infer_raw_matches_onnxruntime(
-    client: triton.InferenceServerClient, repository: Path, model: str, batch: int
+    triton_client: triton.InferenceServerClient, repository: Path, model: str, batch: int
 ) -> None:
     images = _images(model, batch, seed=batch)
-    result = _infer(client, model, images, request_id=f"req-{batch}")
+    result = _infer(triton_client, model, images, request_id=f"req-{batch}")
     probabilities = result.as_numpy("probabilities")
     assert probabilities.shape == (batch, 10) and probabilities.dtype == np.float32
     np.testing.assert_allclose(
@@ -159,11 +150,11 @@ def test_infer_typed_contents(
 
 
 def test_uint8_input_raw_and_typed(
-    client: triton.InferenceServerClient, channel: grpc.Channel, repository: Path
+    triton_client: triton.InferenceServerClient, channel: grpc.Channel, repository: Path
 ) -> None:
     pixels = np.random.default_rng(7).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
     expected = _reference(repository, "cifar10", pixels.astype(np.float32) / np.float32(255))
-    raw = _infer(client, "cifar10", pixels).as_numpy("probabilities")
+    raw = _infer(triton_client, "cifar10", pixels).as_numpy("probabilities")
     np.testing.assert_allclose(raw, expected, rtol=0, atol=1e-6)
 
     request = pb.ModelInferRequest(model_name="cifar10")
@@ -175,13 +166,13 @@ def test_uint8_input_raw_and_typed(
 
 
 def test_classification_extension(
-    client: triton.InferenceServerClient, channel: grpc.Channel, repository: Path
+    triton_client: triton.InferenceServerClient, channel: grpc.Channel, repository: Path
 ) -> None:
     images = _images("fashion_mnist", 4, seed=3)
     expected = _reference(repository, "fashion_mnist", images)
     labels = read_labels(repository / "fashion_mnist" / "labels.txt")
     wanted = triton.InferRequestedOutput("probabilities", class_count=3)
-    result = _infer(client, "fashion_mnist", images, outputs=[wanted])
+    result = _infer(triton_client, "fashion_mnist", images, outputs=[wanted])
     top = result.as_numpy("probabilities")
     assert top.shape == (4, 3)
     for row, entries in zip(expected, top, strict=True):
@@ -203,27 +194,27 @@ def test_classification_extension(
     assert list(output.contents.bytes_contents) == top.ravel().tolist()
 
 
-def test_torchscript_matches_onnx(client: triton.InferenceServerClient) -> None:
+def test_torchscript_matches_onnx(triton_client: triton.InferenceServerClient) -> None:
     images = _images("fashion_mnist", 9, seed=11)
-    onnx = _infer(client, "fashion_mnist", images).as_numpy("probabilities")
-    torchscript = _infer(client, "fashion_mnist_ts", images).as_numpy("probabilities")
+    onnx = _infer(triton_client, "fashion_mnist", images).as_numpy("probabilities")
+    torchscript = _infer(triton_client, "fashion_mnist_ts", images).as_numpy("probabilities")
     np.testing.assert_allclose(torchscript, onnx, rtol=0, atol=1e-5)
 
 
 def test_stream_infer_answers_every_request(
-    client: triton.InferenceServerClient, repository: Path
+    triton_client: triton.InferenceServerClient, repository: Path
 ) -> None:
     answers: queue.Queue[tuple[object, object]] = queue.Queue()
-    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    triton_client.start_stream(callback=lambda result, error: answers.put((result, error)))
     try:
         images = {f"s{i}": _images("fashion_mnist", 1 + i, seed=20 + i) for i in range(5)}
         for request_id, batch in images.items():
             tensor = triton.InferInput("input", list(batch.shape), "FP32")
             tensor.set_data_from_numpy(batch)
-            client.async_stream_infer("fashion_mnist", [tensor], request_id=request_id)
+            triton_client.async_stream_infer("fashion_mnist", [tensor], request_id=request_id)
         bad = triton.InferInput("input", [1, 1, 28, 28], "FP32")
         bad.set_data_from_numpy(images["s0"])
-        client.async_stream_infer("no_such_model", [bad], request_id="bad")
+        triton_client.async_stream_infer("no_such_model", [bad], request_id="bad")
         results, errors = {}, []
         for _ in range(len(images) + 1):
             result, error = answers.get(timeout=30)
@@ -232,7 +223,7 @@ def test_stream_infer_answers_every_request(
             else:
                 results[result.get_response().id] = result.as_numpy("probabilities")
     finally:
-        client.stop_stream()
+        triton_client.stop_stream()
     assert len(errors) == 1 and "no_such_model" in str(errors[0])
     assert set(results) == set(images)
     for request_id, batch in images.items():
@@ -240,14 +231,14 @@ def test_stream_infer_answers_every_request(
         np.testing.assert_allclose(results[request_id], expected, rtol=0, atol=1e-6)
 
 
-def test_statistics_count_inferences(client: triton.InferenceServerClient) -> None:
+def test_statistics_count_inferences(triton_client: triton.InferenceServerClient) -> None:
     def stats() -> pb.ModelStatistics:
-        [model] = client.get_inference_statistics("cifar10").model_stats
+        [model] = triton_client.get_inference_statistics("cifar10").model_stats
         return model
 
     before = stats()
     for seed in range(2):
-        _infer(client, "cifar10", _images("cifar10", 3, seed=seed))
+        _infer(triton_client, "cifar10", _images("cifar10", 3, seed=seed))
     after = stats()
     assert (after.name, after.version) == ("cifar10", "1")
     assert after.inference_count - before.inference_count == 6
@@ -255,12 +246,12 @@ def test_statistics_count_inferences(client: triton.InferenceServerClient) -> No
     assert 1 <= after.execution_count - before.execution_count <= 2
     assert after.inference_stats.success.ns > before.inference_stats.success.ns
     assert after.last_inference >= before.last_inference > 0
-    every = client.get_inference_statistics().model_stats
+    every = triton_client.get_inference_statistics().model_stats
     assert {s.name for s in every} == {"fashion_mnist", "fashion_mnist_ts", "cifar10"}
 
 
-def test_repository_index(client: triton.InferenceServerClient) -> None:
-    index = client.get_model_repository_index().models
+def test_repository_index(triton_client: triton.InferenceServerClient) -> None:
+    index = triton_client.get_model_repository_index().models
     assert {(m.name, m.version, m.state) for m in index} == {
         ("fashion_mnist", "1", "READY"),
         ("fashion_mnist_ts", "1", "READY"),
@@ -307,30 +298,77 @@ def test_reflection_lists_services_under_wire_names(channel: grpc.Channel) -> No
     assert config.package == "inference"  # the dependency is renamed consistently
 
 
-def test_unload_and_load_a_new_version(
-    client: triton.InferenceServerClient, channel: grpc.Channel, repository: Path
-) -> None:
-    """Runs last in this module: it changes what the server serves, then restores it."""
-    health = health_pb2_grpc.HealthStub(channel)
-    request = health_pb2.HealthCheckRequest(service="fashion_mnist")
-    client.unload_model("fashion_mnist")
-    assert not client.is_model_ready("fashion_mnist")
-    assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    with pytest.raises(InferenceServerException) as caught:
-        _infer(client, "fashion_mnist", _images("fashion_mnist", 1))
-    assert caught.value.status() == "StatusCode.UNAVAILABLE"
-    states = {m.name: m.state for m in client.get_model_repository_index().models}
-    assert states["fashion_mnist"] == "UNAVAILABLE"
+# --- the model repository extension, on a server of its own: it changes what is served ---
+# Each test adds the next version of `fashion_mnist` and leaves it loaded, so they pass in
+# any order.
 
-    shutil.copytree(repository / "fashion_mnist" / "1", repository / "fashion_mnist" / "2")
-    client.load_model("fashion_mnist")
-    assert client.is_model_ready("fashion_mnist", "2")
-    assert client.get_model_metadata("fashion_mnist").versions == ["2"]
-    assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
-    result = _infer(client, "fashion_mnist", _images("fashion_mnist", 2))
-    assert result.get_response().model_version == "2"
-    assert client.is_server_ready()
 
-    with pytest.raises(InferenceServerException) as caught:
-        client.unload_model("no_such_model")
-    assert caught.value.status() == "StatusCode.NOT_FOUND"
+@pytest.fixture(scope="module")
+def reload_server(serve: Callable[..., ServerProcess]) -> ServerProcess:
+    return serve(models=["fashion_mnist"])
+
+
+def _add_version(server: ServerProcess) -> str:
+    """Copy version 1 of fashion_mnist to the next version number; returns that number."""
+    model_dir = server.repository / "fashion_mnist"
+    version = next_version(model_dir)
+    shutil.copytree(model_dir / "1", model_dir / str(version))
+    return str(version)
+
+
+def test_unload_and_load_a_new_version(reload_server: ServerProcess) -> None:
+    target = reload_server.target
+    with triton.InferenceServerClient(target) as client, grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="fashion_mnist")
+        client.unload_model("fashion_mnist")
+        assert not client.is_model_ready("fashion_mnist")
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health.Check(request, timeout=10).status == not_serving
+        with pytest.raises(InferenceServerException) as caught:
+            _infer(client, "fashion_mnist", _images("fashion_mnist", 1))
+        assert caught.value.status() == "StatusCode.UNAVAILABLE"
+        states = {m.name: m.state for m in client.get_model_repository_index().models}
+        assert states["fashion_mnist"] == "UNAVAILABLE"
+
+        version = _add_version(reload_server)
+        client.load_model("fashion_mnist")
+        assert client.is_model_ready("fashion_mnist", version)
+        assert client.get_model_metadata("fashion_mnist").versions == [version]
+        assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        result = _infer(client, "fashion_mnist", _images("fashion_mnist", 2))
+        assert result.get_response().model_version == version
+        assert client.is_server_ready()
+
+        with pytest.raises(InferenceServerException) as caught:
+            client.unload_model("no_such_model")
+        assert caught.value.status() == "StatusCode.NOT_FOUND"
+
+
+# About 1 s to decode (in a server thread) against tens of milliseconds to load the model.
+DECODE_SIDE = 6000
+DECODE_IMAGES = 8
+
+
+def test_reload_while_native_images_decode(reload_server: ServerProcess) -> None:
+    """A native request still decoding its images when a reload replaces the version it was
+    resolved to is answered by the new version, not refused."""
+    buffer = io.BytesIO()
+    Image.new("L", (DECODE_SIDE, DECODE_SIDE), 120).save(buffer, format="PNG", compress_level=1)
+    image = classifier_pb2.Image(encoded=buffer.getvalue())
+    request = classifier_pb2.ClassifyRequest(model="fashion_mnist", images=[image] * DECODE_IMAGES)
+    target = reload_server.target
+    with triton.InferenceServerClient(target) as client, grpc.insecure_channel(target) as channel:
+        pending = classifier_pb2_grpc.ClassifierStub(channel).Classify.future(request, timeout=60)
+        deadline = time.monotonic() + 10
+        # In flight = bound to the current version; decoding follows at once.
+        while reload_server.metric("imgserve_inflight_requests", model="fashion_mnist") < 1:
+            assert not pending.done(), pending.exception()
+            assert time.monotonic() < deadline, "the request never reached the server"
+            time.sleep(0.02)
+        version = _add_version(reload_server)
+        client.load_model("fashion_mnist")  # returns once the old version is closed
+        assert not pending.done(), "the images decoded before the reload ended: nothing tested"
+        response = pending.result(timeout=60)
+    assert (response.model, response.version) == ("fashion_mnist", version)
+    assert len(response.results) == DECODE_IMAGES

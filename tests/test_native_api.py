@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -22,15 +21,8 @@ MODES = {1: "L", 3: "RGB"}
 
 
 @pytest.fixture(scope="module")
-def server(model_repository: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(model_repository, "--models", "fashion_mnist,cifar10") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as channel:
-        yield channel
+def server(serve: Callable[..., ServerProcess]) -> ServerProcess:
+    return serve("--models", "fashion_mnist,cifar10")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +82,7 @@ CASES = [
 def test_classify_encoded_images_like_the_kserve_path(
     stub: classifier_pb2_grpc.ClassifierStub,
     channel: grpc.Channel,
-    model_repository: Path,
+    server: ServerProcess,
     model: str,
     mode: str,
     size: tuple[int, int],
@@ -104,7 +96,7 @@ def test_classify_encoded_images_like_the_kserve_path(
     assert probabilities.shape == (3, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
-    labels = read_labels(model_repository / model / "labels.txt")
+    labels = read_labels(server.repository / model / "labels.txt")
     for row, result in zip(probabilities, response.results, strict=True):
         assert len(result.top) == 5  # the default top_k
         scores = [p.probability for p in result.top]

@@ -4,33 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
-from server_process import ServerProcess, copy_repository, onnx_probabilities, set_batching
+from server_process import ServerProcess, onnx_probabilities, set_batching
 
 SHAPE = (1, 28, 28)
 CONCURRENT = 64
 
 
-@pytest.fixture(scope="module")
-def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = copy_repository(
-        model_repository, tmp_path_factory.mktemp("batching") / "repository", ["fashion_mnist"]
-    )
+def _batch_window(repo: Path) -> None:
     # A 50 ms window: concurrent callers land in the same batches.
     set_batching(repo / "fashion_mnist", max_queue_delay_us=50_000, max_batch_size=64)
-    return repo
 
 
 @pytest.fixture(scope="module")
-def server(repository: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(repository) as running:
-        yield running
+def server(serve: Callable[..., ServerProcess]) -> ServerProcess:
+    return serve(models=["fashion_mnist"], prepare=_batch_window)
+
+
+@pytest.fixture(scope="module")
+def repository(server: ServerProcess) -> Path:
+    return server.repository
 
 
 def _expected(repository: Path, images: np.ndarray) -> np.ndarray:

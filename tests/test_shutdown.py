@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -30,6 +31,8 @@ GRACE_S = 5.0
 WAVE = 100
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+# The server's own account of its shutdown, from the signal to the last model closed.
+STOPPED = re.compile(r"stopped after (\d+(?:\.\d+)?)s")
 
 
 @pytest.fixture(scope="module")
@@ -127,19 +130,27 @@ def test_sigterm_finishes_accepted_requests_and_exits_zero(repository: Path) -> 
     assert outcome["statuses"] == [serving, not_serving]
     assert "shutting down" in outcome["stream"].error_message
     assert status == 0, server.log
-    assert exited_after < GRACE_S + 3
+    # Timed by the server itself, so a slow, loaded machine late to see the exit does not
+    # fail it: the grace period for RPCs, plus at most 1 s left for the models to close.
+    assert _stopped_after(server) < GRACE_S + 2
+    assert exited_after < GRACE_S + 10  # and the process ends once it has stopped
     assert "SIGTERM received" in server.log
+
+
+def _stopped_after(server: ServerProcess) -> float:
+    """Seconds the server logged its shutdown took (it logs that last)."""
+    return float(server.wait_for(STOPPED, timeout=1)[1])
 
 
 def test_sigint_on_an_idle_server_exits_zero_quickly_json_logs(repository: Path) -> None:
     server = ServerProcess(repository, "--log-format", "json", grace_period_s=GRACE_S).start()
     try:
         server.send_signal(signal.SIGINT)
-        started = time.monotonic()
         assert server.wait(GRACE_S + 10) == 0, server.log
-        assert time.monotonic() - started < 3
     finally:
         server.kill()
+    # Nothing in flight: it stops without waiting out the grace period.
+    assert _stopped_after(server) < GRACE_S / 2
     entries = [json.loads(line) for line in server.log.splitlines()]  # one object per line
     assert {"time", "level", "logger", "message"} <= set(entries[0])
     messages = [entry["message"] for entry in entries]

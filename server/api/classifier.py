@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -11,6 +12,11 @@ from server import codecs
 from server.api.common import ApiState, answer_concurrently, generic_handler
 from server.api.status import Call, deadline_of, describe, guarded
 from wire import classifier_pb2 as pb
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from server.manager import ServedModel
 
 API_LABEL = "native"
 # Payloads past this many bytes are decoded in a worker thread: decoding a few small images
@@ -68,13 +74,7 @@ class ClassifierServicer:
     async def _classify(
         self, request: pb.ClassifyRequest, deadline: float | None, call: Call
     ) -> pb.ClassifyResponse:
-        served = self._state.resolve(request.model, request.version, call)
-        if codecs.payload_size(request.images) > DECODE_INLINE_BYTES:
-            images = await asyncio.to_thread(
-                codecs.decode_images, request.images, served.input_shape
-            )
-        else:
-            images = codecs.decode_images(request.images, served.input_shape)
+        served, images = await self._decode(request, call)
         probabilities = await served.infer(images, deadline)
         return pb.ClassifyResponse(
             model=served.name,
@@ -82,6 +82,27 @@ class ClassifierServicer:
             id=request.id,
             results=codecs.classifications(probabilities, served.labels, request.top_k),
         )
+
+    async def _decode(
+        self, request: pb.ClassifyRequest, call: Call
+    ) -> tuple[ServedModel, np.ndarray]:
+        """The version to ask and the request's images decoded for its input shape.
+
+        A large payload decodes in a worker thread, and a reload meanwhile may replace (and
+        close) the version it was decoded for: the model is looked up again afterwards, so
+        the version serving by then answers instead of a refusal.
+        """
+        resolve = self._state.resolve
+        served = resolve(request.model, request.version, call)
+        if codecs.payload_size(request.images) <= DECODE_INLINE_BYTES:
+            return served, codecs.decode_images(request.images, served.input_shape)
+        images = await asyncio.to_thread(codecs.decode_images, request.images, served.input_shape)
+        current = resolve(request.model, request.version, call)
+        if current.input_shape != served.input_shape:
+            images = await asyncio.to_thread(
+                codecs.decode_images, request.images, current.input_shape
+            )
+        return current, images
 
 
 def handler(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:

@@ -46,7 +46,9 @@ class ApiState:
         try:
             served = self.manager.get(name, version)
         except ModelUnavailableError:
-            call.bind(name, version)
+            # The name is known, the version string is the caller's: labelling by it would
+            # let made-up versions grow the metric series without bound.
+            call.bind(name, "")
             raise
         call.bind(served.name, str(served.version))
         return served
