@@ -11,7 +11,7 @@ EPOCHS ?= 3
 PROTOS := $(wildcard proto/wire/*.proto)
 GENERATED := $(patsubst proto/wire/%.proto,wire/%_pb2.py,$(PROTOS))
 
-.PHONY: install proto run repository serve test lint format bench clean help
+.PHONY: install proto run repository test lint format bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
