@@ -35,8 +35,16 @@ T = TypeVar("T")
 
 
 class ServerProcess:
-    def __init__(self, repository: Path, *args: str, grace_period_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *args: str,
+        grace_period_s: float = 5.0,
+        until_started: bool = True,
+    ) -> None:
         self.repository = repository
+        # False: start() returns once the ports are known, while models may still load.
+        self.until_started = until_started
         self.command = [
             sys.executable, "-m", "server",
             "--model-repository", str(repository),
@@ -70,7 +78,8 @@ class ServerProcess:
             self.host, self.grpc_port, self.metrics_port = self.wait_for_line(
                 parse_listening, "the ports it listens on", timeout
             )
-            self.wait_for(re.compile(re.escape(STARTED)), timeout)
+            if self.until_started:
+                self.wait_for(re.compile(re.escape(STARTED)), timeout)
         except BaseException:
             self.kill()
             raise
@@ -90,6 +99,13 @@ class ServerProcess:
             raise AssertionError(f"server did not exit within {timeout}s:\n{self.log}") from None
         self._close_output()
         return status
+
+    def exit_after(self, signum: int, timeout: float) -> tuple[int, float]:
+        """Send `signum`; (exit status, seconds from the signal to the exit)."""
+        signalled = time.monotonic()
+        self.send_signal(signum)
+        status = self.wait(timeout)
+        return status, time.monotonic() - signalled
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.process is None or self.process.poll() is not None:

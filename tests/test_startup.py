@@ -7,16 +7,11 @@ within the grace period, and a second signal exits at once.
 
 from __future__ import annotations
 
+import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -32,8 +27,6 @@ from server.app import LISTENING_PREFIX, STARTED, hostport, parse_listening
 from wire import grpc_service_pb2 as pb
 from wire import model_config_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
-T = TypeVar("T")
 KSERVE = "/inference.GRPCInferenceService"
 SHAPE = (1, 28, 28)
 # A load of about 200 x 0.1 s on an idle 2-core box: far longer than the grace period.
@@ -88,83 +81,6 @@ def write_slow_model(repository: Path, name: str, instances: int) -> Path:
     config.instance_group.add(count=instances, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
     write_config(model_dir / CONFIG_FILE, config)
     return model_dir
-
-
-class Launched:
-    """`python -m server` watched from its first log line: these tests act while models
-    load, before the start-up ServerProcess waits for has finished."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process = process
-        self._lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self._lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    @property
-    def log(self) -> str:
-        with self._changed:
-            return "".join(self._lines)
-
-    def wait_line(self, parse: Callable[[str], T | None], timeout: float) -> T:
-        """parse() of the first log line it accepts; fails if the server exits or time runs out."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self._lines:
-                    if (found := parse(line)) is not None:
-                        return found
-                left = deadline - time.monotonic()
-                if self.process.poll() is not None or left <= 0:
-                    raise AssertionError(
-                        f"no such line (exited: {self.process.poll()}):\n{self.log}"
-                    )
-                self._changed.wait(min(left, 0.5))
-
-    def exit_after(self, signum: int, timeout: float) -> tuple[int, float]:
-        """Send `signum`; (exit status, seconds from the signal to the exit)."""
-        signalled = time.monotonic()
-        self.process.send_signal(signum)
-        try:
-            status = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"no exit within {timeout}s:\n{self.log}") from None
-        return status, time.monotonic() - signalled
-
-
-@contextmanager
-def launched(repository: Path, grace_period_s: float) -> Iterator[Launched]:
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "server", "--model-repository", str(repository),
-            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-            "--grace-period-s", str(grace_period_s),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )  # fmt: skip
-    server = Launched(process)
-    try:
-        yield server
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-        server._reader.join(10)
-        assert process.stdout is not None
-        process.stdout.close()
 
 
 def health(channel: grpc.Channel, service: str) -> str:
@@ -276,9 +192,8 @@ def test_sigterm_during_a_slow_load_exits_within_the_grace_period(
     repo = copy_repository(model_repository, tmp_path / "repository", ["fashion_mnist"])
     write_slow_model(repo, "slow", SLOW_INSTANCES)  # loaded after fashion_mnist (sorted)
 
-    with launched(repo, GRACE_S) as server:
-        host, port, _ = server.wait_line(parse_listening, 60)
-        with grpc.insecure_channel(hostport(host, port)) as channel:
+    with ServerProcess(repo, grace_period_s=GRACE_S, until_started=False) as server:
+        with grpc.insecure_channel(server.target) as channel:
             # Health knows every model from the start, and each as soon as it is ready.
             for _ in range(600):  # bounded: 60 s
                 if health(channel, "fashion_mnist") == "SERVING":
@@ -304,14 +219,12 @@ def test_second_signal_exits_at_once(model_repository: Path, tmp_path: Path) -> 
     # A request waits 60 s for its batch: the graceful stop would wait for it.
     set_batching(repo / "fashion_mnist", max_queue_delay_us=60_000_000)
 
-    with launched(repo, grace_period_s=60.0) as server:
-        host, port, metrics_port = server.wait_line(parse_listening, 60)
-        server.wait_line(lambda line: STARTED in line or None, 90)
-        with grpc.insecure_channel(hostport(host, port)) as channel:
+    with ServerProcess(repo, grace_period_s=60.0) as server:
+        with grpc.insecure_channel(server.target) as channel:
             waiting = kserve(channel, "ModelInfer", pb.ModelInferResponse).future(
                 infer_request("fashion_mnist"), timeout=90
             )
-            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            url = server.metrics_url
             for _ in range(200):  # bounded: 20 s, until the request is queued
                 with urllib.request.urlopen(url, timeout=10) as page:
                     if 'imgserve_queue_depth{model="fashion_mnist",version="1"} 1.0' in (
@@ -321,9 +234,10 @@ def test_second_signal_exits_at_once(model_repository: Path, tmp_path: Path) -> 
                 time.sleep(0.1)
             else:
                 pytest.fail(f"the request never reached the queue:\n{server.log}")
-            server.process.send_signal(signal.SIGTERM)
-            server.wait_line(lambda line: "stopping: refusing new requests" in line or None, 20)
+            server.send_signal(signal.SIGTERM)
+            server.wait_for(re.compile("stopping: refusing new requests"), 20)
             time.sleep(0.5)
+            assert server.process is not None
             assert server.process.poll() is None  # still finishing the accepted request
             status, took = server.exit_after(signal.SIGTERM, 20)
             waiting.cancel()
