@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from client import AsyncClassifierClient, ClassifierClient, ClientError
-from modelrepo.layout import LABELS_FILE, ONNX_FILE, read_labels
-from tests.server_process import (
+from server_process import (
     PROJECT_ROOT,
     ServerProcess,
     copy_repository,
     onnx_probabilities,
 )
+
+from client import AsyncClassifierClient, ClassifierClient, ClientError
+from modelrepo.layout import LABELS_FILE, ONNX_FILE, read_labels
 
 MODEL = "fashion_mnist"
 CLI_TIMEOUT_S = 60

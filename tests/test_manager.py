@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_startup import write_slow_model
+from generated_models import write_slow_model
 
 from modelrepo.config import ModelConfig, load_config, write_config
 from modelrepo.layout import (

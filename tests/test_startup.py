@@ -15,72 +15,22 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 import pytest
+from generated_models import SHAPE, write_slow_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from onnx import TensorProto, helper, numpy_helper
 from server_process import ServerProcess, copy_repository, set_batching
 
-from modelrepo.config import ModelConfig, write_config
-from modelrepo.layout import CONFIG_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, PLATFORM_ONNX
+from modelrepo.layout import CONFIG_FILE, INPUT_NAME
 from server.app import LISTENING_PREFIX, STARTED, hostport, parse_listening
 from wire import grpc_service_pb2 as pb
-from wire import model_config_pb2
 
 KSERVE = "/inference.GRPCInferenceService"
-SHAPE = (1, 28, 28)
 # A load of about 200 x 0.1 s on an idle 2-core box: far longer than the grace period.
 SLOW_INSTANCES = 200
-SLOW_LAYERS = 100
 GRACE_S = 3.0
 # Exit after SIGTERM: drain (nothing in flight), the load step in progress, process exit.
 # Generous for a loaded 2-core box; finishing the load instead would take well over this.
 EXIT_BOUND_S = GRACE_S + 6.0
-
-
-def write_slow_model(repository: Path, name: str, instances: int) -> Path:
-    """A model whose load is slow in a real way: `instances` sessions of a deep generated
-    network (SLOW_LAYERS MatMul + Tanh on 784 features, one shared weight: small file, small
-    memory), each optimised by onnxruntime and warmed up in turn. No reference.npz."""
-    width = int(np.prod(SHAPE))
-    nodes = [helper.make_node("Flatten", [INPUT_NAME], ["h0"], axis=1)]
-    for i in range(SLOW_LAYERS):
-        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
-    nodes += [
-        helper.make_node("Slice", [f"h{SLOW_LAYERS}", "start", "end", "axes"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=1),
-    ]
-    weight = np.random.default_rng(0).standard_normal((width, width)) / np.sqrt(width)
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *SHAPE])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 10])],
-        initializer=[
-            numpy_helper.from_array(weight.astype(np.float32), "w"),
-            numpy_helper.from_array(np.array([0], np.int64), "start"),
-            numpy_helper.from_array(np.array([10], np.int64), "end"),
-            numpy_helper.from_array(np.array([1], np.int64), "axes"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    model_dir = repository / name
-    (model_dir / "1").mkdir(parents=True)
-    onnx.save(model, model_dir / "1" / ONNX_FILE)
-    config = ModelConfig(name=name, platform=PLATFORM_ONNX, max_batch_size=64)
-    config.input.add(
-        name=INPUT_NAME,
-        data_type=model_config_pb2.TYPE_FP32,
-        format=model_config_pb2.ModelInput.FORMAT_NCHW,
-        dims=list(SHAPE),
-    )
-    config.output.add(name=OUTPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[10])
-    config.instance_group.add(count=instances, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
-    write_config(model_dir / CONFIG_FILE, config)
-    return model_dir
 
 
 def health(channel: grpc.Channel, service: str) -> str:
