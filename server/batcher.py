@@ -209,6 +209,7 @@ class Batcher:
         if any(chunk.shape[0] > self.max_batch_size or chunk.shape[0] < 1 for chunk in chunks):
             raise ValueError(f"each chunk must have 1..{self.max_batch_size} rows")
         assert self._loop is not None
+        was_empty = not self._queue
         futures: list[asyncio.Future[np.ndarray]] = []
         for chunk in chunks:
             future: asyncio.Future[np.ndarray] = self._loop.create_future()
@@ -218,7 +219,11 @@ class Batcher:
             self._queued_rows += chunk.shape[0]
             futures.append(future)
         self._m_depth.set(len(self._queue))
-        self._wake()
+        # A waiting worker needs waking only when its plan changes: the queue was empty (it
+        # waits with no timer) or a batch is now full. Otherwise its timer for the oldest
+        # request still holds, and waking it per request would cost a timer per request.
+        if was_empty or self._queued_rows >= self.max_batch_size:
+            self._wake()
         return futures
 
     # -- the batch loop --------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,21 +277,24 @@ def payload_size(images: Sequence[classifier_pb2.Image]) -> int:
     return sum(len(i.encoded) + (len(i.tensor.data) if i.HasField("tensor") else 0) for i in images)
 
 
-def classifications(
-    probabilities: np.ndarray, labels: Sequence[str], top_k: int
-) -> list[classifier_pb2.Classification]:
-    """One Classification per image: all probabilities plus the top k (0: the default 5)."""
+def add_classifications(
+    results: MutableSequence[classifier_pb2.Classification],
+    probabilities: np.ndarray,
+    labels: Sequence[str],
+    top_k: int,
+) -> None:
+    """Append one Classification per image to `results` (a response's repeated field): all
+    probabilities plus the top k (0: the default 5).
+
+    Built in place with `add` and from Python lists converted once per request: passing
+    finished messages to a constructor copies each of them, and numpy scalars convert one
+    by one; either costs more than the whole rest of the encoding.
+    """
     num_classes = probabilities.shape[1]
     k = min(top_k or DEFAULT_TOP_K, num_classes)
-    results = []
-    for row, indices in zip(probabilities, top_indices(probabilities, k), strict=True):
-        top = [
-            classifier_pb2.Prediction(
-                index=int(i),
-                label=labels[i] if i < len(labels) else str(int(i)),
-                probability=float(row[i]),
-            )
-            for i in indices
-        ]
-        results.append(classifier_pb2.Classification(probabilities=row.tolist(), top=top))
-    return results
+    known = len(labels)
+    tops = top_indices(probabilities, k).tolist()
+    for row, indices in zip(probabilities.tolist(), tops, strict=True):
+        add = results.add(probabilities=row).top.add
+        for i in indices:
+            add(index=i, label=labels[i] if i < known else str(i), probability=row[i])

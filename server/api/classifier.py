@@ -76,12 +76,11 @@ class ClassifierServicer:
     ) -> pb.ClassifyResponse:
         served, images = await self._decode(request, call)
         probabilities = await served.infer(images, deadline)
-        return pb.ClassifyResponse(
-            model=served.name,
-            version=str(served.version),
-            id=request.id,
-            results=codecs.classifications(probabilities, served.labels, request.top_k),
+        response = pb.ClassifyResponse(
+            model=served.name, version=str(served.version), id=request.id
         )
+        codecs.add_classifications(response.results, probabilities, served.labels, request.top_k)
+        return response
 
     async def _decode(
         self, request: pb.ClassifyRequest, call: Call

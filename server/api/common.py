@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor, message_factory
 
-from server.api.status import Call
+from server.api.status import Call, RequestMetrics
 from server.errors import ModelUnavailableError
 from server.metrics import Metrics
 
@@ -35,9 +35,13 @@ class ApiState:
     manager: ModelManager
     metrics: Metrics
     draining: bool = False
+    request_metrics: RequestMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.request_metrics = RequestMetrics(self.metrics)
 
     def call(self, api: str, context: grpc.aio.ServicerContext | None) -> Call:
-        return Call(self.metrics, api, context)
+        return Call(self.request_metrics, api, context)
 
     def resolve(self, name: str, version: str, call: Call) -> ServedModel:
         """The model version that answers an inference request; UNAVAILABLE while draining."""

@@ -102,6 +102,40 @@ def deadline_of(context: grpc.aio.ServicerContext | None) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+class RequestMetrics:
+    """The request metrics' children per label set, looked up once per label set.
+
+    `.labels()` validates and locks on every call and costs more than the update it
+    precedes; the label sets are the known models' (see Call), so these maps stay small.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._counts: dict[tuple[str, str, str, str], Any] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
+        self._inflight: dict[str, Any] = {}
+
+    def count(self, model: str, version: str, api: str, code: str) -> Any:
+        key = (model, version, api, code)
+        child = self._counts.get(key)
+        if child is None:
+            child = self._counts[key] = self._metrics.requests.labels(*key)
+        return child
+
+    def duration(self, model: str, version: str) -> Any:
+        key = (model, version)
+        child = self._durations.get(key)
+        if child is None:
+            child = self._durations[key] = self._metrics.request_duration.labels(*key)
+        return child
+
+    def inflight(self, model: str) -> Any:
+        child = self._inflight.get(model)
+        if child is None:
+            child = self._inflight[model] = self._metrics.inflight.labels(model)
+        return child
+
+
 class Call:
     """Request metrics of one inference request: in-flight gauge, count by code, duration.
 
@@ -109,8 +143,13 @@ class Call:
     for made-up names cannot grow the label sets without bound.
     """
 
+    __slots__ = ("_api", "_bound", "_context", "_metrics", "_started", "model", "version")
+
     def __init__(
-        self, metrics: Metrics, api: str, context: grpc.aio.ServicerContext | None = None
+        self,
+        metrics: RequestMetrics,
+        api: str,
+        context: grpc.aio.ServicerContext | None = None,
     ) -> None:
         self._metrics = metrics
         self._api = api
@@ -123,7 +162,7 @@ class Call:
     def bind(self, model: str, version: str = "") -> None:
         if not self._bound:
             self._bound = True
-            self._metrics.inflight.labels(model).inc()
+            self._metrics.inflight(model).inc()
         self.model, self.version = model, version
 
     def __enter__(self) -> Call:
@@ -136,17 +175,15 @@ class Call:
         tb: TracebackType | None,
     ) -> None:
         if exc is None:
-            code = grpc.StatusCode.OK
+            code = "OK"
         elif isinstance(exc, asyncio.CancelledError):
             remaining = self._context.time_remaining() if self._context is not None else None
             expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
         else:
-            code = code_of(exc)
+            code = code_of(exc).name
         m = self._metrics
-        m.requests.labels(self.model, self.version, self._api, code.name).inc()
-        m.request_duration.labels(self.model, self.version).observe(
-            time.perf_counter() - self._started
-        )
+        m.count(self.model, self.version, self._api, code).inc()
+        m.duration(self.model, self.version).observe(time.perf_counter() - self._started)
         if self._bound:
-            m.inflight.labels(self.model).dec()
+            m.inflight(self.model).dec()
