@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 
 import grpc
@@ -208,11 +209,17 @@ def _report(manager: ModelManager, state: ApiState, grpc_at: str) -> None:
     example = min(served) if served else ("MODEL", "")
     log.info(
         "%s: %d model version(s) serving, %s; call it with the native API "
-        "(python -m client classify --server %s --model %s IMAGE.png) or the KServe v2 "
+        "(%s -m client classify --server %s --model %s IMAGE.png) or the KServe v2 "
         "protocol (tritonclient.grpc.InferenceServerClient(%r))",
         STARTED, len(served), "ready" if state.ready else "NOT ready (see the models above)",
-        dial, example[0], dial,
+        _python(), dial, example[0], dial,
     )  # fmt: skip
+
+
+def _python() -> str:
+    """The interpreter to show in the hint: the project's venv as a path the user can type."""
+    relative = os.path.relpath(sys.executable)
+    return "python" if relative.startswith("..") else relative
 
 
 def _dial_address(bound: str) -> str:
