@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -15,11 +16,28 @@ class ConfigError(ValueError):
     """A config.pbtxt that cannot be read; the message names the file and the problem."""
 
 
+# Strings and comments (kept as they are), or a field name directly followed by a list.
+_LIST_WITHOUT_COLON = re.compile(
+    r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|#[^\n]*|([A-Za-z_]\w*)(\s*)\['
+)
+
+
+def _colon_before_lists(text: str) -> str:
+    """`field [ {...} ]` -> `field: [ {...} ]`: the same in text format, but protobuf can
+    skip an unknown field only in the second spelling, and Triton's docs use the first."""
+    return _LIST_WITHOUT_COLON.sub(lambda m: f"{m[1]}:{m[2]}[" if m[1] is not None else m[0], text)
+
+
 def parse_config(text: str, source: str = "config.pbtxt") -> ModelConfig:
     """Parse text format; fields Triton defines that this server does not use are ignored."""
     config = ModelConfig()
     try:
-        text_format.Parse(text, config, allow_unknown_field=True, allow_unknown_extension=True)
+        text_format.Parse(
+            _colon_before_lists(text),
+            config,
+            allow_unknown_field=True,
+            allow_unknown_extension=True,
+        )
     except text_format.ParseError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config

@@ -1,0 +1,83 @@
+"""The model repository contract: config.pbtxt as Triton writes it, version folders, labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as triton_config
+
+from modelrepo.config import ConfigError, data_type_name, load_config, parse_config, write_config
+from modelrepo.layout import list_versions, next_version, read_labels, write_labels
+
+# A config as a Triton user writes it: fields this server does not use are mixed in.
+TRITON_CONFIG = """
+name: "fashion_mnist"
+platform: "onnxruntime_onnx"
+max_batch_size: 32
+version_policy: { specific: { versions: [1, 3] } }
+input [
+  { name: "input" data_type: TYPE_FP32 format: FORMAT_NCHW dims: [1, 28, 28]
+    reshape: { shape: [1, 28, 28] } }
+]
+output [ { name: "probabilities" data_type: TYPE_FP32 dims: [10] label_filename: "labels.txt" } ]
+dynamic_batching { max_queue_delay_microseconds: 500 preferred_batch_size: [8, 16]
+                   priority_levels: 2 default_queue_policy { max_queue_size: 10 } }
+instance_group [ { count: 2 kind: KIND_CPU rate_limiter { priority: 1 } } ]
+optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" } ] } }
+model_warmup [ { name: "zeros" batch_size: 1 } ]
+parameters { key: "training_dataset" value { string_value: "fashion-mnist" } }
+parameters { key: "note" value { string_value: "kept as written: a [b] # c" } }  # a [comment]
+"""
+
+
+def test_reads_the_fields_it_uses_and_ignores_the_rest() -> None:
+    config = parse_config(TRITON_CONFIG)
+    assert (config.name, config.platform, config.max_batch_size) == (
+        "fashion_mnist",
+        "onnxruntime_onnx",
+        32,
+    )
+    assert list(config.version_policy.specific.versions) == [1, 3]
+    assert list(config.input[0].dims) == [1, 28, 28]
+    assert data_type_name(config.input[0].data_type) == "FP32"
+    assert config.output[0].label_filename == "labels.txt"
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
+    assert config.instance_group[0].count == 2
+    assert config.parameters["training_dataset"].string_value == "fashion-mnist"
+    assert config.parameters["note"].string_value == "kept as written: a [b] # c"
+
+
+def test_what_it_writes_reads_back_here_and_in_tritons_own_schema(tmp_path: Path) -> None:
+    config = parse_config(TRITON_CONFIG)
+    path = tmp_path / "config.pbtxt"
+    write_config(path, config)
+    assert load_config(path) == config
+    # Same field numbers as Triton: the bytes parse with Triton's message to the same values.
+    theirs = triton_config.ModelConfig.FromString(config.SerializeToString())
+    assert theirs.name == "fashion_mnist" and theirs.max_batch_size == 32
+    assert list(theirs.input[0].dims) == [1, 28, 28]
+    assert theirs.input[0].data_type == triton_config.TYPE_FP32
+    assert theirs.dynamic_batching.max_queue_delay_microseconds == 500
+    assert theirs.instance_group[0].kind == triton_config.ModelInstanceGroup.KIND_CPU
+
+
+def test_unreadable_configs_name_the_file_and_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^cfg: .*max_batch_size"):
+        parse_config("max_batch_size: many", "cfg")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.pbtxt")
+
+
+def test_version_folders_and_labels(tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    assert list_versions(model) == [] and next_version(model) == 1
+    for name in ("1", "10", "2", "0", "notes", ".tmp-3"):
+        (model / name).mkdir(parents=True)
+    (model / "7").write_text("a file, not a version folder")
+    assert list_versions(model) == [1, 2, 10]
+    assert next_version(model) == 11
+    write_labels(model / "labels.txt", ["T-shirt/top", "Trouser"])
+    (model / "labels.txt").write_text((model / "labels.txt").read_text() + "\n\n")
+    assert read_labels(model / "labels.txt") == ["T-shirt/top", "Trouser"]
