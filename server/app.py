@@ -159,7 +159,7 @@ async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int
     left = max(settings.grace_period_s - (time.monotonic() - began), 1.0)
     try:
         await asyncio.wait_for(asyncio.gather(closing, _finish(starting)), timeout=left)
-    except asyncio.TimeoutError:  # builtin TimeoutError only from Python 3.11
+    except TimeoutError:  # builtin TimeoutError only from Python 3.11
         log.warning("models did not close within the grace period; exiting anyway")
     log.info("stopped after %.2fs", time.monotonic() - began)
     return status
