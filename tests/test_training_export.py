@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from modelrepo import layout
-from modelrepo.config import load_config
+from modelrepo.config import load_config, write_config
 from training.checkpoint import classifier_from_checkpoint, load_checkpoint
 from training.errors import TrainingError
 from training.export import _check_parity, export_checkpoint, torchscript_deprecation_silenced
@@ -153,6 +153,35 @@ def test_second_export_is_version_two(writable_repository: Path, runs: dict[str,
     assert version.name == "2" and (version / layout.ONNX_FILE).is_file()
     assert layout.list_versions(writable_repository / "fashion_mnist") == [1, 2]
     assert (first / layout.ONNX_FILE).read_bytes() == before
+
+
+def test_a_new_version_keeps_the_operators_serving_settings(
+    writable_repository: Path, runs: dict[str, Any]
+) -> None:
+    config_path = writable_repository / "fashion_mnist" / layout.CONFIG_FILE
+    tuned = load_config(config_path)
+    tuned.max_batch_size = 16
+    tuned.dynamic_batching.max_queue_delay_microseconds = 777
+    tuned.version_policy.all.SetInParent()
+    del tuned.instance_group[:]
+    tuned.instance_group.add(count=3, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    write_config(config_path, tuned)
+    checkpoint = runs["fashion_mlp"].best
+
+    export_checkpoint(checkpoint, writable_repository, "fashion_mnist", log=quiet)
+    assert load_config(config_path) == tuned  # nothing asked to change: nothing changed
+
+    export_checkpoint(
+        checkpoint, writable_repository, "fashion_mnist", max_batch_size=32, log=quiet
+    )
+    changed = load_config(config_path)
+    assert changed.max_batch_size == 32
+    assert changed.dynamic_batching.max_queue_delay_microseconds == 777
+    assert changed.HasField("version_policy") and changed.version_policy.HasField("all")
+    assert [(g.count, g.kind) for g in changed.instance_group] == [
+        (3, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    ]
+    assert layout.list_versions(writable_repository / "fashion_mnist") == [1, 2, 3]
 
 
 def test_shape_or_platform_mismatch_is_refused(

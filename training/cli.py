@@ -181,20 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--max-batch-size",
         type=_positive,
-        default=64,
-        help="largest batch the server forms (default: %(default)s)",
+        default=None,
+        help="largest batch the server forms (default: the model's current config.pbtxt, else 64)",
     )
     export.add_argument(
         "--instance-count",
         type=_positive,
-        default=1,
-        help="model instances the server runs (default: %(default)s)",
+        default=None,
+        help="model instances the server runs (default: the current config.pbtxt, else 1)",
     )
     export.add_argument(
         "--max-queue-delay-us",
         type=_non_negative,
-        default=2000,
-        help="longest a request waits for a batch to fill, microseconds (default: %(default)s)",
+        default=None,
+        help="longest a request waits for a batch to fill, microseconds (default: the current "
+        "config.pbtxt, else 2000)",
     )
     _dataset_options(export, None)
     export.add_argument(

@@ -33,6 +33,10 @@ FORMATS = ("onnx", "torchscript", "both")
 PARITY_TOLERANCE = 1e-5
 PARITY_BATCH_SIZES = (1, 7, 64)
 REFERENCE_ROWS = 16
+# Serving options of a new model's config.pbtxt; a later export keeps what the config says.
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_INSTANCE_COUNT = 1
+DEFAULT_QUEUE_DELAY_US = 2000
 # Loggers of the exporter stack that report progress at INFO: useful to its developers, noise here.
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
 
@@ -43,9 +47,9 @@ def export_checkpoint(
     name: str,
     fmt: str = "onnx",
     *,
-    max_batch_size: int = 64,
-    instance_count: int = 1,
-    max_queue_delay_us: int = 2000,
+    max_batch_size: int | None = None,
+    instance_count: int | None = None,
+    max_queue_delay_us: int | None = None,
     data: DataBundle | torch.Tensor | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -53,6 +57,8 @@ def export_checkpoint(
 
     `data` (a DataBundle, or a float32 N x C x H x W batch in [0, 1]) supplies real images for the
     parity check and reference.npz; without it both use seeded random pixels.
+    Serving options left None keep what an existing config.pbtxt says (an operator may have
+    tuned it), else take the defaults.
     """
     _check_options(name, fmt, max_batch_size, instance_count, max_queue_delay_us)
     state = load_checkpoint(checkpoint)
@@ -85,17 +91,21 @@ def export_checkpoint(
             inputs=reference.numpy().astype(np.float32),
             outputs=outputs,
         )
+        config_path = model_dir / layout.CONFIG_FILE
+        existing = load_config(config_path) if config_path.exists() else None
         config = build_config(
             name,
             platform,
             shape,
             len(labels),
-            max_batch_size,
+            _option(max_batch_size, existing, "max_batch_size", DEFAULT_MAX_BATCH_SIZE),
             instance_count,
-            max_queue_delay_us,
+            _option(max_queue_delay_us, existing, "max_queue_delay_us", DEFAULT_QUEUE_DELAY_US),
             training_dataset=str(state.get("dataset", "")),
+            base=existing,
         )
-        _replace_file(model_dir / layout.CONFIG_FILE, format_config(config))
+        if config != existing:
+            _replace_file(config_path, format_config(config))
         _replace_file(model_dir / layout.LABELS_FILE, "".join(f"{label}\n" for label in labels))
         version_dir = _publish(staging, model_dir)
     except BaseException:
@@ -117,16 +127,31 @@ def build_config(
     shape: tuple[int, ...],
     num_classes: int,
     max_batch_size: int,
-    instance_count: int,
+    instance_count: int | None,
     max_queue_delay_us: int,
     training_dataset: str = "",
+    base: ModelConfig | None = None,
 ) -> ModelConfig:
     """The config.pbtxt message: Triton's names, so Triton loads the same folder unchanged.
 
     The training dataset goes into `parameters` (Triton passes unknown ones through), so a
-    model trained on synthetic images says so wherever it is served.
+    model trained on synthetic images says so wherever it is served. With `base` (the model's
+    current config) the fields export does not own, e.g. version_policy, are kept, and so are
+    its instance groups unless `instance_count` is given (None: keep, or 1 for a new model).
     """
-    config = ModelConfig(name=name, platform=platform, max_batch_size=max_batch_size)
+    config = ModelConfig()
+    if base is not None:
+        config.CopyFrom(base)
+        config.ClearField("input")
+        config.ClearField("output")
+    if instance_count is None and not config.instance_group:
+        instance_count = DEFAULT_INSTANCE_COUNT
+    if instance_count is not None:
+        config.ClearField("instance_group")
+        config.instance_group.add(
+            count=instance_count, kind=model_config_pb2.ModelInstanceGroup.KIND_AUTO
+        )
+    config.name, config.platform, config.max_batch_size = name, platform, max_batch_size
     config.input.add(
         name=layout.INPUT_NAME,
         data_type=model_config_pb2.TYPE_FP32,
@@ -141,24 +166,36 @@ def build_config(
     )
     config.dynamic_batching.SetInParent()
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
-    config.instance_group.add(
-        count=instance_count, kind=model_config_pb2.ModelInstanceGroup.KIND_AUTO
-    )
     if training_dataset:
         config.parameters[layout.TRAINING_DATASET_PARAMETER].string_value = training_dataset
     return config
 
 
-def _check_options(name: str, fmt: str, max_batch: int, instances: int, delay_us: int) -> None:
+def _option(given: int | None, existing: ModelConfig | None, name: str, default: int) -> int:
+    """An explicit option, else the model's current config, else the default."""
+    if given is not None:
+        return given
+    if existing is None:
+        return default
+    current = {
+        "max_batch_size": existing.max_batch_size,
+        "max_queue_delay_us": existing.dynamic_batching.max_queue_delay_microseconds,
+    }[name]
+    return current or default
+
+
+def _check_options(
+    name: str, fmt: str, max_batch: int | None, instances: int | None, delay_us: int | None
+) -> None:
     if not name or name.startswith(".") or "/" in name or "\\" in name or name != name.strip():
         raise TrainingError(f"invalid model name {name!r}: use a plain folder name")
     if fmt not in FORMATS:
         raise TrainingError(f"unknown export format {fmt!r} (choose from: {', '.join(FORMATS)})")
-    if max_batch < 1:
+    if max_batch is not None and max_batch < 1:
         raise TrainingError(f"--max-batch-size must be at least 1, got {max_batch}")
-    if instances < 1:
+    if instances is not None and instances < 1:
         raise TrainingError(f"--instance-count must be at least 1, got {instances}")
-    if delay_us < 0:
+    if delay_us is not None and delay_us < 0:
         raise TrainingError(f"--max-queue-delay-us must not be negative, got {delay_us}")
 
 
