@@ -10,6 +10,7 @@ import asyncio
 import io
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -49,10 +50,9 @@ def error_code(error: grpc.RpcError) -> str:
     return code.name if code is not None else "UNKNOWN"
 
 
-def native_call(
-    channel: grpc.aio.Channel, config: Config, shape: Sequence[int], timeout: float
-) -> Call:
-    from wire import classifier_pb2, classifier_pb2_grpc
+def native_request(config: Config, shape: Sequence[int]) -> Any:
+    """The ClassifyRequest every native call sends (no id: streams add their own)."""
+    from wire import classifier_pb2
 
     batch = _pixels(shape, config.batch)
     if config.encoding == "png":
@@ -66,7 +66,15 @@ def native_call(
             )
             for image in batch
         ]
-    request = classifier_pb2.ClassifyRequest(model=config.model, images=images, top_k=config.top_k)
+    return classifier_pb2.ClassifyRequest(model=config.model, images=images, top_k=config.top_k)
+
+
+def native_call(
+    channel: grpc.aio.Channel, config: Config, shape: Sequence[int], timeout: float
+) -> Call:
+    from wire import classifier_pb2_grpc
+
+    request = native_request(config, shape)
     stub = classifier_pb2_grpc.ClassifierStub(channel)
 
     async def call() -> str:
@@ -79,16 +87,14 @@ def native_call(
     return call
 
 
-def kserve_call(
-    channel: grpc.aio.Channel, config: Config, shape: Sequence[int], timeout: float
-) -> Call:
-    """KServe v2 ModelInfer through the standard client's generated stubs."""
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
+def kserve_request(config: Config, shape: Sequence[int]) -> Any:
+    """The KServe v2 ModelInferRequest every KServe call sends (no id: streams add their own)."""
+    from tritonclient.grpc import service_pb2
 
     from modelrepo.layout import INPUT_NAME, OUTPUT_NAME
 
     batch = _pixels(shape, config.batch)
-    request = service_pb2.ModelInferRequest(
+    return service_pb2.ModelInferRequest(
         model_name=config.model,
         inputs=[
             service_pb2.ModelInferRequest.InferInputTensor(
@@ -98,6 +104,15 @@ def kserve_call(
         outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT_NAME)],
         raw_input_contents=[batch.astype("<f4").tobytes()],
     )
+
+
+def kserve_call(
+    channel: grpc.aio.Channel, config: Config, shape: Sequence[int], timeout: float
+) -> Call:
+    """KServe v2 ModelInfer through the standard client's generated stubs."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    request = kserve_request(config, shape)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
     async def call() -> str:

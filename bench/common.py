@@ -16,6 +16,8 @@ class Config:
     api: str = "native"
     model: str = "fashion_mnist"
     concurrency: int = 32
+    # Stream modes only: the concurrency is spread over this many streams.
+    streams: int = 1
     batch: int = 1
     encoding: str = "tensor"
     top_k: int = 5

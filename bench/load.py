@@ -1,7 +1,8 @@
 """Load generator for the server: N concurrent gRPC workers for a bounded time, then statistics.
 
-Measures the native Classifier API or the KServe v2 protocol from the same process, with
-requests built once up front so the client spends its CPU on gRPC, not on encoding. With
+Measures the native Classifier API or the KServe v2 protocol, unary or streaming (answers
+matched to requests by id), from the same process, with requests built once up front so the
+client spends its CPU on gRPC, not on encoding. With
 --model-repository it runs the server itself (loopback, port 0) and, with --compare, runs
 several server or client configurations one after the other and prints each one's ratio to
 the first.
@@ -11,6 +12,7 @@ the first.
       --compare "t1=--intra-op-threads 1" "t2=--intra-op-threads 2"
   python bench/load.py --model-repository model_repository --model fashion_mnist --duration 5 \\
       --compare "native=--api native" "kserve=--api kserve" --out bench-results/apis.json
+  python bench/load.py --server 127.0.0.1:8001 --api native-stream --concurrency 64 --streams 4
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from dataclasses import replace
 
 import grpc
 
-from bench.calls import CHANNEL_OPTIONS, kserve_call, model_shape, native_call
+from bench.calls import CHANNEL_OPTIONS, Call, model_shape
 from bench.common import BenchError, Config, Sample
+from bench.modes import APIS, STREAM_APIS, open_calls
 from bench.report import add_ratios, format_report, summarize, write_json
 from bench.server import start_server
 
@@ -67,41 +70,55 @@ async def run_load(
     """
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         shape = await model_shape(channel, target, config.model, ready_wait_s, check, settled)
-        make = kserve_call if config.api == "kserve" else native_call
-        call = make(channel, config, shape, timeout_s)
-        latencies: list[float] = []
-        errors: collections.Counter[str] = collections.Counter()
-        start = time.perf_counter()
-        counted_from = start + warmup_s
-        end = counted_from + duration_s
+        lifetime = warmup_s + duration_s + timeout_s + 5
+        async with open_calls(channel, config, shape, timeout_s, lifetime) as calls:
+            return await _measure(calls, config, duration_s, warmup_s, server_cpu, lifetime)
 
-        async def worker() -> None:
-            while (sent := time.perf_counter()) < end:
-                code = await call()
-                done = time.perf_counter()
-                if counted_from <= done <= end:
-                    if code == "OK":
-                        latencies.append(done - sent)
-                    else:
-                        errors[code] += 1
 
-        async def cpu_meter() -> tuple[float, float | None]:
-            await asyncio.sleep(max(counted_from - time.perf_counter(), 0.0))
-            client, server = time.process_time(), server_cpu()
-            await asyncio.sleep(max(end - time.perf_counter(), 0.0))
-            client_after, server_after = time.process_time(), server_cpu()
-            used = None if server is None or server_after is None else server_after - server
-            return client_after - client, used
+async def _measure(
+    calls: list[Call],
+    config: Config,
+    duration_s: float,
+    warmup_s: float,
+    server_cpu: Callable[[], float | None],
+    bound_s: float,
+) -> Sample:
+    """`concurrency` workers spread over `calls`, each keeping one request in flight."""
+    latencies: list[float] = []
+    errors: collections.Counter[str] = collections.Counter()
+    start = time.perf_counter()
+    counted_from = start + warmup_s
+    end = counted_from + duration_s
 
-        meter = asyncio.ensure_future(cpu_meter())
-        workers = [asyncio.ensure_future(worker()) for _ in range(config.concurrency)]
-        try:
-            # Every worker stops issuing at `end`; the last calls end within their timeout.
-            await asyncio.wait_for(asyncio.gather(*workers), warmup_s + duration_s + timeout_s + 5)
-            client_cpu, used_by_server = await meter
-        finally:
-            for task in [*workers, meter]:
-                task.cancel()
+    async def worker(call: Call) -> None:
+        while (sent := time.perf_counter()) < end:
+            code = await call()
+            done = time.perf_counter()
+            if counted_from <= done <= end:
+                if code == "OK":
+                    latencies.append(done - sent)
+                else:
+                    errors[code] += 1
+
+    async def cpu_meter() -> tuple[float, float | None]:
+        await asyncio.sleep(max(counted_from - time.perf_counter(), 0.0))
+        client, server = time.process_time(), server_cpu()
+        await asyncio.sleep(max(end - time.perf_counter(), 0.0))
+        client_after, server_after = time.process_time(), server_cpu()
+        used = None if server is None or server_after is None else server_after - server
+        return client_after - client, used
+
+    meter = asyncio.ensure_future(cpu_meter())
+    workers = [
+        asyncio.ensure_future(worker(calls[i % len(calls)])) for i in range(config.concurrency)
+    ]
+    try:
+        # Every worker stops issuing at `end`; the last calls end within their timeout.
+        await asyncio.wait_for(asyncio.gather(*workers), bound_s)
+        client_cpu, used_by_server = await meter
+    finally:
+        for task in [*workers, meter]:
+            task.cancel()
     return Sample(latencies, errors, duration_s, client_cpu, used_by_server)
 
 
@@ -132,15 +149,23 @@ def _add_client_options(parser: argparse.ArgumentParser, defaults: bool) -> None
     )
     parser.add_argument(
         "--api",
-        choices=("native", "kserve"),
+        choices=APIS,
         default=default("native"),
-        help="native Classifier API or KServe v2 ModelInfer (default: %(default)s).",
+        help="native Classify, KServe v2 ModelInfer, or their streams: native ClassifyStream, "
+        "KServe ModelStreamInfer (default: %(default)s).",
     )
     parser.add_argument(
         "--concurrency",
         type=_bounded(int, 1, MAX_CONCURRENCY),
         default=default(32),
         help="Workers, each with one request in flight (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--streams",
+        type=_bounded(int, 1, MAX_CONCURRENCY),
+        default=default(1),
+        help="Stream APIs only (the unary ones ignore it): streams the workers share, each "
+        "carrying its share of the concurrency (default: %(default)s).",
     )
     parser.add_argument(
         "--batch",
@@ -204,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare",
         nargs="+",
         metavar="LABEL=ARGS",
-        help="Run each configuration in turn; ARGS may set --api/--model/--concurrency/--batch/"
-        "--encoding, anything else goes to the started server. Ratios are to the first.",
+        help="Run each configuration in turn; ARGS may set --api/--model/--concurrency/--streams/"
+        "--batch/--encoding, anything else goes to the started server. Ratios are to the first.",
     )
     parser.add_argument(
         "--rounds",
@@ -224,15 +249,23 @@ def build_configs(args: argparse.Namespace) -> list[Config]:
         api=args.api,
         model=args.model,
         concurrency=args.concurrency,
+        streams=args.streams,
         batch=args.batch,
         encoding=args.encoding,
         top_k=args.top_k,
         server_args=tuple(shlex.split(args.server_args)),
     )
     configs = _compare_configs(args, base) if args.compare else [base]
+    # A unary API has no streams; 1 keeps the JSON from claiming otherwise.
+    configs = [c if c.api in STREAM_APIS else replace(c, streams=1) for c in configs]
     for config in configs:
-        if config.api == "kserve" and config.encoding != "tensor":
+        if config.api.startswith("kserve") and config.encoding != "tensor":
             raise BenchError(f"[{config.label}] the KServe API takes tensors only, not PNG")
+        if config.streams > config.concurrency:
+            raise BenchError(
+                f"[{config.label}] --streams {config.streams} is more than --concurrency "
+                f"{config.concurrency}: a stream would carry no request"
+            )
     return configs
 
 
@@ -302,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for round_no in range(1, args.rounds + 1):
             for config in configs:
                 extra = f" server {' '.join(config.server_args)}" if config.server_args else ""
+                if config.api in STREAM_APIS:
+                    extra = f" over {config.streams} stream(s){extra}"
                 print(
                     f"[{config.label} round {round_no}/{args.rounds}] {config.api} {config.model}"
                     f" concurrency {config.concurrency} batch {config.batch} for"

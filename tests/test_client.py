@@ -313,6 +313,24 @@ def test_bench_short_run(server: ServerProcess, tmp_path: Path) -> None:
     assert "REQ/S" in done.stdout and "kserve" in done.stdout
 
 
+def test_bench_stream_modes(server: ServerProcess, tmp_path: Path) -> None:
+    """About two seconds: each stream API carries its requests over two streams, all answered."""
+    out = tmp_path / "bench.json"
+    done = run_bench(
+        "--server", server.target, "--model", MODEL, "--concurrency", "4", "--streams", "2",
+        "--duration", "1", "--warmup", "0.2", "--out", str(out),
+        "--compare", "native=--api native-stream", "kserve=--api kserve-stream",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [r["config"]["api"] for r in results] == ["native-stream", "kserve-stream"]
+    for result in results:
+        assert result["config"]["streams"] == 2
+        assert result["requests"] > 0
+        assert result["errors"] == {}
+        assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+
+
 def test_bench_starts_its_own_server(model_repository: Path, tmp_path: Path) -> None:
     """--model-repository: a server per configuration, measured from outside, then stopped."""
     repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])

@@ -1,0 +1,40 @@
+"""The API modes the load generator measures, and the calls its workers share for each."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import grpc
+
+from bench.calls import Call, kserve_call, native_call
+from bench.common import Config
+from bench.streams import Stream, kserve_stream_api, native_stream_api
+
+UNARY_APIS = {"native": native_call, "kserve": kserve_call}
+STREAM_APIS = {"native-stream": native_stream_api, "kserve-stream": kserve_stream_api}
+APIS = (*UNARY_APIS, *STREAM_APIS)
+
+
+@asynccontextmanager
+async def open_calls(
+    channel: grpc.aio.Channel,
+    config: Config,
+    shape: Sequence[int],
+    timeout_s: float,
+    lifetime_s: float,
+) -> AsyncIterator[list[Call]]:
+    """One call for a unary API; one per stream for a stream API, whose streams close after.
+
+    Workers are spread over the calls, so a stream carries its share of the concurrency.
+    """
+    if config.api in UNARY_APIS:
+        yield [UNARY_APIS[config.api](channel, config, shape, timeout_s)]
+        return
+    api = STREAM_APIS[config.api](config, shape)
+    streams = [Stream(channel, api, timeout_s, lifetime_s) for _ in range(config.streams)]
+    try:
+        yield [stream.call for stream in streams]
+    finally:
+        await asyncio.gather(*(stream.close() for stream in streams))
