@@ -23,20 +23,16 @@ import torch
 from torch import nn
 
 from modelrepo import layout
-from modelrepo.config import ConfigError, ModelConfig, format_config, load_config
+from modelrepo.config import format_config, load_config
 from training.checkpoint import classifier_from_checkpoint, load_checkpoint
 from training.data import DataBundle, DatasetUnavailable, first_images, load_dataset
 from training.errors import TrainingError
-from wire import model_config_pb2
+from training.model_config import build_config, platform_for
 
 FORMATS = ("onnx", "torchscript", "both")
 PARITY_TOLERANCE = 1e-5
 PARITY_BATCH_SIZES = (1, 7, 64)
 REFERENCE_ROWS = 16
-# Serving options of a new model's config.pbtxt; a later export keeps what the config says.
-DEFAULT_MAX_BATCH_SIZE = 64
-DEFAULT_INSTANCE_COUNT = 1
-DEFAULT_QUEUE_DELAY_US = 2000
 # Loggers of the exporter stack that report progress at INFO: useful to its developers, noise here.
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
 
@@ -66,7 +62,7 @@ def export_checkpoint(
     shape = tuple(int(d) for d in state["input_shape"])
     labels = list(state["class_names"])
     model_dir = Path(repository) / name
-    platform = _platform(model_dir, name, fmt, shape, labels)
+    platform = platform_for(model_dir, name, fmt, shape, labels)
 
     images = _dataset_images(data, shape)
     batches = _parity_batches(shape, images)
@@ -98,9 +94,9 @@ def export_checkpoint(
             platform,
             shape,
             len(labels),
-            _option(max_batch_size, existing, "max_batch_size", DEFAULT_MAX_BATCH_SIZE),
+            max_batch_size,
             instance_count,
-            _option(max_queue_delay_us, existing, "max_queue_delay_us", DEFAULT_QUEUE_DELAY_US),
+            max_queue_delay_us,
             training_dataset=str(state.get("dataset", "")),
             base=existing,
         )
@@ -121,69 +117,6 @@ def export_checkpoint(
     return version_dir
 
 
-def build_config(
-    name: str,
-    platform: str,
-    shape: tuple[int, ...],
-    num_classes: int,
-    max_batch_size: int,
-    instance_count: int | None,
-    max_queue_delay_us: int,
-    training_dataset: str = "",
-    base: ModelConfig | None = None,
-) -> ModelConfig:
-    """The config.pbtxt message: Triton's names, so Triton loads the same folder unchanged.
-
-    The training dataset goes into `parameters` (Triton passes unknown ones through), so a
-    model trained on synthetic images says so wherever it is served. With `base` (the model's
-    current config) the fields export does not own, e.g. version_policy, are kept, and so are
-    its instance groups unless `instance_count` is given (None: keep, or 1 for a new model).
-    """
-    config = ModelConfig()
-    if base is not None:
-        config.CopyFrom(base)
-        config.ClearField("input")
-        config.ClearField("output")
-    if instance_count is None and not config.instance_group:
-        instance_count = DEFAULT_INSTANCE_COUNT
-    if instance_count is not None:
-        config.ClearField("instance_group")
-        config.instance_group.add(
-            count=instance_count, kind=model_config_pb2.ModelInstanceGroup.KIND_AUTO
-        )
-    config.name, config.platform, config.max_batch_size = name, platform, max_batch_size
-    config.input.add(
-        name=layout.INPUT_NAME,
-        data_type=model_config_pb2.TYPE_FP32,
-        format=model_config_pb2.ModelInput.FORMAT_NCHW,
-        dims=list(shape),
-    )
-    config.output.add(
-        name=layout.OUTPUT_NAME,
-        data_type=model_config_pb2.TYPE_FP32,
-        dims=[num_classes],
-        label_filename=layout.LABELS_FILE,
-    )
-    config.dynamic_batching.SetInParent()
-    config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
-    if training_dataset:
-        config.parameters[layout.TRAINING_DATASET_PARAMETER].string_value = training_dataset
-    return config
-
-
-def _option(given: int | None, existing: ModelConfig | None, name: str, default: int) -> int:
-    """An explicit option, else the model's current config, else the default."""
-    if given is not None:
-        return given
-    if existing is None:
-        return default
-    current = {
-        "max_batch_size": existing.max_batch_size,
-        "max_queue_delay_us": existing.dynamic_batching.max_queue_delay_microseconds,
-    }[name]
-    return current or default
-
-
 def _check_options(
     name: str, fmt: str, max_batch: int | None, instances: int | None, delay_us: int | None
 ) -> None:
@@ -197,44 +130,6 @@ def _check_options(
         raise TrainingError(f"--instance-count must be at least 1, got {instances}")
     if delay_us is not None and delay_us < 0:
         raise TrainingError(f"--max-queue-delay-us must not be negative, got {delay_us}")
-
-
-def _platform(
-    model_dir: Path, name: str, fmt: str, shape: tuple[int, ...], labels: list[str]
-) -> str:
-    """The config's platform; an existing model must keep its shape, classes and platform."""
-    wanted = layout.PLATFORM_TORCHSCRIPT if fmt == "torchscript" else layout.PLATFORM_ONNX
-    config_path = model_dir / layout.CONFIG_FILE
-    if not config_path.exists():
-        return wanted
-    try:
-        existing = load_config(config_path)
-    except ConfigError as exc:
-        raise TrainingError(f"cannot add a version to {name}: {exc}") from None
-    old_in = list(existing.input[0].dims) if existing.input else []
-    old_out = list(existing.output[0].dims) if existing.output else []
-    if old_in != list(shape) or old_out != [len(labels)]:
-        raise TrainingError(
-            f"{config_path} declares input {old_in} and {old_out} classes, but this checkpoint "
-            f"takes {list(shape)} and has [{len(labels)}]: export under another --name"
-        )
-    labels_path = model_dir / layout.LABELS_FILE
-    if labels_path.exists() and layout.read_labels(labels_path) != labels:
-        raise TrainingError(
-            f"{labels_path} lists other class names than this checkpoint: export under another "
-            "--name"
-        )
-    produced = {
-        "onnx": {layout.PLATFORM_ONNX},
-        "torchscript": {layout.PLATFORM_TORCHSCRIPT},
-        "both": {layout.PLATFORM_ONNX, layout.PLATFORM_TORCHSCRIPT},
-    }[fmt]
-    if existing.platform not in produced:
-        raise TrainingError(
-            f"{name} is served as {existing.platform!r}, which --format {fmt} does not produce: "
-            "use a --format that includes it, or another --name"
-        )
-    return existing.platform
 
 
 def _dataset_images(data: DataBundle | torch.Tensor | None, shape: tuple) -> torch.Tensor | None:

@@ -1,0 +1,108 @@
+"""The config.pbtxt that export writes: Triton's field names, and an existing model's
+settings respected (its shape, classes and platform must match; tuned serving options stay)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modelrepo import layout
+from modelrepo.config import ConfigError, ModelConfig, load_config
+from training.errors import TrainingError
+from wire import model_config_pb2
+
+# Serving options of a new model's config.pbtxt; a later export keeps what the config says.
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_INSTANCE_COUNT = 1
+DEFAULT_QUEUE_DELAY_US = 2000
+
+
+def build_config(
+    name: str,
+    platform: str,
+    shape: tuple[int, ...],
+    num_classes: int,
+    max_batch_size: int | None,
+    instance_count: int | None,
+    max_queue_delay_us: int | None,
+    training_dataset: str = "",
+    base: ModelConfig | None = None,
+) -> ModelConfig:
+    """The config.pbtxt message: Triton's names, so Triton loads the same folder unchanged.
+
+    The training dataset goes into `parameters` (Triton passes unknown ones through), so a
+    model trained on synthetic images says so wherever it is served. With `base` (the model's
+    current config) the fields export does not own, e.g. version_policy, are kept; a serving
+    option left None keeps the base's value (instance groups included), else its default.
+    """
+    config = ModelConfig()
+    if base is not None:
+        config.CopyFrom(base)
+        config.ClearField("input")
+        config.ClearField("output")
+    if instance_count is None and not config.instance_group:
+        instance_count = DEFAULT_INSTANCE_COUNT
+    if instance_count is not None:
+        config.ClearField("instance_group")
+        config.instance_group.add(
+            count=instance_count, kind=model_config_pb2.ModelInstanceGroup.KIND_AUTO
+        )
+    config.name, config.platform = name, platform
+    config.max_batch_size = max_batch_size or config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+    config.input.add(
+        name=layout.INPUT_NAME,
+        data_type=model_config_pb2.TYPE_FP32,
+        format=model_config_pb2.ModelInput.FORMAT_NCHW,
+        dims=list(shape),
+    )
+    config.output.add(
+        name=layout.OUTPUT_NAME,
+        data_type=model_config_pb2.TYPE_FP32,
+        dims=[num_classes],
+        label_filename=layout.LABELS_FILE,
+    )
+    batching = config.dynamic_batching
+    if max_queue_delay_us is not None:
+        batching.max_queue_delay_microseconds = max_queue_delay_us
+    elif not batching.max_queue_delay_microseconds:
+        batching.max_queue_delay_microseconds = DEFAULT_QUEUE_DELAY_US
+    if training_dataset:
+        config.parameters[layout.TRAINING_DATASET_PARAMETER].string_value = training_dataset
+    return config
+
+
+def platform_for(
+    model_dir: Path, name: str, fmt: str, shape: tuple[int, ...], labels: list[str]
+) -> str:
+    """The config's platform; an existing model must keep its shape, classes and platform."""
+    wanted = layout.PLATFORM_TORCHSCRIPT if fmt == "torchscript" else layout.PLATFORM_ONNX
+    config_path = model_dir / layout.CONFIG_FILE
+    if not config_path.exists():
+        return wanted
+    try:
+        existing = load_config(config_path)
+    except ConfigError as exc:
+        raise TrainingError(f"cannot add a version to {name}: {exc}") from None
+    old_in = list(existing.input[0].dims) if existing.input else []
+    old_out = list(existing.output[0].dims) if existing.output else []
+    if old_in != list(shape) or old_out != [len(labels)]:
+        raise TrainingError(
+            f"{config_path} declares input {old_in} and {old_out} classes, but this checkpoint "
+            f"takes {list(shape)} and has [{len(labels)}]: export under another --name"
+        )
+    labels_path = model_dir / layout.LABELS_FILE
+    if labels_path.exists() and layout.read_labels(labels_path) != labels:
+        raise TrainingError(
+            f"{labels_path} lists other class names than this checkpoint: export under another "
+            "--name"
+        )
+    produced = {
+        "onnx": {layout.PLATFORM_ONNX},
+        "torchscript": {layout.PLATFORM_TORCHSCRIPT},
+        "both": {layout.PLATFORM_ONNX, layout.PLATFORM_TORCHSCRIPT},
+    }[fmt]
+    if existing.platform not in produced:
+        raise TrainingError(
+            f"{name} is served as {existing.platform!r}, which --format {fmt} does not produce: "
+            "use a --format that includes it, or another --name"
+        )
+    return existing.platform
