@@ -23,6 +23,7 @@ import time
 import grpc
 from prometheus_client import disable_created_metrics
 
+from server import security
 from server.api import classifier, inference
 from server.api.common import ApiState
 from server.api.health import Health, enable_reflection
@@ -33,13 +34,12 @@ from server.metrics import Metrics
 
 log = logging.getLogger("server")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_OPTIONS = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Without this, Linux lets a second server bind the same port and share its traffic.
     ("grpc.so_reuseport", 0),
 )
+# How long a stopping server keeps answering new calls with UNAVAILABLE before it closes.
+REFUSE_BEFORE_STOP_S = 0.25
 # Logged once start-up has finished (models loaded or failed): scripts and tests wait for it.
 STARTED = "startup complete"
 API_SERVICES = (inference.WIRE_SERVICE, "imgserve.classifier.v1.Classifier")
@@ -50,6 +50,12 @@ _LISTENING = re.compile(
     re.escape(LISTENING_PREFIX)
     + r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^\s:\[\]]+)):(?P<grpc>\d+)"
     + r" metrics http://(?:\[[^\]]*\]|[^\s:\[\]]+):(?P<metrics>\d+)/metrics"
+)
+
+
+NULL_COMPUTE_WARNING = (
+    "--null-compute is on: models are NOT run, every answer is uniform probabilities "
+    "(a benchmarking setting: it measures the transport and batcher alone)"
 )
 
 
@@ -99,13 +105,24 @@ async def serve(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int:
+    metrics.watch_event_loop(asyncio.get_running_loop())
     manager = ModelManager(settings, metrics)
     state = ApiState(manager, metrics)
     health = Health(state, API_SERVICES)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    try:
+        guard = security.load(settings, metrics.auth_rejections)
+    except security.SecurityConfigError as exc:
+        raise StartupError(str(exc)) from None
+    limits = tuple(
+        (f"grpc.max_{way}_message_length", settings.max_message_bytes)
+        for way in ("receive", "send")
+    )
+    server = grpc.aio.server(options=(*GRPC_OPTIONS, *limits), interceptors=guard.interceptors)
     server.add_generic_rpc_handlers(
         [
-            *inference.handlers(inference.InferenceServicer(state, health)),
+            *inference.handlers(
+                inference.InferenceServicer(state, health, settings.enable_model_control)
+            ),
             classifier.handler(classifier.ClassifierServicer(state)),
         ]
     )
@@ -113,12 +130,14 @@ async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int
     enable_reflection(server, API_SERVICES)
     address = hostport(settings.host, settings.grpc_port)
     try:
-        grpc_port = server.add_insecure_port(address)
+        grpc_port = guard.add_port(server, address)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
     if not grpc_port:
         raise StartupError(f"cannot listen for gRPC on {address} (is the port in use?)")
 
+    if settings.null_compute:
+        log.warning(NULL_COMPUTE_WARNING)
     await health.refresh()  # "" is NOT_SERVING until the models are loaded
     await server.start()
     grpc_at = hostport(settings.host, grpc_port)
@@ -153,6 +172,10 @@ async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int
     # close() first when models are still loading: it tells the load thread to give up at its
     # next step; the RPCs in flight are answered by the batchers it lets finish.
     closing = None if starting.done() else asyncio.ensure_future(manager.close())
+    # gRPC cancels (CANCELLED, which clients do not retry) the calls that reached it but not
+    # yet a handler when the server stops; for a moment first, new calls are still taken and
+    # refused with UNAVAILABLE, so callers under load learn to go elsewhere.
+    await asyncio.sleep(min(REFUSE_BEFORE_STOP_S, settings.grace_period_s / 4))
     await server.stop(settings.grace_period_s)
     if closing is None:
         closing = asyncio.ensure_future(manager.close())

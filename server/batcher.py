@@ -9,7 +9,10 @@ event loop keeps accepting requests and the free workers form the next batch.
 
 A batch closes when its rows reach max_batch_size, or when the oldest queued request has
 waited max_queue_delay (measured with time.monotonic, waiting on a wake-up future with a
-timer: no polling), or at shutdown. Requests are taken in arrival order; a request that
+timer: no polling), or at shutdown. With adaptive_delay (--adaptive-batch-delay) a lone
+request does not wait for the delay unless the previous batch held several requests: at low
+load waiting only adds latency, under load the queue holds several and batches form as
+before. Requests are taken in arrival order; a request that
 does not fit into the room left in a batch starts the next one (requests are never split
 across batches, except that `submit` cuts a request larger than max_batch_size into
 chunks of at most max_batch_size rows, each its own queue item, and reassembles them).
@@ -87,6 +90,7 @@ class Batcher:
         max_queue_size: int,
         metrics: Metrics,
         stats: ModelStats | None = None,
+        adaptive_delay: bool = False,
     ) -> None:
         if not runtimes:
             raise ValueError("a batcher needs at least one runtime instance")
@@ -96,6 +100,10 @@ class Batcher:
         self.version = str(version)
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
+        # Adaptive: a lone request runs at once unless the last batch held several requests
+        # (evidence of concurrent load, where waiting pays); see _next_batch.
+        self.adaptive_delay = adaptive_delay
+        self._last_batch_requests = 0
         # The bound is per instance (Settings.max_queue_size): N instances drain N times faster.
         self.capacity = max_queue_size * len(runtimes)
         self.stats = stats if stats is not None else ModelStats()
@@ -249,6 +257,8 @@ class Batcher:
                 continue
             if self._closing or self._queued_rows >= self.max_batch_size:
                 return self._take()
+            if self.adaptive_delay and len(self._queue) < 2 and self._last_batch_requests < 2:
+                return self._take()  # nothing suggests a companion is coming: do not wait
             remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
             if remaining <= 0:
                 return self._take()
@@ -266,6 +276,7 @@ class Batcher:
             items.append(item)
             rows += item.rows
         self._queued_rows -= rows
+        self._last_batch_requests = len(items)
         self._m_depth.set(len(self._queue))
         return items
 

@@ -234,7 +234,9 @@ def decode_image(data: bytes, input_shape: Shape, what: str = "image") -> np.nda
                     f"{what}: {image.width}x{image.height} is larger than {MAX_IMAGE_PIXELS} pixels"
                 )
             converted = image.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # PIL's own guard, at open, for the most absurd sizes
+        raise InvalidInputError(f"{what}: larger than {MAX_IMAGE_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InvalidInputError(
             f"{what}: not a decodable PNG or JPEG ({len(data)} bytes)"
         ) from None

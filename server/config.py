@@ -25,12 +25,28 @@ class Settings:
     # Batching defaults for models whose config.pbtxt leaves them unset.
     max_batch_size: int = 64
     max_queue_delay_us: int = 2000
+    # On: a lone request runs at once unless recent batches show concurrent load (then it
+    # waits up to the delay). Off: every batch waits out the delay (Triton's behaviour).
+    adaptive_batch_delay: bool = False
     # Bound of each model instance's queue, in requests; past it callers get RESOURCE_EXHAUSTED.
     max_queue_size: int = 1024
     # onnxruntime/torch threads per model instance; spinning threads starve the gRPC side.
     intra_op_threads: int = 1
     reference_tolerance: float = 1e-4
     grace_period_s: float = 10.0
+    # RepositoryModelLoad/Unload change what is served: off unless the operator asks for it.
+    enable_model_control: bool = False
+    # Benchmarking only: every model answers uniform probabilities without computing.
+    null_compute: bool = False
+    # gRPC message limit, both ways; 64 MiB fits a batch of 1024 CIFAR10 images in FP32.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # TLS for the gRPC port (PEM files); a client CA makes client certificates required.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Bearer tokens: from a file (with scopes) and from SERVER_AUTH_TOKENS (admin scope).
+    auth_tokens_file: Path | None = None
+    auth_tokens: tuple[str, ...] = field(default_factory=tuple, repr=False)
 
 
 @dataclass(frozen=True)
@@ -52,11 +68,30 @@ _FLAGS = (
     _Flag("models", str, "Comma-separated models to load at start (default: all)."),
     _Flag("max_batch_size", int, "Batch size for models whose config sets max_batch_size 0."),
     _Flag("max_queue_delay_us", int, "Queue delay for models without dynamic_batching settings."),
+    _Flag("adaptive_batch_delay", bool, "Skip the queue delay for lone requests at low load."),
     _Flag("max_queue_size", int, "Requests each model instance may queue before refusing."),
     _Flag("intra_op_threads", int, "Threads each runtime instance computes with (0: runtime's)."),
     _Flag("reference_tolerance", float, "Largest abs difference allowed by the load-time check."),
     _Flag("grace_period_s", float, "Seconds to finish accepted requests after SIGTERM/SIGINT."),
+    _Flag("enable_model_control", bool, "Allow RepositoryModelLoad/Unload (default: refused)."),
+    _Flag("null_compute", bool, "Benchmarking only: answer uniform probabilities, no compute."),
+    _Flag("max_message_bytes", int, "Largest gRPC message received or sent, in bytes."),
+    _Flag("tls_cert", Path, "PEM certificate chain of the gRPC port: serve TLS (with --tls-key)."),
+    _Flag("tls_key", Path, "PEM private key of --tls-cert."),
+    _Flag("tls_client_ca", Path, "PEM CA bundle: require client certificates it signed (mTLS)."),
+    _Flag("auth_tokens_file", Path, "Bearer tokens, one per line: TOKEN [infer|admin]."),
 )
+# Comma-separated admin tokens; environment only, so they never show in the process list.
+AUTH_TOKENS_ENV = ENV_PREFIX + "AUTH_TOKENS"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _boolean(text: str) -> bool:
+    """An environment switch: 1/true/yes/on or 0/false/no/off, any case."""
+    value = text.strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(text)
+    return value in _TRUE
 
 
 def _env_name(name: str) -> str:
@@ -75,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in _FLAGS:
         default = None if flag.name == "model_repository" else getattr(defaults, flag.name)
         shown = ",".join(default) if isinstance(default, tuple) else default
+        if flag.type is bool:  # a switch: present or not, never `--flag false`
+            text = f"{flag.help} [{_env_name(flag.name)}=1]"
+            name = "--" + flag.name.replace("_", "-")
+            parser.add_argument(name, dest=flag.name, action="store_true", default=None, help=text)
+            continue
         parser.add_argument(
             "--" + flag.name.replace("_", "-"),
             dest=flag.name,
@@ -100,9 +140,12 @@ def parse_settings(
         if value is None and _env_name(flag.name) in env:
             raw = env[_env_name(flag.name)]
             try:
-                value = flag.type(raw)
+                value = _boolean(raw) if flag.type is bool else flag.type(raw)
             except ValueError:
-                parser.error(f"{_env_name(flag.name)}={raw!r} is not a valid {flag.type.__name__}")
+                expected = f"a valid {flag.type.__name__}"
+                if flag.type is bool:
+                    expected = "one of " + "/".join(_TRUE + _FALSE)
+                parser.error(f"{_env_name(flag.name)}={raw!r} is not {expected}")
             if flag.choices and value not in flag.choices:
                 parser.error(f"{_env_name(flag.name)} must be one of {', '.join(flag.choices)}")
         if value is not None:
@@ -112,6 +155,9 @@ def parse_settings(
             "--model-repository is required (or set SERVER_MODEL_REPOSITORY); "
             "build one with `python -m training build-repository`"
         )
+    tokens = tuple(t.strip() for t in env.get(AUTH_TOKENS_ENV, "").split(",") if t.strip())
+    if tokens:
+        values["auth_tokens"] = tokens
     if "models" in values:
         values["models"] = tuple(m.strip() for m in str(values["models"]).split(",") if m.strip())
     settings = Settings(**values)  # type: ignore[arg-type]
@@ -130,3 +176,5 @@ def _validate(parser: argparse.ArgumentParser, settings: Settings) -> None:
         parser.error("max-queue-delay-us and intra-op-threads cannot be negative")
     if settings.grace_period_s < 0:
         parser.error("grace-period-s cannot be negative")
+    if settings.max_message_bytes < 1:
+        parser.error("max-message-bytes must be at least 1")

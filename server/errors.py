@@ -31,3 +31,7 @@ class ModelUnavailableError(ServingError):
 
 class UnsupportedError(ServingError):
     """A valid request for something this server does not implement."""
+
+
+class ModelControlDisabledError(ServingError):
+    """A repository load/unload on a server started without --enable-model-control."""

@@ -21,6 +21,7 @@ from server.config import Settings
 from server.repository import ModelSpec
 from server.runtimes import Runtime, RuntimeLoadError, create_runtime
 from server.runtimes.base import first_line
+from server.runtimes.null import NullRuntime
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def prepare_version(
     path = spec.model_path(version)
     if not path.is_file():
         raise RuntimeLoadError(f"model file {spec.shown(path)} not found")
+    if settings.null_compute:  # benchmarking: nothing to warm up, nothing to check
+        return [NullRuntime(spec.num_classes) for _ in range(spec.instance_count)]
     runtimes: list[Runtime] = []
     try:
         for _ in range(spec.instance_count):

@@ -1,19 +1,62 @@
-"""Logging setup: human-readable text lines, or one JSON object per line for log collectors."""
+"""Logging setup: human-readable text lines, or one JSON object per line for log collectors.
+
+Every line logged while a request is served carries that request's id (`request_id`, set by
+server.api.status from the caller's `x-request-id` metadata or generated): the id lives in a
+context variable, so the batcher's tasks and threads spawned for the request inherit it, and
+a filter on the handler copies it onto each record for both formats.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import uuid
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
-TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s:%(request_tag)s %(message)s"
 # Libraries that would drown the server's own lines at INFO.
 _QUIET = ("grpc", "asyncio", "PIL")
 
+# The id of the request being served in this context; None outside requests.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# A caller's id is kept only if it is this short and printable ASCII: it goes into log lines
+# and response metadata, so control characters or megabytes of it must not.
+MAX_REQUEST_ID_LENGTH = 128
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def valid_request_id(value: str | bytes | None) -> str | None:
+    """`value` when it is a usable id (1..MAX_REQUEST_ID_LENGTH printable ASCII), else None."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if not value or len(value) > MAX_REQUEST_ID_LENGTH:
+        return None
+    if not all(" " <= ch <= "~" for ch in value):
+        return None
+    return value
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` (None outside requests) and `request_tag` (" [ID]" or "") to records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = getattr(record, "request_id", None) or REQUEST_ID.get()
+        record.request_id = request_id
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return True
+
 
 class JsonFormatter(logging.Formatter):
-    """{"time", "level", "logger", "message"} plus "exception" (the traceback) when there is one."""
+    """{"time", "level", "logger", "message"}, plus "request_id" inside a request and
+    "exception" (the traceback) when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -22,6 +65,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            entry["request_id"] = request_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -30,6 +76,7 @@ class JsonFormatter(logging.Formatter):
 def configure(log_format: str = "text", level: str = "info") -> None:
     """Send every log record to stderr in `log_format` ("text" or "json") from `level` up."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
     handler.setFormatter(
         JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )

@@ -83,6 +83,7 @@ class ServedModel:
             max_queue_size=settings.max_queue_size,
             metrics=metrics,
             stats=self.stats,
+            adaptive_delay=settings.adaptive_batch_delay,
         )
 
     def __repr__(self) -> str:

@@ -6,6 +6,8 @@ never mix their figures. Names follow Prometheus conventions: base units, `_tota
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Iterator
 from threading import Thread
@@ -113,7 +115,17 @@ class Metrics:
             MODEL_LABELS,
             registry=r,
         )
+        self.auth_rejections = Counter(
+            f"{PREFIX}_auth_rejections",
+            "gRPC calls refused by token authentication (UNAUTHENTICATED, PERMISSION_DENIED).",
+            ("code",),
+            registry=r,
+        )
         self.registry.register(GpuCollector())
+
+    def watch_event_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Export imgserve_event_loop_tasks for `loop` (the server's): a leak shows as growth."""
+        self.registry.register(EventLoopCollector(loop))
 
     def serve_http(self, host: str, port: int) -> tuple[WSGIServer, Thread, int]:
         """Serve /metrics; returns the server, its thread and the bound port (port 0 picks one)."""
@@ -121,8 +133,45 @@ class Metrics:
         return httpd, thread, httpd.server_port
 
 
+class EventLoopCollector(Collector):
+    """Tasks alive on the server's event loop, counted at scrape time.
+
+    The scrape runs in the metrics HTTP thread; asyncio.all_tasks is safe only on the loop's
+    own thread, so the count is taken there (call_soon_threadsafe). A loop too busy to answer
+    within a second, or closed, leaves the gauge out of that scrape rather than stall it.
+    """
+
+    NAME = f"{PREFIX}_event_loop_tasks"
+    HELP = "asyncio tasks alive on the server's event loop (requests in progress, batch loops)."
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP)  # registration must not wait on the loop
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counted: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+        def count() -> None:
+            if not counted.done():
+                counted.set_result(len(asyncio.all_tasks(self._loop)))
+
+        try:
+            self._loop.call_soon_threadsafe(count)
+            tasks = counted.result(timeout=1.0)
+        except (RuntimeError, concurrent.futures.TimeoutError):  # loop closed, or too busy
+            counted.cancel()
+            return
+        yield GaugeMetricFamily(self.NAME, self.HELP, value=tasks)
+
+
 class GpuCollector(Collector):
-    """GPU utilisation and memory per device through NVML; exports nothing without a GPU."""
+    """GPU utilisation and memory per device through NVML.
+
+    The three families are always declared (HELP/TYPE lines), with no samples when there is
+    no GPU: dashboards and alert rules that name them then point at metrics that exist.
+    """
 
     def __init__(self) -> None:
         self._nvml = None
@@ -135,9 +184,6 @@ class GpuCollector(Collector):
             log.debug("NVML not available; GPU metrics disabled")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        if self._nvml is None:
-            return
-        nvml = self._nvml
         util = GaugeMetricFamily(
             f"{PREFIX}_gpu_utilization_ratio", "GPU busy fraction (0..1).", labels=["gpu"]
         )
@@ -147,6 +193,10 @@ class GpuCollector(Collector):
         total = GaugeMetricFamily(
             f"{PREFIX}_gpu_memory_total_bytes", "GPU memory in total.", labels=["gpu"]
         )
+        if self._nvml is None:
+            yield from (util, used, total)
+            return
+        nvml = self._nvml
         # Any NVML call can fail (NotSupported on MIG devices, GPU lost, driver reloaded): skip
         # what fails, or the whole scrape fails and every other metric goes missing with it.
         try:

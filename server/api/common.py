@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from google.protobuf import descriptor, message_factory
+from google.protobuf import descriptor, message, message_factory
 
 from server.api.status import Call, RequestMetrics
-from server.errors import ModelUnavailableError
+from server.errors import InvalidInputError, ModelUnavailableError
 from server.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -62,6 +62,35 @@ class ApiState:
         return self.manager.all_ready and not self.draining
 
 
+class Undecodable:
+    """Stands in for a request message whose bytes do not parse.
+
+    gRPC would answer a deserializer's exception with UNKNOWN, the message type's full name
+    and a traceback in the log, and count nothing. Instead the servicer gets this: reading
+    any field raises InvalidInputError, so it is answered INVALID_ARGUMENT and counted like
+    any other malformed request. `blank` (an empty message) is what a stream's error echoes.
+    """
+
+    def __init__(self, message_class: type[message.Message]) -> None:
+        self.blank = message_class()
+        self.what = message_class.DESCRIPTOR.name
+
+    def __getattr__(self, name: str) -> Any:
+        raise InvalidInputError(f"the request is not a valid {self.what} message")
+
+
+def _lenient(message_class: type[message.Message]) -> Callable[[bytes], Any]:
+    parse = message_class.FromString
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except message.DecodeError:
+            return Undecodable(message_class)
+
+    return deserialize
+
+
 async def answer_concurrently(
     requests: AsyncIterator[Req],
     answer: Callable[[Req], Awaitable[Resp]],
@@ -81,7 +110,8 @@ async def answer_concurrently(
         try:
             results.put_nowait(await answer(request))
         except Exception as exc:
-            results.put_nowait(fail(request, exc))
+            echo = request.blank if isinstance(request, Undecodable) else request
+            results.put_nowait(fail(echo, exc))
 
     async def read() -> None:
         try:
@@ -128,7 +158,7 @@ def generic_handler(
         }[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=request.FromString,
+            request_deserializer=_lenient(request),
             response_serializer=response.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(wire_name, handlers)

@@ -1,7 +1,10 @@
 """grpc.health.v1 statuses kept in step with the models, and server reflection.
 
 Health services: "" (the whole server: every model asked for is ready and the server is
-not draining), each API's service name (same as ""), and each model by its name.
+not draining), each API's service name (same as ""), each model by its name, and
+"liveness": SERVING from the moment the port answers until draining starts, whatever the
+models do. Liveness probes ask it: a model that fails to load is a readiness matter, and
+restarting the process would not fix it; a process that cannot answer at all gets restarted.
 
 Reflection describes the KServe service under its wire name `inference.GRPCInferenceService`:
 our messages live in package `imgserve.inference`, so reflection gets a private descriptor
@@ -23,6 +26,7 @@ from wire import classifier_pb2, grpc_service_pb2, model_config_pb2
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LIVENESS = "liveness"
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 OUR_PACKAGE = "imgserve.inference"
 WIRE_PACKAGE = "inference"
@@ -40,6 +44,7 @@ class Health:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def refresh(self) -> None:
+        await self.servicer.set(LIVENESS, SERVING)
         overall = SERVING if self._state.ready else NOT_SERVING
         for service in ("", *self._api_services):
             await self.servicer.set(service, overall)

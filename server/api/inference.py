@@ -18,7 +18,12 @@ from server import codecs
 from server.api.common import ApiState, answer_concurrently, generic_handler
 from server.api.health import Health
 from server.api.status import Call, deadline_of, describe, guarded
-from server.errors import ModelNotFoundError, ModelUnavailableError, UnsupportedError
+from server.errors import (
+    ModelControlDisabledError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    UnsupportedError,
+)
 from wire import grpc_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -29,6 +34,7 @@ SERVER_NAME = "imgserve"
 # The protocol extensions this server implements, by their Triton names.
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 API_LABEL = "kserve"
+MODEL_CONTROL_DISABLED = "model control is disabled; start the server with --enable-model-control"
 Context = grpc.aio.ServicerContext
 
 
@@ -58,9 +64,10 @@ def _check_parameters(request: pb.ModelInferRequest) -> None:
 
 
 class InferenceServicer:
-    def __init__(self, state: ApiState, health: Health) -> None:
+    def __init__(self, state: ApiState, health: Health, model_control: bool = False) -> None:
         self._state = state
         self._health = health
+        self._model_control = model_control
         self._version = _server_version()
 
     # --- health and metadata ---
@@ -150,6 +157,7 @@ class InferenceServicer:
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
+        self._check_model_control()
         if request.parameters:
             raise UnsupportedError(
                 "loading with a config override or files is not supported; "
@@ -166,11 +174,16 @@ class InferenceServicer:
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
         # `unload_dependents` is accepted and means nothing here: models have no dependents.
+        self._check_model_control()
         try:
             await self._state.manager.unload(request.model_name)
         finally:
             await self._health.refresh()
         return pb.RepositoryModelUnloadResponse()
+
+    def _check_model_control(self) -> None:
+        if not self._model_control:
+            raise ModelControlDisabledError(MODEL_CONTROL_DISABLED)
 
     # --- inference ---
 

@@ -4,6 +4,13 @@ Servicer methods raise the core's exceptions (server.errors) and never build a s
 themselves: `guarded` turns an exception into the mapped status, and anything unexpected
 into INTERNAL with a generic message (the traceback goes to the log, never to the caller).
 `Call` records the request metrics of one inference request with the same codes.
+
+`guarded` also gives every RPC its request id: the caller's `x-request-id` metadata when it is
+usable (server.logs.valid_request_id), else a new one. It goes back in the trailing
+metadata, which travels with the status (initial metadata would cost a write of its own per
+call: about a quarter of the server's CPU per request at concurrency 32, docs/benchmarks.md),
+and is set in server.logs.REQUEST_ID, so every log line about the request carries it.
+Client errors are logged at DEBUG without a traceback; unexpected errors at ERROR with one.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ import grpc
 from server.errors import (
     DeadlineExceededError,
     InvalidInputError,
+    ModelControlDisabledError,
     ModelNotFoundError,
     ModelUnavailableError,
     QueueFullError,
     UnsupportedError,
 )
+from server.logs import REQUEST_ID, new_request_id, valid_request_id
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,9 +48,11 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,
     UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
+    ModelControlDisabledError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _LOGGED = "_imgserve_logged"
 INTERNAL_MESSAGE = "internal error while serving the request (details are in the server log)"
+REQUEST_ID_KEY = "x-request-id"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,7 +76,32 @@ def describe(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             with contextlib.suppress(AttributeError, TypeError):
                 setattr(exc, _LOGGED, True)
         return code, INTERNAL_MESSAGE
-    return code, str(exc) or type(exc).__name__
+    message = str(exc) or type(exc).__name__
+    log.debug("request answered %s: %s", code.name, message)
+    return code, message
+
+
+def request_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's `x-request-id` when it is usable, else a new id (the caller's is logged)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            request_id = valid_request_id(value)
+            if request_id is not None:
+                return request_id
+            replacement = new_request_id()
+            log.debug(
+                "x-request-id %.64r is not 1..128 printable ASCII characters; using %s",
+                value, replacement,
+            )  # fmt: skip
+            return replacement
+    return new_request_id()
+
+
+def _start(context: grpc.aio.ServicerContext) -> None:
+    """Name the request in this task's log lines; its status will tell the caller its id."""
+    request_id = request_id_of(context)
+    REQUEST_ID.set(request_id)  # the RPC's own task: nothing to reset afterwards
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
 
 
 def guarded(method: F) -> F:
@@ -74,6 +110,7 @@ def guarded(method: F) -> F:
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            _start(context)
             try:
                 async for response in method(self, request, context):
                     yield response
@@ -81,19 +118,44 @@ def guarded(method: F) -> F:
                 code, message = describe(exc)
             else:
                 return
-            await context.abort(code, message)
+            await _abort(context, code, message)
 
         return stream  # type: ignore[return-value]
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        _start(context)
         try:
-            return await method(self, request, context)
+            response = await method(self, request, context)
         except Exception as exc:
             code, message = describe(exc)
-        await context.abort(code, message)
+        else:
+            if _expired(context):
+                raise asyncio.CancelledError  # nobody is waiting for it (see _abort)
+            return response
+        await _abort(context, code, message)
 
     return unary  # type: ignore[return-value]
+
+
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """Send the error status. A call whose deadline passed, or whose caller hung up, while
+    it was being answered cannot take one: gRPC would log that failure as an ERROR with a
+    traceback, though it is the caller's doing. Ending the RPC as cancelled logs nothing."""
+    if _expired(context):
+        raise asyncio.CancelledError
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise  # the status was sent: this is how abort ends the RPC
+    except Exception as exc:
+        log.debug("could not send %s: the call ended first (%s)", code.name, type(exc).__name__)
+        raise asyncio.CancelledError from None
 
 
 def deadline_of(context: grpc.aio.ServicerContext | None) -> float | None:
