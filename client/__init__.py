@@ -11,12 +11,15 @@ from client.api import (
     Result,
     StreamResult,
 )
+from client.credentials import TOKEN_ENV, Credentials
 
 __all__ = [
     "DEFAULT_TARGET",
+    "TOKEN_ENV",
     "AsyncClassifierClient",
     "ClassifierClient",
     "ClientError",
+    "Credentials",
     "ImageInput",
     "ModelInfo",
     "Prediction",

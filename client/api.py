@@ -8,10 +8,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 import numpy as np
 
+from client.credentials import Credentials
 from wire import classifier_pb2, classifier_pb2_grpc
 
 DEFAULT_TARGET = "localhost:8001"
@@ -29,6 +31,15 @@ _RESOLVE_REASONS = (
     ("parse port", "the port is not a number"),
     ("Misformatted domain name", "not a valid host name"),
     ("Domain name not found", "unknown host"),
+)
+
+# How gRPC words a failed TLS set-up, and what to tell the user instead (first match wins).
+_TLS_PROBLEMS = (
+    ("CERTIFICATE_VERIFY_FAILED", "its certificate is not signed by a CA this client trusts"),
+    ("Hostname Verification", "its certificate is not issued for this host name"),
+    ("WRONG_VERSION_NUMBER", "it does not speak TLS; connect without TLS"),
+    ("andshake failed", "the TLS handshake failed"),
+    ("Socket closed", "it closed the connection: it may require TLS or a client certificate"),
 )
 
 # A path to a PNG/JPEG file, its bytes, or pixels shaped C x H x W (or H x W for one channel).
@@ -125,7 +136,12 @@ def error_from_rpc(error: grpc.RpcError, target: str, timeout: float | None) -> 
     if problem is not None:
         message = f"invalid server address {target!r}: {problem} (expected HOST:PORT)"
     elif code == "UNAVAILABLE":
+        tls = next((why for marker, why in _TLS_PROBLEMS if marker in details), None)
         message = f"cannot reach the server at {target} (is it running?)"
+        if tls is not None:
+            message = f"cannot connect to the server at {target}: {tls}"
+    elif code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        message = f"the server refused the call: {details}"
     elif code == "DEADLINE_EXCEEDED":
         message = f"no answer from {target} within {timeout:g} s" if timeout else details
     return ClientError(code, message, details)
@@ -212,6 +228,14 @@ def model_from_proto(info: classifier_pb2.ModelInfo) -> ModelInfo:
     )
 
 
+def _open_channel(module: Any, target: str, credentials: Credentials) -> Any:
+    """A channel of `module` (grpc or grpc.aio): TLS when the credentials ask for it."""
+    secure = credentials.channel_credentials()
+    if secure is None:
+        return module.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    return module.secure_channel(target, secure, options=_CHANNEL_OPTIONS)
+
+
 class ClassifierClient:
     """A connection to one server; thread-safe, reuse it for many calls.
 
@@ -219,10 +243,17 @@ class ClassifierClient:
     ...     print(client.classify("fashion_mnist", ["shoe.png"])[0].label)
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        credentials: Credentials | None = None,
+    ):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        credentials = credentials or Credentials()
+        self._channel = _open_channel(grpc, target, credentials)
+        self._metadata = credentials.metadata
         self._stub = classifier_pb2_grpc.ClassifierStub(self._channel)
 
     def __enter__(self) -> ClassifierClient:
@@ -252,7 +283,7 @@ class ClassifierClient:
         """One result per image, in order; all images go in one request (batched together)."""
         request = build_request(model, images, top_k, version)
         try:
-            response = self._stub.Classify(request, timeout=self.timeout)
+            response = self._stub.Classify(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise self._error(error, self.timeout) from None
         return results_from_response(response)
@@ -260,7 +291,7 @@ class ClassifierClient:
     def list_models(self) -> list[ModelInfo]:
         try:
             response = self._stub.ListModels(
-                classifier_pb2.ListModelsRequest(), timeout=self.timeout
+                classifier_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise self._error(error, self.timeout) from None
@@ -300,7 +331,10 @@ class ClassifierClient:
 
         answered = 0
         try:
-            for reply in self._stub.ClassifyStream(requests(), timeout=timeout):
+            replies = self._stub.ClassifyStream(
+                requests(), timeout=timeout, metadata=self._metadata
+            )
+            for reply in replies:
                 answered += 1
                 index = int(reply.id) if reply.id.isdigit() else -1
                 if reply.HasField("error"):
@@ -321,10 +355,17 @@ class ClassifierClient:
 class AsyncClassifierClient:
     """The asyncio twin of ClassifierClient, for callers already running an event loop."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        credentials: Credentials | None = None,
+    ):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        credentials = credentials or Credentials()
+        self._channel = _open_channel(grpc.aio, target, credentials)
+        self._metadata = credentials.metadata
         self._stub = classifier_pb2_grpc.ClassifierStub(self._channel)
 
     async def __aenter__(self) -> AsyncClassifierClient:
@@ -350,7 +391,9 @@ class AsyncClassifierClient:
     ) -> list[Result]:
         request = build_request(model, images, top_k, version)
         try:
-            response = await self._stub.Classify(request, timeout=self.timeout)
+            response = await self._stub.Classify(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise error_from_rpc(error, self.target, self.timeout) from None
         return results_from_response(response)
@@ -358,7 +401,7 @@ class AsyncClassifierClient:
     async def list_models(self) -> list[ModelInfo]:
         try:
             response = await self._stub.ListModels(
-                classifier_pb2.ListModelsRequest(), timeout=self.timeout
+                classifier_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
             raise error_from_rpc(error, self.target, self.timeout) from None

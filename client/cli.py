@@ -11,9 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from client.api import DEFAULT_TARGET, ClassifierClient, ClientError, ModelInfo, Result
+from client.credentials import TOKEN_ENV, Credentials
 from client.table import format_table
 
 SERVER_ENV = "CLIENT_SERVER"
+# What to do about a refusal, added to the server's message.
+_HINTS = {
+    "UNAUTHENTICATED": f" (pass --token or --token-file, or set ${TOKEN_ENV})",
+    "PERMISSION_DENIED": " (use a token with the scope this call needs)",
+}
 # The server names a request's images by position ("image 2: not a decodable PNG ...").
 _IMAGE_INDEX = re.compile(r"image (\d+)\b")
 
@@ -26,6 +32,7 @@ examples:
   python -m client classify --model cifar10 --top-k 3 --version 2 cat.jpg
   python -m client classify --model fashion_mnist --json shoe.png | jq '.results[0].top'
   CLIENT_SERVER=gpu-box:8001 python -m client models --json
+  IMGSERVE_TOKEN=s3cret python -m client models --server gpu-box:8001 --tls-ca ca.pem
 """
 
 
@@ -79,6 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--json", action="store_true", help="Print JSON for scripts instead of a table."
     )
+    common.add_argument(
+        "--tls", action="store_true", help="Connect with TLS, trusting the system's CAs."
+    )
+    common.add_argument(
+        "--tls-ca", metavar="PEM", help="CA certificate(s) to trust for the server (implies --tls)."
+    )
+    common.add_argument(
+        "--tls-cert", metavar="PEM", help="Client certificate, for servers that require one."
+    )
+    common.add_argument("--tls-key", metavar="PEM", help="Private key of --tls-cert.")
+    tokens = common.add_mutually_exclusive_group()
+    tokens.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV) or None,
+        help=f"Bearer token to send (default: ${TOKEN_ENV}; prefer it or --token-file: "
+        "a command line is visible to other users).",
+    )
+    tokens.add_argument("--token-file", metavar="FILE", help="File holding the bearer token.")
 
     parser = argparse.ArgumentParser(
         prog="python -m client",
@@ -143,9 +168,23 @@ def _percent(probability: float) -> str:
     return f"{100.0 * probability:.2f}%"
 
 
+def _credentials(args: argparse.Namespace) -> Credentials:
+    try:
+        return Credentials.from_files(
+            tls=args.tls,
+            ca=args.tls_ca,
+            cert=args.tls_cert,
+            key=args.tls_key,
+            token=args.token,
+            token_file=args.token_file,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def _classify(args: argparse.Namespace) -> str:
     images = _read_images(args.images)
-    with ClassifierClient(args.server, timeout=args.timeout) as client:
+    with ClassifierClient(args.server, args.timeout, _credentials(args)) as client:
         try:
             results = client.classify(args.model, images, top_k=args.top_k, version=args.version)
         except ClientError as error:
@@ -199,7 +238,7 @@ def _classify_table(paths: Sequence[str], results: list[Result]) -> str:
 
 
 def _models(args: argparse.Namespace) -> str:
-    with ClassifierClient(args.server, timeout=args.timeout) as client:
+    with ClassifierClient(args.server, args.timeout, _credentials(args)) as client:
         models = client.list_models()
     if args.json:
         listing = {"server": args.server, "models": [_model_json(m) for m in models]}
@@ -239,8 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         output = _classify(args) if args.command == "classify" else _models(args)
-    except (UsageError, ClientError) as error:
+    except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ClientError as error:
+        print(f"error: {error}{_HINTS.get(error.code, '')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
