@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Config, Sample
+from benchmarks.common import Config, Sample
 from client.table import format_table
 
 
@@ -34,7 +34,7 @@ class Outcome:
     ratios: dict[str, float] = field(default_factory=dict)
 
 
-def _percentiles(latencies_s: list[float]) -> dict[str, float]:
+def percentiles(latencies_s: list[float]) -> dict[str, float]:
     if not latencies_s:
         return {}
     ms = np.asarray(latencies_s) * 1000.0
@@ -65,7 +65,7 @@ def summarize(config: Config, samples: Sequence[Sample]) -> Outcome:
         images=requests * config.batch,
         requests_per_s=round(requests / duration, 2),
         images_per_s=round(requests * config.batch / duration, 2),
-        latency_ms=_percentiles(latencies),
+        latency_ms=percentiles(latencies),
         errors=dict(errors),
         client_cores=round(sum(sample.client_cpu_s for sample in samples) / duration, 3),
         server_cores=(

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 
-from bench.calls import error_code, kserve_request, native_request
-from bench.common import Config
+from benchmarks.calls import ModelInfo, error_code, kserve_request, native_request
+from benchmarks.common import Config
 
 # A KServe stream answer reports a failure as text only (tritonclient's semantics), no code.
 KSERVE_STREAM_ERROR = "STREAM_ERROR"
@@ -43,7 +43,7 @@ def _method(service: object, name: str) -> str:
     return f"/{service.full_name}/{name}"  # type: ignore[attr-defined]
 
 
-def native_stream_api(config: Config, shape: Sequence[int]) -> StreamApi:
+def native_stream_api(config: Config, model: ModelInfo) -> StreamApi:
     from wire import classifier_pb2 as pb
 
     def answer(data: bytes) -> Answer:
@@ -53,13 +53,13 @@ def native_stream_api(config: Config, shape: Sequence[int]) -> StreamApi:
 
     return StreamApi(
         method=_method(pb.DESCRIPTOR.services_by_name["Classifier"], "ClassifyStream"),
-        payload=native_request(config, shape).SerializeToString(),
+        payload=native_request(config, model).SerializeToString(),
         tag=lambda request_id: pb.ClassifyRequest(id=request_id).SerializeToString(),
         answer=answer,
     )
 
 
-def kserve_stream_api(config: Config, shape: Sequence[int]) -> StreamApi:
+def kserve_stream_api(config: Config, model: ModelInfo) -> StreamApi:
     from tritonclient.grpc import service_pb2 as pb
 
     def answer(data: bytes) -> Answer:
@@ -68,7 +68,7 @@ def kserve_stream_api(config: Config, shape: Sequence[int]) -> StreamApi:
 
     return StreamApi(
         method=_method(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], "ModelStreamInfer"),
-        payload=kserve_request(config, shape).SerializeToString(),
+        payload=kserve_request(config, model).SerializeToString(),
         tag=lambda request_id: pb.ModelInferRequest(id=request_id).SerializeToString(),
         answer=answer,
     )

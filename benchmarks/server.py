@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import BenchError
+from benchmarks.common import BenchError
 from server.app import STARTED, parse_listening
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,7 @@ class ServerProcess:
     target: str
     tail: collections.deque[str]
     args: tuple[str, ...]
+    metrics_url: str
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU of the server so far (Linux /proc); None elsewhere."""
@@ -119,8 +120,9 @@ def start_server(repository: Path, extra_args: Sequence[str]) -> Iterator[Server
                 what = "finish starting" if listening else "announce its ports"
                 why = f"did not {what} within {SERVER_START_TIMEOUT_S:g} s"
                 raise BenchError(_failure(why, extra_args, tail))
-        host, grpc_port, _ = listening[0]
-        yield ServerProcess(process, _dial(host, grpc_port), tail, tuple(extra_args))
+        host, grpc_port, metrics_port = listening[0]
+        metrics_url = f"http://{_dial(host, metrics_port)}/metrics"
+        yield ServerProcess(process, _dial(host, grpc_port), tail, tuple(extra_args), metrics_url)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

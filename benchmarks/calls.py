@@ -10,13 +10,15 @@ import asyncio
 import io
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 
-from bench.common import BenchError, Config
+from benchmarks.common import BenchError, Config
 from client.api import address_problem
+from modelrepo.layout import INPUT_NAME, OUTPUT_NAME
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -50,10 +52,11 @@ def error_code(error: grpc.RpcError) -> str:
     return code.name if code is not None else "UNKNOWN"
 
 
-def native_request(config: Config, shape: Sequence[int]) -> Any:
+def native_request(config: Config, model: ModelInfo) -> Any:
     """The ClassifyRequest every native call sends (no id: streams add their own)."""
     from wire import classifier_pb2
 
+    shape = model.shape
     batch = _pixels(shape, config.batch)
     if config.encoding == "png":
         images = [classifier_pb2.Image(encoded=_png(image)) for image in batch]
@@ -70,11 +73,11 @@ def native_request(config: Config, shape: Sequence[int]) -> Any:
 
 
 def native_call(
-    channel: grpc.aio.Channel, config: Config, shape: Sequence[int], timeout: float
+    channel: grpc.aio.Channel, config: Config, model: ModelInfo, timeout: float
 ) -> Call:
     from wire import classifier_pb2_grpc
 
-    request = native_request(config, shape)
+    request = native_request(config, model)
     stub = classifier_pb2_grpc.ClassifierStub(channel)
 
     async def call() -> str:
@@ -87,32 +90,30 @@ def native_call(
     return call
 
 
-def kserve_request(config: Config, shape: Sequence[int]) -> Any:
+def kserve_request(config: Config, model: ModelInfo) -> Any:
     """The KServe v2 ModelInferRequest every KServe call sends (no id: streams add their own)."""
     from tritonclient.grpc import service_pb2
 
-    from modelrepo.layout import INPUT_NAME, OUTPUT_NAME
-
-    batch = _pixels(shape, config.batch)
+    batch = _pixels(model.shape, config.batch)
     return service_pb2.ModelInferRequest(
         model_name=config.model,
         inputs=[
             service_pb2.ModelInferRequest.InferInputTensor(
-                name=INPUT_NAME, datatype="FP32", shape=list(batch.shape)
+                name=model.input_name, datatype="FP32", shape=list(batch.shape)
             )
         ],
-        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT_NAME)],
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=model.output_name)],
         raw_input_contents=[batch.astype("<f4").tobytes()],
     )
 
 
 def kserve_call(
-    channel: grpc.aio.Channel, config: Config, shape: Sequence[int], timeout: float
+    channel: grpc.aio.Channel, config: Config, model: ModelInfo, timeout: float
 ) -> Call:
     """KServe v2 ModelInfer through the standard client's generated stubs."""
     from tritonclient.grpc import service_pb2_grpc
 
-    request = kserve_request(config, shape)
+    request = kserve_request(config, model)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
     async def call() -> str:
@@ -125,43 +126,66 @@ def kserve_call(
     return call
 
 
-async def model_shape(
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a request needs to know of the model: from the v2 ModelMetadata of any server."""
+
+    shape: tuple[int, ...]  # C x H x W
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+
+
+async def model_info(
     channel: grpc.aio.Channel,
     target: str,
     model: str,
     wait_s: float,
     check: Callable[[], None] = lambda: None,
     settled: bool = False,
-) -> tuple[int, ...]:
-    """The model's C x H x W, once the server says it is READY (polled for up to wait_s).
+) -> ModelInfo:
+    """The model's input shape and tensor names once it is ready (polled for up to wait_s).
 
-    `check` raises BenchError when waiting is pointless (the started server died). With
-    `settled` the server has finished loading, so a model that is not READY never will be.
+    Asks through the KServe v2 protocol (ModelReady, ModelMetadata), so it works against any
+    v2 server. `check` raises BenchError when waiting is pointless (the started server died).
+    With `settled` the server has finished loading, so a model that is not ready never will be.
     """
-    from wire import classifier_pb2, classifier_pb2_grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    stub = classifier_pb2_grpc.ClassifierStub(channel)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     deadline = time.monotonic() + wait_s
     last = "no answer"
     while True:
         check()
         try:
-            reply = await stub.ListModels(classifier_pb2.ListModelsRequest(), timeout=5.0)
-            found = [m for m in reply.models if m.name == model]
-            if not found:
-                names = ", ".join(sorted({m.name for m in reply.models})) or "none"
-                raise BenchError(f"the server has no model {model!r} (it has: {names})")
-            ready = [m for m in found if m.state == "READY"]
-            if ready:
-                return tuple(ready[-1].input_shape)
-            last = f"{model} is {found[-1].state} {found[-1].reason}".strip()
-            if settled:
-                raise BenchError(f"model {model!r} is not ready after start-up ({last})")
+            ready = await stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=5.0)
+            if ready.ready:
+                meta = await stub.ModelMetadata(
+                    service_pb2.ModelMetadataRequest(name=model), timeout=5.0
+                )
+                return _info(model, meta)
+            # Not ready: the metadata call says why (NOT_FOUND, UNAVAILABLE and the reason).
+            await stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=model), timeout=5.0)
+            last = "not ready"
         except grpc.RpcError as error:
             details = (error.details() if hasattr(error, "details") else None) or str(error)
             if (problem := address_problem(details)) is not None:
                 raise BenchError(f"invalid server address {target!r}: {problem}") from None
-            last = f"{error_code(error)}: {details}"
+            code = error_code(error)
+            if code == "NOT_FOUND":
+                raise BenchError(f"the server has no model {model!r} ({details})") from None
+            last = f"{code}: {details}"
+        if settled:
+            raise BenchError(f"model {model!r} is not ready after start-up ({last})")
         if time.monotonic() >= deadline:
             raise BenchError(f"model {model!r} not ready after {wait_s:g} s ({last})")
         await asyncio.sleep(0.2)
+
+
+def _info(model: str, meta: Any) -> ModelInfo:
+    if len(meta.inputs) != 1 or not meta.outputs:
+        raise BenchError(f"model {model!r} must have one image input and an output")
+    dims = tuple(int(d) for d in meta.inputs[0].shape)
+    shape = dims[1:] if len(dims) == 4 else dims  # [-1, C, H, W] when the model batches
+    if len(shape) != 3 or min(shape) < 1:
+        raise BenchError(f"model {model!r} input shape {list(dims)} is not [N, C, H, W]")
+    return ModelInfo(shape, meta.inputs[0].name, meta.outputs[0].name)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
 
-from bench.calls import Call, kserve_call, native_call
-from bench.common import Config
-from bench.streams import Stream, kserve_stream_api, native_stream_api
+from benchmarks.calls import Call, ModelInfo, kserve_call, native_call
+from benchmarks.common import Config
+from benchmarks.streams import Stream, kserve_stream_api, native_stream_api
 
 UNARY_APIS = {"native": native_call, "kserve": kserve_call}
 STREAM_APIS = {"native-stream": native_stream_api, "kserve-stream": kserve_stream_api}
@@ -21,7 +21,7 @@ APIS = (*UNARY_APIS, *STREAM_APIS)
 async def open_calls(
     channel: grpc.aio.Channel,
     config: Config,
-    shape: Sequence[int],
+    model: ModelInfo,
     timeout_s: float,
     lifetime_s: float,
 ) -> AsyncIterator[list[Call]]:
@@ -30,9 +30,9 @@ async def open_calls(
     Workers are spread over the calls, so a stream carries its share of the concurrency.
     """
     if config.api in UNARY_APIS:
-        yield [UNARY_APIS[config.api](channel, config, shape, timeout_s)]
+        yield [UNARY_APIS[config.api](channel, config, model, timeout_s)]
         return
-    api = STREAM_APIS[config.api](config, shape)
+    api = STREAM_APIS[config.api](config, model)
     streams = [Stream(channel, api, timeout_s, lifetime_s) for _ in range(config.streams)]
     try:
         yield [stream.call for stream in streams]

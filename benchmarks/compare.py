@@ -1,45 +1,35 @@
-"""Load generator for the server: N concurrent gRPC workers for a bounded time, then statistics.
+"""`python -m benchmarks compare`: configurations side by side, each a closed-loop load.
 
 Measures the native Classifier API or the KServe v2 protocol, unary or streaming (answers
-matched to requests by id), from the same process, with requests built once up front so the
-client spends its CPU on gRPC, not on encoding. With
---model-repository it runs the server itself (loopback, port 0) and, with --compare, runs
-several server or client configurations one after the other and prints each one's ratio to
-the first.
+matched to requests by id), with requests built once up front so the client spends its CPU
+on gRPC, not on encoding. With --model-repository it runs the server itself (loopback,
+port 0) for each configuration and prints each one's ratio to the first.
 
-  python bench/load.py --server 127.0.0.1:8001 --model fashion_mnist --duration 5
-  python bench/load.py --model-repository model_repository --model fashion_mnist --duration 5 \\
+  python -m benchmarks compare --server 127.0.0.1:8001 --model fashion_mnist --duration 5
+  python -m benchmarks compare --model-repository model_repository --duration 5 \\
       --compare "t1=--intra-op-threads 1" "t2=--intra-op-threads 2"
-  python bench/load.py --model-repository model_repository --model fashion_mnist --duration 5 \\
-      --compare "native=--api native" "kserve=--api kserve" --out bench-results/apis.json
-  python bench/load.py --server 127.0.0.1:8001 --api native-stream --concurrency 64 --streams 4
+  python -m benchmarks compare --model-repository model_repository --duration 5 \\
+      --compare "native=--api native" "kserve=--api kserve" --out benchmark-results/apis.json
+  python -m benchmarks compare --server 127.0.0.1:8001 --api native-stream --concurrency 64 \\
+      --streams 4
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if not __package__:  # run as `python bench/load.py`: import from the repository root, where
-    # the `server` package lives, not from bench/ (whose server.py would stand in for it).
-    _BENCH = Path(__file__).resolve().parent
-    sys.path[:] = [str(_BENCH.parent), *(p for p in sys.path if Path(p).resolve() != _BENCH)]
-
 import argparse
 import asyncio
-import collections
 import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
-import grpc
-
-from bench.calls import CHANNEL_OPTIONS, Call, model_shape
-from bench.common import BenchError, Config, Sample
-from bench.modes import APIS, STREAM_APIS, open_calls
-from bench.report import add_ratios, format_report, summarize, write_json
-from bench.server import start_server
+from benchmarks.common import BenchError, Config, Sample
+from benchmarks.measure import Window, run_load
+from benchmarks.modes import APIS, STREAM_APIS
+from benchmarks.report import add_ratios, format_report, summarize, write_json
+from benchmarks.server import start_server
 
 MAX_CONCURRENCY = 1024
 MAX_DURATION_S = 300.0
@@ -50,82 +40,10 @@ MAX_CONFIGS = 8
 READY_WAIT_S = 10.0
 
 
-# --- load -----------------------------------------------------------------------------------
-
-
-async def run_load(
-    target: str,
-    config: Config,
-    duration_s: float,
-    warmup_s: float,
-    timeout_s: float,
-    ready_wait_s: float,
-    server_cpu: Callable[[], float | None] = lambda: None,
-    check: Callable[[], None] = lambda: None,
-    settled: bool = False,
-) -> Sample:
-    """Workers loop until the end; only answers that arrive after the warm-up are counted.
-
-    `check` and `settled` are passed to model_shape (a started server: fail rather than wait).
-    """
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        shape = await model_shape(channel, target, config.model, ready_wait_s, check, settled)
-        lifetime = warmup_s + duration_s + timeout_s + 5
-        async with open_calls(channel, config, shape, timeout_s, lifetime) as calls:
-            return await _measure(calls, config, duration_s, warmup_s, server_cpu, lifetime)
-
-
-async def _measure(
-    calls: list[Call],
-    config: Config,
-    duration_s: float,
-    warmup_s: float,
-    server_cpu: Callable[[], float | None],
-    bound_s: float,
-) -> Sample:
-    """`concurrency` workers spread over `calls`, each keeping one request in flight."""
-    latencies: list[float] = []
-    errors: collections.Counter[str] = collections.Counter()
-    start = time.perf_counter()
-    counted_from = start + warmup_s
-    end = counted_from + duration_s
-
-    async def worker(call: Call) -> None:
-        while (sent := time.perf_counter()) < end:
-            code = await call()
-            done = time.perf_counter()
-            if counted_from <= done <= end:
-                if code == "OK":
-                    latencies.append(done - sent)
-                else:
-                    errors[code] += 1
-
-    async def cpu_meter() -> tuple[float, float | None]:
-        await asyncio.sleep(max(counted_from - time.perf_counter(), 0.0))
-        client, server = time.process_time(), server_cpu()
-        await asyncio.sleep(max(end - time.perf_counter(), 0.0))
-        client_after, server_after = time.process_time(), server_cpu()
-        used = None if server is None or server_after is None else server_after - server
-        return client_after - client, used
-
-    meter = asyncio.ensure_future(cpu_meter())
-    workers = [
-        asyncio.ensure_future(worker(calls[i % len(calls)])) for i in range(config.concurrency)
-    ]
-    try:
-        # Every worker stops issuing at `end`; the last calls end within their timeout.
-        await asyncio.wait_for(asyncio.gather(*workers), bound_s)
-        client_cpu, used_by_server = await meter
-    finally:
-        for task in [*workers, meter]:
-            task.cancel()
-    return Sample(latencies, errors, duration_s, client_cpu, used_by_server)
-
-
 # --- command line ---------------------------------------------------------------------------
 
 
-def _bounded(kind: type, low: float, high: float) -> Callable[[str], float]:
+def bounded(kind: type, low: float, high: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = kind(text)
@@ -136,6 +54,29 @@ def _bounded(kind: type, low: float, high: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def add_timing_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    duration: tuple[float | None, str],
+    warmup: tuple[float | None, str],
+) -> None:
+    """--duration and --warmup (each a default and its help), and --timeout."""
+    parser.add_argument(
+        "--duration",
+        type=bounded(float, 0.1, MAX_DURATION_S),
+        default=duration[0],
+        help=duration[1],
+    )
+    parser.add_argument(
+        "--warmup", type=bounded(float, 0.0, MAX_WARMUP_S), default=warmup[0], help=warmup[1]
+    )
+    parser.add_argument(
+        "--timeout",
+        type=bounded(float, 0.1, 120.0),
+        default=10.0,
+        help="Deadline of each request in seconds (default: %(default)s).",
+    )
 
 
 def _add_client_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -156,20 +97,20 @@ def _add_client_options(parser: argparse.ArgumentParser, defaults: bool) -> None
     )
     parser.add_argument(
         "--concurrency",
-        type=_bounded(int, 1, MAX_CONCURRENCY),
+        type=bounded(int, 1, MAX_CONCURRENCY),
         default=default(32),
         help="Workers, each with one request in flight (default: %(default)s).",
     )
     parser.add_argument(
         "--streams",
-        type=_bounded(int, 1, MAX_CONCURRENCY),
+        type=bounded(int, 1, MAX_CONCURRENCY),
         default=default(1),
         help="Stream APIs only (the unary ones ignore it): streams the workers share, each "
         "carrying its share of the concurrency (default: %(default)s).",
     )
     parser.add_argument(
         "--batch",
-        type=_bounded(int, 1, MAX_BATCH),
+        type=bounded(int, 1, MAX_BATCH),
         default=default(1),
         help="Images per request (default: %(default)s).",
     )
@@ -180,13 +121,13 @@ def _add_client_options(parser: argparse.ArgumentParser, defaults: bool) -> None
         help="Native API only: send FP32 tensors or PNG files (default: %(default)s).",
     )
     parser.add_argument(
-        "--top-k", type=_bounded(int, 0, 1000), default=default(5), help=argparse.SUPPRESS
+        "--top-k", type=bounded(int, 0, 1000), default=default(5), help=argparse.SUPPRESS
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python bench/load.py",
+        prog="python -m benchmarks compare",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -201,29 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
         "configuration and round, and stop it after.",
     )
     _add_client_options(parser, defaults=True)
-    parser.add_argument(
-        "--duration",
-        type=_bounded(float, 0.1, MAX_DURATION_S),
-        default=10.0,
-        help="Seconds measured per configuration (default: %(default)s).",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=_bounded(float, 0.0, MAX_WARMUP_S),
-        default=1.0,
-        help="Seconds of load before measuring (default: %(default)s).",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_bounded(float, 0.1, 120.0),
-        default=10.0,
-        help="Deadline of each request in seconds (default: %(default)s).",
+    add_timing_options(
+        parser,
+        (10.0, "Seconds measured per configuration (default: %(default)s)."),
+        (1.0, "Seconds of load before measuring (default: %(default)s)."),
     )
     parser.add_argument(
         "--server-args",
         default="",
         metavar="ARGS",
-        help='Extra flags for the started server, e.g. "--intra-op-threads 2".',
+        help="Extra flags for the started server, written with '=' because they start "
+        'with a dash: --server-args="--intra-op-threads 2".',
     )
     parser.add_argument(
         "--compare",
@@ -234,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rounds",
-        type=_bounded(int, 1, 10),
+        type=bounded(int, 1, 10),
         default=1,
         help="Run every configuration this many times, interleaved; rounds add up "
         "(default: %(default)s).",
@@ -303,15 +232,17 @@ def _compare_configs(args: argparse.Namespace, base: Config) -> list[Config]:
 
 
 def _run_one(args: argparse.Namespace, config: Config) -> Sample:
-    timing = (args.duration, args.warmup, args.timeout)
+    def window() -> Window:
+        return Window(time.perf_counter(), args.warmup, args.duration, args.timeout)
+
     if args.model_repository is None:
-        return asyncio.run(run_load(args.server, config, *timing, READY_WAIT_S))
+        return asyncio.run(run_load(args.server, config, window(), READY_WAIT_S))
     with start_server(args.model_repository, config.server_args) as server:
         return asyncio.run(
             run_load(
                 server.target,
                 config,
-                *timing,
+                window(),
                 READY_WAIT_S,
                 server_cpu=server.cpu_seconds,
                 check=server.check_alive,
@@ -360,7 +291,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.out}", file=sys.stderr)
     failed = sum(not o.requests for o in outcomes)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

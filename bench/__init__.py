@@ -1,1 +1,0 @@
-"""Load generator for the server: `python bench/load.py --help`."""

@@ -1,0 +1,1 @@
+"""Benchmarks of the served path against its ceilings: `python -m benchmarks --help`."""
