@@ -7,6 +7,7 @@ The ports come from the server's own log line, read with the server's own parser
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -41,8 +42,11 @@ class ServerProcess:
         *args: str,
         grace_period_s: float = 5.0,
         until_started: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.repository = repository
+        # Variables added to this process's environment (e.g. SERVER_AUTH_TOKENS).
+        self.env = {**os.environ, **(env or {})}
         # False: start() returns once the ports are known, while models may still load.
         self.until_started = until_started
         self.command = [
@@ -67,6 +71,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             self.command,
             cwd=PROJECT_ROOT,
+            env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -224,12 +229,13 @@ class ServerGroup:
         models: Sequence[str] | None = None,
         prepare: Callable[[Path], None] | None = None,
         grace_period_s: float = 5.0,
+        env: Mapping[str, str] | None = None,
     ) -> ServerProcess:
         """Copy `models` (default: all), let `prepare` change the copy, serve it with `args`."""
         repository = copy_repository(self._source, self._workspace() / "repository", models)
         if prepare is not None:
             prepare(repository)
-        server = ServerProcess(repository, *args, grace_period_s=grace_period_s)
+        server = ServerProcess(repository, *args, grace_period_s=grace_period_s, env=env)
         self._servers.append(server)
         return server.start()
 

@@ -1,4 +1,4 @@
-"""The client library, its CLI and the load generator against a real server subprocess."""
+"""The client library and its CLI against a real server subprocess."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from PIL import Image
 from server_process import (
     PROJECT_ROOT,
     ServerProcess,
-    copy_repository,
     onnx_probabilities,
 )
 
@@ -273,113 +271,3 @@ def test_cli_errors_are_one_line(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert mention in lines[0]
-
-
-# --- load generator --------------------------------------------------------------------------
-
-
-def run_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """bench/load.py run as a script, as users run it (not as a module)."""
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "bench" / "load.py"), *args],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def test_bench_short_run(server: ServerProcess, tmp_path: Path) -> None:
-    """About two seconds: one second on each API, side by side, with ratios to the first."""
-    out = tmp_path / "bench.json"
-    done = run_bench(
-        "--server", server.target, "--model", MODEL, "--concurrency", "4",
-        "--duration", "1", "--warmup", "0.2", "--out", str(out),
-        "--compare", "native=--api native", "kserve=--api kserve",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    report = json.loads(out.read_text())
-    native, kserve = report["results"]
-    assert (native["config"]["api"], kserve["config"]["api"]) == ("native", "kserve")
-    for result in (native, kserve):
-        assert result["requests"] > 0
-        assert result["errors"] == {}
-        assert result["requests_per_s"] == pytest.approx(result["requests"] / 1.0, rel=0.01)
-        assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
-    assert native["ratios"]["requests_per_s"] == 1.0
-    assert kserve["ratios"]["requests_per_s"] == pytest.approx(
-        kserve["requests_per_s"] / native["requests_per_s"], rel=0.01
-    )
-    assert "REQ/S" in done.stdout and "kserve" in done.stdout
-
-
-def test_bench_stream_modes(server: ServerProcess, tmp_path: Path) -> None:
-    """About two seconds: each stream API carries its requests over two streams, all answered."""
-    out = tmp_path / "bench.json"
-    done = run_bench(
-        "--server", server.target, "--model", MODEL, "--concurrency", "4", "--streams", "2",
-        "--duration", "1", "--warmup", "0.2", "--out", str(out),
-        "--compare", "native=--api native-stream", "kserve=--api kserve-stream",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    results = json.loads(out.read_text())["results"]
-    assert [r["config"]["api"] for r in results] == ["native-stream", "kserve-stream"]
-    for result in results:
-        assert result["config"]["streams"] == 2
-        assert result["requests"] > 0
-        assert result["errors"] == {}
-        assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
-
-
-def test_bench_starts_its_own_server(model_repository: Path, tmp_path: Path) -> None:
-    """--model-repository: a server per configuration, measured from outside, then stopped."""
-    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
-    out = tmp_path / "bench.json"
-    done = run_bench(
-        "--model-repository", str(repo), "--model", MODEL, "--concurrency", "2",
-        "--duration", "0.5", "--warmup", "0.1", "--out", str(out),
-        "--compare", "one=--intra-op-threads 1", "k=--api kserve",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    report = json.loads(out.read_text())
-    assert report["target"] == f"started server on {repo}"
-    one, kserve = report["results"]
-    assert one["config"]["server_args"] == ["--intra-op-threads", "1"]
-    assert kserve["config"]["api"] == "kserve"
-    for result in (one, kserve):
-        assert result["requests"] > 0 and result["errors"] == {}
-        assert result["server_cores"] is not None and result["server_cores"] > 0
-
-
-@pytest.mark.parametrize("case", ["server exits", "model not ready"])
-def test_bench_fails_at_once_when_its_server_cannot_serve(
-    case: str, model_repository: Path, tmp_path: Path
-) -> None:
-    """No waiting out the start-up timeout (minutes): the cause comes back in seconds."""
-    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
-    flags = ["--model-repository", str(repo), "--duration", "0.5", "--warmup", "0"]
-    if case == "server exits":
-        flags.append("--server-args=--no-such-flag")
-        expected = ["exited with status 2 before it was ready", "--no-such-flag"]
-    else:
-        (repo / MODEL / "1" / ONNX_FILE).write_bytes(b"not an onnx model")
-        expected = [f"model '{MODEL}' is not ready after start-up", "UNAVAILABLE"]
-    began = time.monotonic()
-    done = run_bench(*flags)
-    elapsed = time.monotonic() - began
-
-    assert done.returncode == 1
-    assert "Traceback" not in done.stderr
-    assert elapsed < 30, f"took {elapsed:.1f} s"
-    for text in expected:
-        assert text in done.stderr
-    if case == "server exits":  # the server's own last words are shown
-        assert "unrecognized arguments" in done.stderr
-
-
-def test_bench_rejects_an_invalid_address() -> None:
-    done = run_bench("--server", "bad::addr::", "--duration", "0.5", timeout=30)
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1] == (
-        "error: invalid server address 'bad::addr::': not a valid host name"
-    )

@@ -87,7 +87,9 @@ def _build(repo: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(serve: Callable[..., ServerProcess]) -> ServerProcess:
-    return serve("--max-queue-size", "1", models=["fashion_mnist"], prepare=_build)
+    return serve(
+        "--max-queue-size", "1", "--enable-model-control", models=["fashion_mnist"], prepare=_build
+    )
 
 
 def _images(n: int = 1, seed: int = 0, top: float = 0.9) -> np.ndarray:

@@ -259,6 +259,17 @@ def test_repository_index(triton_client: triton.InferenceServerClient) -> None:
     }
 
 
+def test_model_control_is_refused_by_default(triton_client: triton.InferenceServerClient) -> None:
+    """Without --enable-model-control, load and unload are refused and nothing changes."""
+    for call in (triton_client.unload_model, triton_client.load_model):
+        with pytest.raises(InferenceServerException) as caught:
+            call("fashion_mnist")
+        assert caught.value.status() == "StatusCode.FAILED_PRECONDITION"
+        assert "start the server with --enable-model-control" in caught.value.message()
+    assert triton_client.is_model_ready("fashion_mnist")
+    assert len(triton_client.get_model_repository_index().models) == 3  # the index stays open
+
+
 def test_health(channel: grpc.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "inference.GRPCInferenceService", "fashion_mnist", "cifar10"):
@@ -305,7 +316,7 @@ def test_reflection_lists_services_under_wire_names(channel: grpc.Channel) -> No
 
 @pytest.fixture(scope="module")
 def reload_server(serve: Callable[..., ServerProcess]) -> ServerProcess:
-    return serve(models=["fashion_mnist"])
+    return serve("--enable-model-control", models=["fashion_mnist"])
 
 
 def _add_version(server: ServerProcess) -> str:

@@ -24,6 +24,7 @@ from server_process import (
     set_batching,
 )
 
+from wire import classifier_pb2
 from wire import grpc_service_pb2 as pb
 
 SHAPE = (1, 28, 28)
@@ -188,3 +189,100 @@ def test_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "is not a directory" in result.stderr and "build-repository" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- SIGTERM under sustained load ---
+
+LOAD_CLIENTS = 24
+
+
+@pytest.fixture(scope="module")
+def busy_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fashion_mnist with a 2 ms window: a steady stream of small batches."""
+    repo = copy_repository(
+        model_repository, tmp_path_factory.mktemp("busy") / "repository", ["fashion_mnist"]
+    )
+    set_batching(repo / "fashion_mnist", max_queue_delay_us=2000, max_batch_size=32)
+    return repo
+
+
+async def _load_through_signal(server: ServerProcess, images: np.ndarray) -> dict[str, object]:
+    """Closed-loop clients on both APIs, before, across and after SIGTERM, until every client
+    has been refused; the server is signalled once answers flow."""
+    outcomes: list[tuple[int, float, object]] = []
+    signalled: list[float] = []
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        infer = channel.unary_unary(
+            INFER,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        classify = channel.unary_unary(
+            "/imgserve.classifier.v1.Classifier/Classify",
+            request_serializer=classifier_pb2.ClassifyRequest.SerializeToString,
+            response_deserializer=classifier_pb2.ClassifyResponse.FromString,
+        )
+
+        async def client(worker: int) -> None:
+            index = worker
+            while True:
+                row = index % len(images)
+                sent = time.monotonic()
+                try:
+                    if worker % 2:
+                        tensor = classifier_pb2.Tensor(
+                            shape=list(SHAPE), datatype="FP32", data=images[row].tobytes()
+                        )
+                        request = classifier_pb2.ClassifyRequest(
+                            model="fashion_mnist", images=[classifier_pb2.Image(tensor=tensor)]
+                        )
+                        answer: object = await classify(request, timeout=20)
+                    else:
+                        answer = await infer(_request(images, row), timeout=20)
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append((row, sent, (exc.code(), exc.details())))
+                    return  # refused: the server is going away
+                outcomes.append((row, sent, answer))
+                index += LOAD_CLIENTS
+
+        clients = [asyncio.create_task(client(i)) for i in range(LOAD_CLIENTS)]
+        while len(outcomes) < 200:
+            await asyncio.sleep(0.01)
+        server.send_signal(signal.SIGTERM)
+        signalled.append(time.monotonic())
+        _, pending = await asyncio.wait(clients, timeout=30)
+        assert not pending, f"{len(pending)} clients hang"
+    return {"outcomes": outcomes, "signalled": signalled[0]}
+
+
+def test_sigterm_under_load_answers_every_accepted_request(busy_repository: Path) -> None:
+    images = np.random.default_rng(1).random((256, *SHAPE), dtype=np.float32)
+    expected = onnx_probabilities(busy_repository / "fashion_mnist" / "1" / "model.onnx", images)
+    server = ServerProcess(busy_repository, grace_period_s=GRACE_S).start()
+    try:
+        result = asyncio.run(_load_through_signal(server, images))
+        status = server.wait(GRACE_S + 10)
+    finally:
+        server.kill()
+    assert status == 0, server.log
+    assert _stopped_after(server) < GRACE_S + 2
+    signalled = result["signalled"]
+    answered_after = 0
+    refusals = []
+    for row, sent, outcome in result["outcomes"]:
+        if isinstance(outcome, tuple):
+            refusals.append(outcome)
+            continue
+        if isinstance(outcome, classifier_pb2.ClassifyResponse):
+            got = np.array(outcome.results[0].probabilities, np.float32)
+        else:
+            got = np.frombuffer(outcome.raw_output_contents[0], np.float32)
+        np.testing.assert_allclose(got, expected[row], rtol=0, atol=1e-6)
+        answered_after += sent >= signalled - 0.05
+    # Every client ended on a refusal, each one UNAVAILABLE: the server said it is stopping,
+    # or no longer took connections. Nothing accepted was cancelled or failed.
+    assert len(refusals) == LOAD_CLIENTS
+    for code, details in refusals:
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert "shutting down" in details or "Connection refused" in details, details
+    assert answered_after > 0  # requests in flight at the signal were answered

@@ -116,6 +116,7 @@ def test_non_utf8_config_makes_only_that_model_unavailable(
             assert health(channel, "fashion_mnist") == "SERVING"
             assert health(channel, "cifar10") == "NOT_SERVING"
             assert health(channel, "") == "NOT_SERVING"  # not every model is ready
+            assert health(channel, "liveness") == "SERVING"  # no restart would fix cifar10
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as page:
             metrics = page.read().decode()
         assert "imgserve_model_ready" in metrics
@@ -153,6 +154,7 @@ def test_sigterm_during_a_slow_load_exits_within_the_grace_period(
             assert health(channel, "fashion_mnist") == "SERVING", server.log
             assert health(channel, "slow") == "NOT_SERVING"
             assert health(channel, "") == "NOT_SERVING"
+            assert health(channel, "liveness") == "SERVING"  # alive while it loads
         assert STARTED not in server.log, "the slow model loaded too fast to test anything"
         status, took = server.exit_after(signal.SIGTERM, EXIT_BOUND_S + 60)
         log = server.log

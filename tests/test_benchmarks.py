@@ -1,0 +1,315 @@
+"""The benchmark tool end to end against real server subprocesses, and the null-compute server.
+
+Structure and sanity only (keys, positive throughputs, ordered percentiles, ratios that follow
+from the figures): speed is never asserted, it is what the tool reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from server_process import PROJECT_ROOT, ServerProcess, copy_repository
+
+from modelrepo.layout import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
+from server.app import NULL_COMPUTE_WARNING
+from server.batcher import Batcher
+from server.config import parse_settings
+from server.metrics import Metrics
+from server.runtimes.null import NullRuntime
+
+MODEL = "fashion_mnist"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def server(model_repository: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(model_repository, "--models", MODEL) as process:
+        yield process
+
+
+# --- the suite: python -m benchmarks ---------------------------------------------------------
+
+
+def test_short_run_measures_served_path_against_both_ceilings(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Compute ceiling, transport ceiling and served sweeps, two client processes, one rate."""
+    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
+    out = tmp_path / "results"
+    done = run_benchmarks(
+        "--short", "--model-repository", str(repo), "--model", MODEL,
+        "--client-processes", "2", "--concurrency", "1", "4", "--batch-images", "4",
+        "--rates", "50", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert set(report) >= {"created", "machine", "settings", "compute_ceiling", "steps", "ratios"}
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    assert report["settings"]["client_processes"] == 2
+
+    ceiling = report["compute_ceiling"]
+    assert [p["batch_size"] for p in ceiling][:2] == [1, 2]
+    assert all(p["images_per_s"] > 0 and p["batch_ms"] > 0 for p in ceiling)
+
+    steps = report["steps"]
+    closed = [s for s in steps if s["mode"] == "closed"]
+    kinds = {(s["server"], s["concurrency"], s["images_per_request"]) for s in closed}
+    assert kinds == {(k, c, i) for k in ("served", "transport") for c in (1, 4) for i in (1, 4)}
+    (open_step,) = [s for s in steps if s["mode"] == "open"]
+    assert open_step["server"] == "served" and open_step["offered_rate"] == 50
+    for step in steps:
+        assert step["requests"] > 0 and step["errors"] == {}
+        assert step["images_per_s"] == pytest.approx(
+            step["requests_per_s"] * step["images_per_request"], rel=0.01
+        )
+        lat = step["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert step["server_cpu_cores"] > 0 and step["client_cpu_cores"] > 0
+        assert step["server_cpu_ms_per_request"] == pytest.approx(
+            1000 * step["server_cpu_cores"] / step["requests_per_s"], rel=2e-2
+        )
+        # Batches hold whole requests: at least one request's images, at most max_batch_size.
+        assert step["images_per_request"] <= step["mean_batch_size"] <= 64
+
+    by_key = {(s["server"], s["concurrency"], s["images_per_request"]): s for s in closed}
+    vs_transport = report["ratios"]["served_vs_transport"]
+    assert len(vs_transport) == 4
+    for r in vs_transport:
+        served = by_key["served", r["concurrency"], r["images_per_request"]]
+        null = by_key["transport", r["concurrency"], r["images_per_request"]]
+        assert r["ratio"] == pytest.approx(served["images_per_s"] / null["images_per_s"], abs=2e-4)
+        cpu = null["server_cpu_ms_per_request"] / served["server_cpu_ms_per_request"]
+        assert r["cpu_per_request_ratio"] == pytest.approx(cpu, rel=1e-2)
+    vs_compute = report["ratios"]["served_vs_compute"]
+    assert len(vs_compute) == 4
+    sizes = [p["batch_size"] for p in ceiling]
+    for r in vs_compute:
+        served = by_key["served", r["concurrency"], r["images_per_request"]]
+        assert r["mean_batch_size"] == served["mean_batch_size"]
+        expected = np.interp(
+            np.log2(r["mean_batch_size"]), np.log2(sizes), [p["images_per_s"] for p in ceiling]
+        )
+        assert r["ceiling_images_per_s"] == pytest.approx(expected, rel=1e-3)
+        assert r["ratio"] == pytest.approx(served["images_per_s"] / expected, rel=1e-2, abs=1e-4)
+
+    for name in ("throughput.png", "latency.png", "open_loop.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert "P99 MS" in done.stdout and "served / transport ceiling" in done.stdout
+    assert "client process" in done.stderr  # progress lines while it runs
+
+
+def test_external_target_has_no_server_cpu(server: ServerProcess, tmp_path: Path) -> None:
+    """--target: only the served sweep, over the KServe v2 protocol; server CPU is n/a."""
+    out = tmp_path / "results"
+    done = run_benchmarks(
+        "--short", "--target", server.target, "--model", MODEL, "--concurrency", "2",
+        "--batch-images", "1", "--rates", "--metrics-url", server.metrics_url,
+        "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    (step,) = report["steps"]
+    assert (step["server"], step["mode"], step["concurrency"]) == ("served", "closed", 2)
+    assert step["requests"] > 0
+    assert step["server_cpu_cores"] is None and step["server_cpu_ms_per_request"] is None
+    assert step["mean_batch_size"] >= 1
+    assert report["compute_ceiling"] == [] and report["ratios"]["served_vs_transport"] == []
+    assert " n/a " in done.stdout
+
+
+def test_needs_a_repository_or_a_target() -> None:
+    done = run_benchmarks("--short", timeout=30)
+    assert done.returncode == 2
+    assert "--model-repository" in done.stderr and "--target" in done.stderr
+
+
+# --- the null-compute server -----------------------------------------------------------------
+
+
+def test_null_compute_answers_uniform_probabilities_through_the_batcher(
+    model_repository: Path,
+) -> None:
+    with ServerProcess(model_repository, "--models", MODEL, "--null-compute") as process:
+        assert NULL_COMPUTE_WARNING in process.log
+        with triton.InferenceServerClient(process.target) as client:
+            images = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+            tensor = triton.InferInput(INPUT_NAME, list(images.shape), "FP32")
+            tensor.set_data_from_numpy(images)
+            result = client.infer(
+                MODEL, [tensor], outputs=[triton.InferRequestedOutput(OUTPUT_NAME)]
+            )
+            probabilities = result.as_numpy(OUTPUT_NAME)
+        assert probabilities.shape == (3, 10) and probabilities.dtype == np.float32
+        np.testing.assert_allclose(probabilities, 0.1)
+        assert process.metric("imgserve_batch_size_count", model=MODEL, version="1") >= 1
+        assert process.metric("imgserve_batch_size_sum", model=MODEL, version="1") >= 3
+
+
+def test_null_compute_is_a_boolean_setting(tmp_path: Path) -> None:
+    assert parse_settings(["--model-repository", str(tmp_path)], env={}).null_compute is False
+    assert parse_settings(
+        ["--model-repository", str(tmp_path), "--null-compute"], env={}
+    ).null_compute
+    env = {"SERVER_NULL_COMPUTE": "1"}
+    assert parse_settings(["--model-repository", str(tmp_path)], env=env).null_compute
+
+
+# --- the adaptive batch delay (an optimisation the benchmarks measured) -------------------------
+
+
+def test_adaptive_delay_runs_a_lone_request_at_once_and_still_batches_under_load() -> None:
+    """A 30 s delay: a lone request is not held for it, concurrent requests still share a batch
+    (and once several did, the next lone request waits for companions again)."""
+
+    async def scenario() -> tuple[float, list[int], bool]:
+        metrics = Metrics()
+        batcher = Batcher(
+            [NullRuntime(10)], model=MODEL, version=1, max_batch_size=4,
+            max_queue_delay_s=30.0, max_queue_size=16, metrics=metrics, adaptive_delay=True,
+        )  # fmt: skip
+        batcher.start()
+        began = time.monotonic()
+        await batcher.submit(np.zeros((1, 1, 28, 28), np.float32))
+        lone = time.monotonic() - began
+        await asyncio.sleep(0)
+        # Four arrive together: the worker wakes on the first and finds them all queued.
+        answers = await asyncio.gather(
+            *(batcher.submit(np.zeros((1, 1, 28, 28), np.float32)) for _ in range(4))
+        )
+        batches = metrics.registry.get_sample_value(
+            "imgserve_batch_size_count", {"model": MODEL, "version": "1"}
+        )
+        later = asyncio.ensure_future(batcher.submit(np.zeros((1, 1, 28, 28), np.float32)))
+        await asyncio.sleep(0.2)
+        held = not later.done()  # the last batch held 4 requests: it waits for companions
+        await batcher.close()  # flushes it
+        await later
+        return lone, [len(a) for a in answers] + [int(batches or 0)], held
+
+    lone, sizes, held = asyncio.run(scenario())
+    assert lone < 10.0  # not the 30 s delay
+    assert sizes == [1, 1, 1, 1, 2]  # every caller its row; the four in one batch (2 in all)
+    assert held
+
+
+# --- compare: the side-by-side load generator ---------------------------------------------
+
+
+def run_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m benchmarks compare ...`, as users run it."""
+    return run_benchmarks("compare", *args, timeout=timeout)
+
+
+def run_benchmarks(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_bench_short_run(server: ServerProcess, tmp_path: Path) -> None:
+    """About two seconds: one second on each API, side by side, with ratios to the first."""
+    out = tmp_path / "bench.json"
+    done = run_bench(
+        "--server", server.target, "--model", MODEL, "--concurrency", "4",
+        "--duration", "1", "--warmup", "0.2", "--out", str(out),
+        "--compare", "native=--api native", "kserve=--api kserve",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    native, kserve = report["results"]
+    assert (native["config"]["api"], kserve["config"]["api"]) == ("native", "kserve")
+    for result in (native, kserve):
+        assert result["requests"] > 0
+        assert result["errors"] == {}
+        assert result["requests_per_s"] == pytest.approx(result["requests"] / 1.0, rel=0.01)
+        assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+    assert native["ratios"]["requests_per_s"] == 1.0
+    assert kserve["ratios"]["requests_per_s"] == pytest.approx(
+        kserve["requests_per_s"] / native["requests_per_s"], rel=0.01
+    )
+    assert "REQ/S" in done.stdout and "kserve" in done.stdout
+
+
+def test_bench_stream_modes(server: ServerProcess, tmp_path: Path) -> None:
+    """About two seconds: each stream API carries its requests over two streams, all answered."""
+    out = tmp_path / "bench.json"
+    done = run_bench(
+        "--server", server.target, "--model", MODEL, "--concurrency", "4", "--streams", "2",
+        "--duration", "1", "--warmup", "0.2", "--out", str(out),
+        "--compare", "native=--api native-stream", "kserve=--api kserve-stream",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [r["config"]["api"] for r in results] == ["native-stream", "kserve-stream"]
+    for result in results:
+        assert result["config"]["streams"] == 2
+        assert result["requests"] > 0
+        assert result["errors"] == {}
+        assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+
+
+def test_bench_starts_its_own_server(model_repository: Path, tmp_path: Path) -> None:
+    """--model-repository: a server per configuration, measured from outside, then stopped."""
+    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
+    out = tmp_path / "bench.json"
+    done = run_bench(
+        "--model-repository", str(repo), "--model", MODEL, "--concurrency", "2",
+        "--duration", "0.5", "--warmup", "0.1", "--out", str(out),
+        "--compare", "one=--intra-op-threads 1", "k=--api kserve",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["target"] == f"started server on {repo}"
+    one, kserve = report["results"]
+    assert one["config"]["server_args"] == ["--intra-op-threads", "1"]
+    assert kserve["config"]["api"] == "kserve"
+    for result in (one, kserve):
+        assert result["requests"] > 0 and result["errors"] == {}
+        assert result["server_cores"] is not None and result["server_cores"] > 0
+
+
+@pytest.mark.parametrize("case", ["server exits", "model not ready"])
+def test_bench_fails_at_once_when_its_server_cannot_serve(
+    case: str, model_repository: Path, tmp_path: Path
+) -> None:
+    """No waiting out the start-up timeout (minutes): the cause comes back in seconds."""
+    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
+    flags = ["--model-repository", str(repo), "--duration", "0.5", "--warmup", "0"]
+    if case == "server exits":
+        flags.append("--server-args=--no-such-flag")
+        expected = ["exited with status 2 before it was ready", "--no-such-flag"]
+    else:
+        (repo / MODEL / "1" / ONNX_FILE).write_bytes(b"not an onnx model")
+        expected = [f"model '{MODEL}' is not ready after start-up", "UNAVAILABLE"]
+    began = time.monotonic()
+    done = run_bench(*flags)
+    elapsed = time.monotonic() - began
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    for text in expected:
+        assert text in done.stderr
+    if case == "server exits":  # the server's own last words are shown
+        assert "unrecognized arguments" in done.stderr
+
+
+def test_bench_rejects_an_invalid_address() -> None:
+    done = run_bench("--server", "bad::addr::", "--duration", "0.5", timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: invalid server address 'bad::addr::': not a valid host name"
+    )

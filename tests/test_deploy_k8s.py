@@ -1,0 +1,274 @@
+"""Kubernetes and KServe manifests: built-in kinds validated offline by kubernetes-validate
+--strict (the Kubernetes OpenAPI schemas; unknown fields are errors), custom resources and
+the kustomizations read with yaml and checked for the fields the deployment relies on, and
+the pieces checked against each other (ports, labels, paths, images).
+
+No cluster here: nothing is applied. The GPU overlay is rendered by applying its JSON
+patches below, and the result validated like the base.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from deploy_tools import DEPLOY, ROOT, run, tool, yaml_document, yaml_documents
+
+from server.api.health import LIVENESS
+
+K8S = DEPLOY / "k8s"
+KSERVE = DEPLOY / "kserve"
+BUILT_IN = {"v1", "apps/v1", "batch/v1", "autoscaling/v2", "policy/v1"}
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """kind -> the one manifest of that kind in the base kustomization."""
+    found = {}
+    for name in yaml_document(K8S / "kustomization.yaml")["resources"]:
+        for doc in yaml_documents(K8S / name):
+            assert doc["kind"] not in found, f"two {doc['kind']} manifests"
+            found[doc["kind"]] = doc
+    return found
+
+
+@pytest.fixture(scope="module")
+def base() -> dict[str, dict[str, Any]]:
+    return manifests()
+
+
+def container(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [c for c in manifest["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return found
+
+
+def validate(tmp_path: Path, docs: dict[str, dict[str, Any]]) -> None:
+    """kubernetes-validate --strict on each built-in manifest (one process for all)."""
+    files = []
+    for kind, doc in docs.items():
+        if doc["apiVersion"] in BUILT_IN:
+            files.append(tmp_path / f"{kind}.yaml")
+            files[-1].write_text(yaml.safe_dump(doc))
+    result = run([tool("kubernetes-validate"), "--strict", *map(str, files)], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for file in files:
+        assert f"{file} passed" in result.stdout, result.stdout
+
+
+def test_base_kustomization_lists_every_manifest() -> None:
+    listed = yaml_document(K8S / "kustomization.yaml")["resources"]
+    on_disk = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == on_disk
+
+
+def test_builtin_kinds_pass_strict_validation(base: Any, tmp_path: Path) -> None:
+    kinds = {kind for kind, doc in base.items() if doc["apiVersion"] in BUILT_IN}
+    assert kinds == {
+        "ConfigMap", "PersistentVolumeClaim", "Job", "Deployment", "Service",
+        "HorizontalPodAutoscaler", "PodDisruptionBudget",
+    }  # fmt: skip
+    validate(tmp_path, base)
+    example = yaml_document(K8S / "examples" / "hpa-queue-time.yaml")
+    validate(tmp_path, {"HpaQueueTime": example})
+
+
+def test_strict_validation_rejects_an_unknown_field(base: Any, tmp_path: Path) -> None:
+    """Guards the test above against a validator that accepts anything."""
+    broken = copy.deepcopy(base["Deployment"])
+    broken["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(AssertionError, match="readinesProbe"):
+        validate(tmp_path, {"Deployment": broken})
+
+
+def test_service_pdb_and_hpa_select_the_deployment(base: Any) -> None:
+    deployment = base["Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert base["Service"]["spec"]["selector"] == selector
+    assert base["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selector
+    hpa = base["HorizontalPodAutoscaler"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert hpa["spec"]["minReplicas"] >= 2 > base["PodDisruptionBudget"]["spec"]["minAvailable"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+
+
+def test_ports_and_probes_agree_with_the_settings(base: Any) -> None:
+    settings = base["ConfigMap"]["data"]
+    server = container(base["Deployment"], "server")
+    assert server["envFrom"] == [{"configMapRef": {"name": base["ConfigMap"]["metadata"]["name"]}}]
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports == {"grpc": int(settings["SERVER_GRPC_PORT"]), "metrics": 8002}
+    assert ports["metrics"] == int(settings["SERVER_METRICS_PORT"])
+    service_ports = {p["name"]: p for p in base["Service"]["spec"]["ports"]}
+    assert set(service_ports) == {"grpc", "metrics"}
+    for name, port in service_ports.items():
+        assert port["targetPort"] == name and port["port"] == ports[name]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert server[probe]["grpc"] == {"port": ports["grpc"], "service": ""}, probe
+    assert server["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": LIVENESS}
+    # Liveness must not kill a pod that is draining: it tolerates longer than the drain.
+    liveness = server["livenessProbe"]
+    grace = float(settings["SERVER_GRACE_PERIOD_S"])
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > grace
+    assert base["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+
+
+def test_model_repository_path_is_the_pvc_mount_everywhere(base: Any) -> None:
+    settings = base["ConfigMap"]["data"]
+    pvc = base["PersistentVolumeClaim"]["metadata"]["name"]
+    pod = base["Deployment"]["spec"]["template"]["spec"]
+    claims = {
+        v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]
+    }
+    models = {name for name, claim in claims.items() if claim == pvc}
+    assert len(models) == 1
+    for c in pod["containers"] + pod["initContainers"]:
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] in models]
+        assert mount["mountPath"] == settings["SERVER_MODEL_REPOSITORY"] and mount["readOnly"]
+    job_pod = base["Job"]["spec"]["template"]["spec"]
+    (job_volume,) = [v["name"] for v in job_pod["volumes"] if "persistentVolumeClaim" in v]
+    (trainer,) = job_pod["containers"]
+    (mount,) = [m for m in trainer["volumeMounts"] if m["name"] == job_volume]
+    assert f"--model-repository {mount['mountPath']}" in trainer["args"][0]
+    assert f'ls -A {mount["mountPath"]})" ]' in trainer["args"][0]  # only when empty
+
+
+def test_pods_run_non_root_with_a_read_only_root_and_resources(base: Any) -> None:
+    user = re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert user is not None
+    for kind in ("Deployment", "Job"):
+        pod = base[kind]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == int(user[1])
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, (kind, c["name"])
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]), (kind, c["name"])
+            assert "memory" in c["resources"]["limits"], (kind, c["name"])
+
+
+def test_images_match_the_compose_stack(base: Any) -> None:
+    compose = yaml_document(DEPLOY / "docker-compose.yml")["services"]
+    server = container(base["Deployment"], "server")
+    assert server["image"] == compose["server"]["image"]
+    (trainer,) = base["Job"]["spec"]["template"]["spec"]["containers"]
+    assert trainer["image"] == compose["trainer"]["image"]
+
+
+def test_servicemonitor_scrapes_the_metrics_port(base: Any) -> None:
+    monitor = base["ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    service = base["Service"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    # The job label is the Service name; the alert rules and the dashboard select job="imgserve".
+    assert service["metadata"]["name"] == "imgserve"
+    assert 'job="imgserve"' in (DEPLOY / "prometheus" / "alerts.yml").read_text()
+
+
+def json_patch(doc: dict[str, Any], operations: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `add` and `replace` operations of RFC 6902, as kustomize applies them."""
+    doc = copy.deepcopy(doc)
+    for op in operations:
+        assert op["op"] in ("add", "replace"), op
+        *parents, last = [
+            part.replace("~1", "/").replace("~0", "~") for part in op["path"].split("/")[1:]
+        ]
+        node: Any = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            index = int(last)
+            if op["op"] == "add":
+                node.insert(index, op["value"])
+            else:
+                node[index] = op["value"]
+        else:
+            assert op["op"] == "add" or last in node, f"replace of a missing {op['path']}"
+            node[last] = op["value"]
+    return doc
+
+
+def gpu_overlay(base: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    overlay = yaml_document(K8S / "gpu" / "kustomization.yaml")
+    assert overlay["resources"] == [".."]
+    rendered = dict(base)
+    for patch in overlay["patches"]:
+        target = patch["target"]
+        doc = rendered[target["kind"]]
+        assert doc["metadata"]["name"] == target["name"]
+        rendered[target["kind"]] = json_patch(doc, yaml.safe_load(patch["patch"]))
+    return rendered
+
+
+def test_gpu_overlay_renders_valid_manifests_that_ask_for_a_gpu(base: Any, tmp_path: Path) -> None:
+    rendered = gpu_overlay(base)
+    validate(tmp_path, rendered)
+    server = container(rendered["Deployment"], "server")
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert server["image"].endswith("-gpu")
+    compose_gpu = yaml_document(DEPLOY / "docker-compose.gpu.yml")["services"]["server"]
+    assert server["image"] == compose_gpu["image"]
+    assert rendered["ConfigMap"]["data"]["SERVER_DEVICE"] == "cuda"
+    tolerations = rendered["Deployment"]["spec"]["template"]["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    assert "nvidia.com/gpu" not in container(base["Deployment"], "server")["resources"]["limits"]
+
+
+def test_queue_time_autoscaling_example_uses_the_adapter_metric(base: Any) -> None:
+    hpa = yaml_document(K8S / "examples" / "hpa-queue-time.yaml")
+    (metric,) = hpa["spec"]["metrics"]
+    (rule,) = yaml_document(K8S / "examples" / "prometheus-adapter-values.yaml")["rules"]["custom"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert re.fullmatch(rule["name"]["matches"], "imgserve_queue_duration_seconds_count")
+    cpu_hpa = base["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"] == cpu_hpa["spec"]["scaleTargetRef"]
+    # The same HPA name: it replaces the CPU one rather than fighting it.
+    assert hpa["metadata"]["name"] == cpu_hpa["metadata"]["name"]
+
+
+def test_kserve_runtime_serves_grpc_v2_onnx_and_torchscript(tmp_path: Path) -> None:
+    runtime = yaml_document(KSERVE / "servingruntime.yaml")
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    assert runtime["kind"] == "ServingRuntime"
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["grpc-v2"]
+    assert {f["name"] for f in spec["supportedModelFormats"]} == {"onnx", "pytorch"}
+    (server,) = spec["containers"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert env["SERVER_MODEL_REPOSITORY"] == "/mnt/models"  # where KServe puts storageUri
+    (port,) = server["ports"]
+    assert port["name"] == "h2c" and port["containerPort"] == int(env["SERVER_GRPC_PORT"])
+    assert server["readinessProbe"]["grpc"]["port"] == port["containerPort"]
+    assert spec["annotations"]["prometheus.kserve.io/port"] == env["SERVER_METRICS_PORT"]
+    # The container is a valid Kubernetes container: validate it inside a Pod.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "servingruntime-container"},
+        "spec": {"containers": spec["containers"]},
+    }
+    validate(tmp_path, {"Pod": pod})
+
+
+def test_kserve_inference_service_uses_the_runtime() -> None:
+    runtime = yaml_document(KSERVE / "servingruntime.yaml")
+    service = yaml_document(KSERVE / "inferenceservice.yaml")
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert model["modelFormat"]["name"] in formats
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    pvc = yaml_document(K8S / "pvc.yaml")["metadata"]["name"]
+    assert model["storageUri"] == f"pvc://{pvc}/"
