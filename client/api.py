@@ -33,12 +33,13 @@ _RESOLVE_REASONS = (
     ("Domain name not found", "unknown host"),
 )
 
-# How gRPC words a failed TLS set-up, and what to tell the user instead (first match wins).
+# How gRPC words a failed TLS set-up (matched in any case), and what to tell the user instead
+# (first match wins).
 _TLS_PROBLEMS = (
     ("CERTIFICATE_VERIFY_FAILED", "its certificate is not signed by a CA this client trusts"),
     ("Hostname Verification", "its certificate is not issued for this host name"),
     ("WRONG_VERSION_NUMBER", "it does not speak TLS; connect without TLS"),
-    ("andshake failed", "the TLS handshake failed"),
+    ("handshake", "the TLS handshake failed"),
     ("Socket closed", "it closed the connection: it may require TLS or a client certificate"),
 )
 
@@ -136,7 +137,8 @@ def error_from_rpc(error: grpc.RpcError, target: str, timeout: float | None) -> 
     if problem is not None:
         message = f"invalid server address {target!r}: {problem} (expected HOST:PORT)"
     elif code == "UNAVAILABLE":
-        tls = next((why for marker, why in _TLS_PROBLEMS if marker in details), None)
+        folded = details.lower()
+        tls = next((why for marker, why in _TLS_PROBLEMS if marker.lower() in folded), None)
         message = f"cannot reach the server at {target} (is it running?)"
         if tls is not None:
             message = f"cannot connect to the server at {target}: {tls}"

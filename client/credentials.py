@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import grpc
 
 # The bearer token the CLI sends when --token and --token-file are not given.
 TOKEN_ENV = "IMGSERVE_TOKEN"
+# What a server accepts as a token (server.security): it travels as an HTTP/2 header value,
+# where anything else is refused before the call (gRPC's "INTERNAL: Invalid metadata").
+_TOKEN = re.compile(r"[\x21-\x22\x24-\x7e]+")
 
 
 def _read(what: str, path: str | os.PathLike[str]) -> bytes:
@@ -37,8 +41,11 @@ class Credentials:
     def __post_init__(self) -> None:
         if (self.certificate_chain is None) != (self.private_key is None):
             raise ValueError("a client certificate needs its private key (and the key its cert)")
-        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
-            raise ValueError("a token cannot be empty or contain spaces")
+        if self.token is not None and not _TOKEN.fullmatch(self.token):
+            raise ValueError(
+                "a token must be printable ASCII characters without spaces or '#' "
+                "(what servers accept); check --token, --token-file or $" + TOKEN_ENV
+            )
 
     @classmethod
     def from_files(

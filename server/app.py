@@ -4,8 +4,9 @@ Start order: the gRPC port is bound and answering before models load, so livenes
 (ServerLive, health "" NOT_SERVING) answers during a long load and orchestrators can tell
 "starting" from "dead"; ServerReady and health turn true once every model asked for is ready.
 Shutdown (SIGTERM/SIGINT): health NOT_SERVING and ServerReady false at once, new inference
-answers UNAVAILABLE, the gRPC server stops taking RPCs and gives those in flight up to
-grace_period_s to finish, then the batchers finish their accepted work and the runtimes close.
+answers UNAVAILABLE, the gRPC server stops taking RPCs and gives those in flight what is left
+of grace_period_s to finish, then the batchers finish their accepted work and the runtimes
+close within what is left of it after that: the whole stop fits in the grace period.
 A load in progress is abandoned at its next step. A second signal exits at once.
 """
 
@@ -40,6 +41,9 @@ GRPC_OPTIONS = (
 )
 # How long a stopping server keeps answering new calls with UNAVAILABLE before it closes.
 REFUSE_BEFORE_STOP_S = 0.25
+# The least any step of the stop waits, even once the grace period is spent: the batchers'
+# accepted work usually ends within it, so a grace period of 0 still closes the models.
+MIN_STOP_STEP_S = 0.05
 # Logged once start-up has finished (models loaded or failed): scripts and tests wait for it.
 STARTED = "startup complete"
 API_SERVICES = (inference.WIRE_SERVICE, "imgserve.classifier.v1.Classifier")
@@ -162,11 +166,13 @@ async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int
             _report(manager, state, grpc_at)
     await stopping
 
-    began = time.monotonic()
-    log.info(
-        "stopping: refusing new requests, finishing those accepted (up to %gs)",
-        settings.grace_period_s,
-    )
+    began, grace = time.monotonic(), settings.grace_period_s
+
+    def left() -> float:
+        """What is left of the grace period: each step of the stop waits at most that."""
+        return max(grace - (time.monotonic() - began), MIN_STOP_STEP_S)
+
+    log.info("stopping: refusing new requests, finishing those accepted (up to %gs)", grace)
     state.draining = True
     await health.drain()
     # close() first when models are still loading: it tells the load thread to give up at its
@@ -175,13 +181,12 @@ async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int
     # gRPC cancels (CANCELLED, which clients do not retry) the calls that reached it but not
     # yet a handler when the server stops; for a moment first, new calls are still taken and
     # refused with UNAVAILABLE, so callers under load learn to go elsewhere.
-    await asyncio.sleep(min(REFUSE_BEFORE_STOP_S, settings.grace_period_s / 4))
-    await server.stop(settings.grace_period_s)
+    await asyncio.sleep(min(REFUSE_BEFORE_STOP_S, grace / 4))
+    await server.stop(left())
     if closing is None:
         closing = asyncio.ensure_future(manager.close())
-    left = max(settings.grace_period_s - (time.monotonic() - began), 1.0)
     try:
-        await asyncio.wait_for(asyncio.gather(closing, _finish(starting)), timeout=left)
+        await asyncio.wait_for(asyncio.gather(closing, _finish(starting)), timeout=left())
     except TimeoutError:  # builtin TimeoutError only from Python 3.11
         log.warning("models did not close within the grace period; exiting anyway")
     log.info("stopped after %.2fs", time.monotonic() - began)

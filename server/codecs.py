@@ -274,9 +274,40 @@ def decode_images(images: Sequence[classifier_pb2.Image], input_shape: Shape) ->
     return np.stack(decoded)
 
 
-def payload_size(images: Sequence[classifier_pb2.Image]) -> int:
-    """Bytes the images carry: decides whether decoding is worth moving off the event loop."""
-    return sum(len(i.encoded) + (len(i.tensor.data) if i.HasField("tensor") else 0) for i in images)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Bytes per decoded pixel counted by decode_cost: 8-bit RGBA, what most images decode to.
+_PIXEL_BYTES = 4
+
+
+def declared_pixels(data: bytes) -> int:
+    """Pixels an encoded image says it has, from its header alone; 0 when it has none.
+
+    The header, not the payload size, is what decoding costs: a few kilobytes of PNG can
+    declare tens of megapixels. PNG's IHDR is read directly (width and height, bytes 16..24);
+    other formats through PIL, which reads only the header at open.
+    """
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            return image.width * image.height
+    except Image.DecompressionBombError:
+        return MAX_IMAGE_PIXELS + 1  # refused at open by the decoder too
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return 0  # refused at open by the decoder too: nothing to decode
+
+
+def decode_cost(images: Sequence[classifier_pb2.Image]) -> int:
+    """Bytes decoding the images reads and writes: decides whether to move it off the event
+    loop. Encoded images count their payload plus the pixels their headers declare."""
+    cost = 0
+    for image in images:
+        if image.encoded:
+            cost += len(image.encoded) + _PIXEL_BYTES * declared_pixels(image.encoded)
+        elif image.HasField("tensor"):
+            cost += len(image.tensor.data)
+    return cost
 
 
 def add_classifications(

@@ -83,6 +83,8 @@ _FLAGS = (
 )
 # Comma-separated admin tokens; environment only, so they never show in the process list.
 AUTH_TOKENS_ENV = ENV_PREFIX + "AUTH_TOKENS"
+# gRPC takes its message limits as a signed 32-bit int.
+MAX_MESSAGE_BYTES = 2**31 - 1
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -176,5 +178,5 @@ def _validate(parser: argparse.ArgumentParser, settings: Settings) -> None:
         parser.error("max-queue-delay-us and intra-op-threads cannot be negative")
     if settings.grace_period_s < 0:
         parser.error("grace-period-s cannot be negative")
-    if settings.max_message_bytes < 1:
-        parser.error("max-message-bytes must be at least 1")
+    if not 1 <= settings.max_message_bytes <= MAX_MESSAGE_BYTES:
+        parser.error(f"max-message-bytes must be between 1 and {MAX_MESSAGE_BYTES}")

@@ -77,11 +77,20 @@ class ModelSpec:
         return parameters[TRAINING_DATASET_PARAMETER].string_value
 
 
+# A filesystem's own folder at the root of a volume (ext4 creates it), never a model: on a
+# mounted volume it would otherwise show up as a model that fails to load, forever.
+NOT_MODELS = frozenset({"lost+found"})
+
+
 def model_names(repository: Path) -> list[str]:
-    """Every model folder of the repository (hidden folders and files ignored), sorted."""
+    """Every model folder of the repository (hidden folders, files and lost+found ignored)."""
     if not repository.is_dir():
         return []
-    return sorted(p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(
+        p.name
+        for p in repository.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_MODELS
+    )
 
 
 def model_dir(repository: Path, name: str) -> Path:

@@ -26,7 +26,10 @@ from typing import Any
 import grpc
 from prometheus_client import Counter
 
+from server.api.common import method_handler_kind
+from server.api.status import REQUEST_ID_KEY, request_id_of
 from server.config import AUTH_TOKENS_ENV, Settings
+from server.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -227,28 +230,32 @@ class TokenAuthenticator(grpc.aio.ServerInterceptor):
         else:
             return handler
         self._rejections.labels(code.name).inc()
-        log.debug("refused %s: %s", details.method, code.name)
-        return _refusal(handler, code, message)
+        return _refusal(handler, details.method, code, message)
+
+
+def _ignore(data: bytes) -> None:
+    """The request deserializer of a refused call: its bytes are never parsed."""
 
 
 def _refusal(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+    handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers `code` without running it."""
+    """A handler of the same kind as `handler` that answers `code` without running it.
+
+    Like every answered RPC, the refusal carries its request id in the trailing metadata
+    and in its log line (server.api.status).
+    """
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        request_id = request_id_of(context)
+        REQUEST_ID.set(request_id)  # the RPC's own task: nothing to reset afterwards
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        log.debug("refused %s: %s", method, code.name)
         await context.abort(code, message)
 
-    kind = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
+    kind = method_handler_kind(handler.request_streaming, handler.response_streaming)
     return kind(
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+        refuse, request_deserializer=_ignore, response_serializer=handler.response_serializer
     )
 
 

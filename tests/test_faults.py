@@ -108,12 +108,16 @@ def _entries(server: ServerProcess) -> list[dict[str, Any]]:
 
 
 def _wait_for_entry(
-    server: ServerProcess, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    server: ServerProcess,
+    match: Callable[[dict[str, Any]], bool],
+    timeout: float = 10.0,
+    count: int = 1,
 ) -> list[dict[str, Any]]:
+    """The matching log entries once there are `count` of them, or all there are at `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         found = [e for e in _entries(server) if match(e)]
-        if found or time.monotonic() > deadline:
+        if len(found) >= count or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
 
@@ -410,9 +414,8 @@ def test_concurrent_requests_never_mix_their_ids_in_the_log(server: ServerProces
             await asyncio.gather(*(one(i) for i in range(200)))
 
     asyncio.run(send())
-    lines = _wait_for_entry(server, lambda e: "unknown model 'mix-199'" in e["message"])
-    assert lines, server.log
-    about = [e for e in _entries(server) if "unknown model 'mix-" in e["message"]]
-    assert len(about) == 200
+    # Lines of concurrent requests reach the log in no particular order: wait for all 200.
+    about = _wait_for_entry(server, lambda e: "unknown model 'mix-" in e["message"], count=200)
+    assert len(about) == 200, len(about)
     for entry in about:
         assert f"unknown model '{entry['request_id']}'" in entry["message"], entry

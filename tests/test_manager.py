@@ -124,6 +124,8 @@ def test_broken_versions_are_unavailable_with_reasons_and_others_serve(
     (clone_model(repo, "fashion_mnist", "bad_config") / CONFIG_FILE).write_text("name: [")
     latin1 = 'name: "bad_utf8"  # entra\u00eene sur Fashion-MNIST\n'.encode("latin-1")
     (clone_model(repo, "fashion_mnist", "bad_utf8") / CONFIG_FILE).write_bytes(latin1)
+    (repo / "lost+found").mkdir()  # the root of an ext4 volume: not a model
+    (repo / ".export-tmp").mkdir()  # hidden: a staging folder, not a model
     metrics = Metrics()
 
     async def main() -> None:
@@ -132,6 +134,7 @@ def test_broken_versions_are_unavailable_with_reasons_and_others_serve(
         assert not manager.all_ready
         assert [m.name for m in manager.served()] == list(FIXTURE_MODELS)
         reasons = {s.name: s.reason for s in manager.index() if s.state != "READY"}
+        assert not {"lost+found", ".export-tmp"} & {s.name for s in manager.index()}
         assert reasons["tampered"] == "reference check failed: max abs diff 0.31 > 0.0001"
         assert reasons["corrupt"].startswith("onnxruntime cannot load model.onnx")
         assert reasons["corrupt_ts"].startswith("torch cannot load model.pt")

@@ -7,6 +7,7 @@ library and CLI, tritonclient, raw gRPC stubs.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -68,10 +69,12 @@ def mtls_server(serve: Callable[..., ServerProcess], pki: Pki) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def plain_server(serve: Callable[..., ServerProcess]) -> ServerProcess:
-    """Plain TCP, an admin token from the environment, a small message limit."""
+    """Plain TCP, an admin token from the environment, a small message limit, debug logs."""
     return serve(
         "--max-message-bytes",
         str(MESSAGE_LIMIT),
+        "--log-level",
+        "debug",
         models=["fashion_mnist"],
         env={"SERVER_AUTH_TOKENS": f" {ENV_TOKEN} ,"},
     )
@@ -180,6 +183,34 @@ def test_cli_over_tls_with_a_token(
     assert client_main([*common, "--tls-ca", str(pki.ca) + ".missing"]) == 1
     assert "cannot read CA file" in capsys.readouterr().err
 
+    # A token gRPC cannot send is refused before any call, in words (not "Invalid metadata").
+    assert client_main([*common, "--tls-ca", str(pki.ca), "--token", "caf\u00e9-token"]) == 1
+    error = capsys.readouterr().err
+    assert "a token must be printable ASCII" in error and "caf" not in error
+
+
+@pytest.mark.parametrize("token", ["", "two words", "t\u00f6ken", "bell\x07", "tab\tx", "a#b"])
+def test_tokens_a_server_cannot_accept_are_refused_by_the_client(token: str) -> None:
+    with pytest.raises(ValueError, match="printable ASCII characters without spaces or '#'"):
+        Credentials(token=token)
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+        "Ssl handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL",
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+        "Handshake failed",
+        "connections to all backends failing; last error: HANDSHAKE_FAILURE",
+    ],
+)
+def test_handshake_failures_in_any_wording(details: str) -> None:
+    empty = grpc.aio.Metadata()
+    raised = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, empty, empty, details)
+    error = error_from_rpc(raised, "gpu-box:8001", 10)
+    assert error.message == "cannot connect to the server at gpu-box:8001: the TLS handshake failed"
+
 
 def test_mutual_tls_requires_a_trusted_client_certificate(
     mtls_server: ServerProcess, pki: Pki
@@ -284,6 +315,58 @@ def test_infer_scope_cannot_use_the_repository(
         code, details = _code(lambda c=call: c(admin))
         assert code == grpc.StatusCode.FAILED_PRECONDITION
         assert "start the server with --enable-model-control" in details
+
+
+def _refused_id(call: Callable[[], object], code: grpc.StatusCode) -> str:
+    """The request id in the trailing metadata of a call refused with `code`."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == code
+    return dict(caught.value.trailing_metadata() or ())["x-request-id"]
+
+
+def test_refusals_carry_the_request_id(
+    tls_channel: grpc.Channel, plain_server: ServerProcess
+) -> None:
+    """Refused calls get their id back like any other, and their log line carries it."""
+    stub = classifier_pb2_grpc.ClassifierStub(tls_channel)
+    request = _classify_request()
+    unauthenticated, denied = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+    sent = (("x-request-id", "refused-1"),)
+    assert (
+        _refused_id(lambda: stub.Classify(request, timeout=10, metadata=sent), unauthenticated)
+        == "refused-1"
+    )
+    generated = _refused_id(lambda: stub.Classify(request, timeout=10), unauthenticated)
+    assert len(generated) == 32 and int(generated, 16) >= 0  # a uuid4 in hex
+    stream = (("x-request-id", "refused-stream"),)
+    assert (
+        _refused_id(
+            lambda: list(stub.ClassifyStream(iter([request]), timeout=10, metadata=stream)),
+            unauthenticated,
+        )
+        == "refused-stream"
+    )
+    index = kserve_method(tls_channel, "RepositoryIndex")
+    infer_scope = (*_bearer(INFER_TOKEN), ("x-request-id", "refused-2"))
+    assert (
+        _refused_id(
+            lambda: index(pb.RepositoryIndexRequest(), timeout=10, metadata=infer_scope), denied
+        )
+        == "refused-2"
+    )
+
+    with grpc.insecure_channel(plain_server.target) as channel:
+        plain = classifier_pb2_grpc.ClassifierStub(channel)
+        logged = (("x-request-id", "refused-logged"),)
+        assert (
+            _refused_id(
+                lambda: plain.Classify(request, timeout=10, metadata=logged), unauthenticated
+            )
+            == "refused-logged"
+        )
+    line = plain_server.wait_for(re.compile(r".*\[refused-logged\].*"), timeout=10)[0]
+    assert "refused /imgserve.classifier.v1.Classifier/Classify: UNAUTHENTICATED" in line
 
 
 def test_probes_and_reflection_need_no_token(tls_channel: grpc.Channel) -> None:

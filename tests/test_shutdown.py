@@ -29,6 +29,8 @@ from wire import grpc_service_pb2 as pb
 
 SHAPE = (1, 28, 28)
 GRACE_S = 5.0
+# What the server's own timing of its stop may exceed the grace period by: scheduling.
+STOP_SLACK_S = 0.5
 WAVE = 100
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -127,13 +129,14 @@ def test_sigterm_finishes_accepted_requests_and_exits_zero(repository: Path) -> 
         np.testing.assert_allclose(row, expected[index], rtol=0, atol=1e-6)
     for answer in outcome["second"]:  # after it: answered or refused, never lost
         assert isinstance(answer, pb.ModelInferResponse) or answer == grpc.StatusCode.UNAVAILABLE
-    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING, 2)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     assert outcome["statuses"] == [serving, not_serving]
     assert "shutting down" in outcome["stream"].error_message
     assert status == 0, server.log
     # Timed by the server itself, so a slow, loaded machine late to see the exit does not
-    # fail it: the grace period for RPCs, plus at most 1 s left for the models to close.
-    assert _stopped_after(server) < GRACE_S + 2
+    # fail it: the whole stop fits in the grace period, give or take scheduling.
+    assert _stopped_after(server) < GRACE_S + STOP_SLACK_S
     assert exited_after < GRACE_S + 10  # and the process ends once it has stopped
     assert "SIGTERM received" in server.log
 
@@ -209,7 +212,7 @@ def busy_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFac
 async def _load_through_signal(server: ServerProcess, images: np.ndarray) -> dict[str, object]:
     """Closed-loop clients on both APIs, before, across and after SIGTERM, until every client
     has been refused; the server is signalled once answers flow."""
-    outcomes: list[tuple[int, float, object]] = []
+    outcomes: list[tuple[int, float, object]] = []  # (row, when it was answered, answer)
     signalled: list[float] = []
     async with grpc.aio.insecure_channel(server.target) as channel:
         infer = channel.unary_unary(
@@ -227,7 +230,6 @@ async def _load_through_signal(server: ServerProcess, images: np.ndarray) -> dic
             index = worker
             while True:
                 row = index % len(images)
-                sent = time.monotonic()
                 try:
                     if worker % 2:
                         tensor = classifier_pb2.Tensor(
@@ -240,9 +242,9 @@ async def _load_through_signal(server: ServerProcess, images: np.ndarray) -> dic
                     else:
                         answer = await infer(_request(images, row), timeout=20)
                 except grpc.aio.AioRpcError as exc:
-                    outcomes.append((row, sent, (exc.code(), exc.details())))
+                    outcomes.append((row, time.monotonic(), (exc.code(), exc.details())))
                     return  # refused: the server is going away
-                outcomes.append((row, sent, answer))
+                outcomes.append((row, time.monotonic(), answer))
                 index += LOAD_CLIENTS
 
         clients = [asyncio.create_task(client(i)) for i in range(LOAD_CLIENTS)]
@@ -265,11 +267,11 @@ def test_sigterm_under_load_answers_every_accepted_request(busy_repository: Path
     finally:
         server.kill()
     assert status == 0, server.log
-    assert _stopped_after(server) < GRACE_S + 2
+    assert _stopped_after(server) < GRACE_S + STOP_SLACK_S
     signalled = result["signalled"]
     answered_after = 0
     refusals = []
-    for row, sent, outcome in result["outcomes"]:
+    for row, answered, outcome in result["outcomes"]:
         if isinstance(outcome, tuple):
             refusals.append(outcome)
             continue
@@ -278,11 +280,13 @@ def test_sigterm_under_load_answers_every_accepted_request(busy_repository: Path
         else:
             got = np.frombuffer(outcome.raw_output_contents[0], np.float32)
         np.testing.assert_allclose(got, expected[row], rtol=0, atol=1e-6)
-        answered_after += sent >= signalled - 0.05
+        answered_after += answered > signalled
     # Every client ended on a refusal, each one UNAVAILABLE: the server said it is stopping,
     # or no longer took connections. Nothing accepted was cancelled or failed.
     assert len(refusals) == LOAD_CLIENTS
     for code, details in refusals:
         assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
         assert "shutting down" in details or "Connection refused" in details, details
-    assert answered_after > 0  # requests in flight at the signal were answered
+    # Requests in flight at the signal, or accepted in the moment before the refusals began,
+    # were answered after it.
+    assert answered_after > 0

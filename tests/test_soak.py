@@ -72,7 +72,20 @@ def _sample(server: ServerProcess) -> Sample:
     status = Path(f"/proc/{pid}/status").read_text()
     rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    return Sample(rss_kib * 1024, fds, server.metric("imgserve_event_loop_tasks"))
+    return Sample(rss_kib * 1024, fds, _event_loop_tasks(server))
+
+
+def _event_loop_tasks(server: ServerProcess) -> float:
+    """The task gauge, scraped again while it is missing (a loop too busy to count in time
+    leaves it out of that scrape): a missing sample must not read as 0 and hide a leak."""
+    for _ in range(20):
+        samples = server.metrics()
+        tasks = samples.get(("imgserve_event_loop_tasks", ()))
+        if tasks is not None:
+            assert tasks > 0  # at least the batch loop and the server's own tasks
+            return tasks
+        time.sleep(0.1)
+    raise AssertionError("imgserve_event_loop_tasks missing from 20 scrapes in a row")
 
 
 def _wait_idle(server: ServerProcess) -> None:
@@ -223,7 +236,6 @@ def _check(server: ServerProcess, total: int) -> None:
     slack = RSS_SLACK_BYTES + RSS_PER_REQUEST_BYTES * second_half
     assert end.rss - middle.rss <= slack, (warm, middle, end)
     assert end.rss - warm.rss <= 2 * slack, (warm, middle, end)
-    assert warm.tasks > 0  # the gauge is exported (a missing sample reads 0)
     assert end.fds <= warm.fds + 4, (warm, middle, end)
     assert end.tasks <= warm.tasks + 4, (warm, middle, end)
 

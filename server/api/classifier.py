@@ -19,9 +19,10 @@ if TYPE_CHECKING:
     from server.manager import ServedModel
 
 API_LABEL = "native"
-# Payloads past this many bytes are decoded in a worker thread: decoding a few small images
-# costs less than the hop, large ones would stall every other request on the event loop.
-DECODE_INLINE_BYTES = 64 * 1024
+# Requests whose decode cost (codecs.decode_cost: payload plus declared pixels, in bytes) is
+# past this are decoded in a worker thread: decoding a few small images costs less than the
+# hop (about 0.1 ms at this size), large ones would stall every other request on the event loop.
+DECODE_INLINE_COST = 64 * 1024
 
 
 class ClassifierServicer:
@@ -87,13 +88,13 @@ class ClassifierServicer:
     ) -> tuple[ServedModel, np.ndarray]:
         """The version to ask and the request's images decoded for its input shape.
 
-        A large payload decodes in a worker thread, and a reload meanwhile may replace (and
-        close) the version it was decoded for: the model is looked up again afterwards, so
-        the version serving by then answers instead of a refusal.
+        Costly images (codecs.decode_cost) decode in a worker thread, and a reload meanwhile
+        may replace (and close) the version they were decoded for: the model is looked up
+        again afterwards, so the version serving by then answers instead of a refusal.
         """
         resolve = self._state.resolve
         served = resolve(request.model, request.version, call)
-        if codecs.payload_size(request.images) <= DECODE_INLINE_BYTES:
+        if codecs.decode_cost(request.images) <= DECODE_INLINE_COST:
             return served, codecs.decode_images(request.images, served.input_shape)
         images = await asyncio.to_thread(codecs.decode_images, request.images, served.input_shape)
         current = resolve(request.model, request.version, call)

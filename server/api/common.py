@@ -137,6 +137,21 @@ async def answer_concurrently(
             task.cancel()
 
 
+_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def method_handler_kind(
+    request_streaming: bool, response_streaming: bool
+) -> Callable[..., grpc.RpcMethodHandler]:
+    """gRPC's constructor of a method handler for that kind of call (which sides stream)."""
+    return _HANDLER_KINDS[(request_streaming, response_streaming)]
+
+
 def generic_handler(
     service: descriptor.ServiceDescriptor, servicer: object, wire_name: str
 ) -> grpc.GenericRpcHandler:
@@ -150,12 +165,7 @@ def generic_handler(
     for method in service.methods:
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
-        kind = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(method.client_streaming, method.server_streaming)]
+        kind = method_handler_kind(method.client_streaming, method.server_streaming)
         handlers[method.name] = kind(
             getattr(servicer, method.name),
             request_deserializer=_lenient(request),
