@@ -110,7 +110,9 @@ COPY modelrepo/ modelrepo/
 COPY server/ server/
 USER 10001:10001
 EXPOSE 8001 8002
-# A real gRPC health check: grpc.health.v1 Check for "" (SERVING once every model is ready).
+# A real gRPC health check: grpc.health.v1 Check for "" (SERVING once every model is ready),
+# on SERVER_HOST (localhost for 0.0.0.0) and SERVER_GRPC_PORT. With TLS on (SERVER_TLS_CERT) it
+# needs SERVER_HEALTHCHECK_TLS_CA, plus SERVER_HEALTHCHECK_TLS_CERT/_KEY under mutual TLS.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-m", "server.healthcheck", "--timeout", "4"]
 CMD ["python", "-m", "server"]

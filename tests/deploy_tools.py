@@ -26,6 +26,11 @@ DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "imgserve.json"
 ADAPTER_VALUES = DEPLOY / "k8s" / "examples" / "prometheus-adapter-values.yaml"
+# The trainer's arguments in the compose stack and the Kubernetes build Job alike.
+BUILD_REPOSITORY = [
+    "build-repository", "--model-repository", "/models", "--data-dir", "/data",
+    "--checkpoint-dir", "/data/checkpoints",
+]  # fmt: skip
 
 # Dashboard variables, as Grafana fills them when "All" is picked.
 DASHBOARD_VARIABLES = {"$__rate_interval": "1m", "$instance": ".*", "$model": ".*"}

@@ -7,16 +7,20 @@ checked without one.
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_tools import DEPLOY, ROOT, run, tool
+from deploy_tools import BUILD_REPOSITORY, DEPLOY, ROOT, run, tool
 
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -184,13 +188,19 @@ def test_everything_the_dockerfile_copies_is_in_the_build_context(dockerfile: An
         assert (ROOT / source).exists(), source
 
 
-def compose_config(*files: Path) -> dict[str, Any]:
+# The stack refuses to start without a Grafana admin password: the tests give it one.
+COMPOSE_ENV = {k: v for k, v in os.environ.items() if k != "EPOCHS"} | {
+    "GRAFANA_ADMIN_PASSWORD": "compose-test-password"
+}
+
+
+def compose_config(*files: Path, env: dict[str, str] = COMPOSE_ENV) -> dict[str, Any]:
     args = [tool("docker-compose")]
     for file in files:
         args += ["-f", str(file)]
-    checked = run([*args, "config", "-q"])
+    checked = run([*args, "config", "-q"], env=env)
     assert checked.returncode == 0, checked.stderr
-    rendered = run([*args, "config", "--format", "json"])
+    rendered = run([*args, "config", "--format", "json"], env=env)
     assert rendered.returncode == 0, rendered.stderr
     return json.loads(rendered.stdout)
 
@@ -201,10 +211,11 @@ def test_compose_stack_is_valid_and_wired() -> None:
     trainer, server = services["trainer"], services["server"]
     assert trainer["build"]["target"] == "trainer" and server["build"]["target"] == "server"
     assert server["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
-    # The trainer fills the named volume only when it is empty; the server reads it.
-    (script,) = trainer["command"]
-    assert 'if [ -n "$$(ls -A /models)" ]' in script and "exit 0" in script
-    assert "python -m training build-repository --model-repository /models" in script
+    # No "only when empty" shell guard: build-repository itself skips the models already in
+    # the volume and builds the missing ones (tests/test_deploy_k8s.py runs it on a
+    # half-built repository), with the image's entrypoint, `python -m training`.
+    assert trainer.get("entrypoint") is None
+    assert trainer["command"] == [*BUILD_REPOSITORY, "--epochs", "3"]
     assert {"type": "volume", "source": "models", "target": "/models", "volume": {}} in trainer[
         "volumes"
     ]
@@ -212,6 +223,22 @@ def test_compose_stack_is_valid_and_wired() -> None:
     assert models and models[0]["target"] == "/models" and models[0]["read_only"]
     assert server["environment"]["SERVER_MODEL_REPOSITORY"] == "/models"
     assert {p["target"] for p in server["ports"]} == {8001, 8002}
+
+
+def test_compose_publishes_ports_on_loopback_only() -> None:
+    services = compose_config(COMPOSE)["services"]
+    published = [(name, p) for name, s in services.items() for p in s.get("ports", [])]
+    assert {p["target"] for _, p in published} == {8001, 8002, 9090, 3000}
+    for name, port in published:
+        assert port["host_ip"] == "127.0.0.1", (name, port)
+
+
+def test_compose_needs_a_grafana_admin_password() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GRAFANA_ADMIN_PASSWORD"}
+    refused = run([tool("docker-compose"), "-f", str(COMPOSE), "config", "-q"], env=env)
+    assert refused.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in refused.stderr
+    grafana = compose_config(COMPOSE)["services"]["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == COMPOSE_ENV["GRAFANA_ADMIN_PASSWORD"]
 
 
 def test_compose_mounts_prometheus_and_grafana_files_that_exist() -> None:
@@ -245,7 +272,7 @@ def test_compose_validation_catches_a_broken_file(tmp_path: Path) -> None:
     """Guards the tests above against a validator that accepts anything."""
     broken = tmp_path / "compose.yml"
     broken.write_text("services:\n  a:\n    image: x\n    depends_on: [missing]\n")
-    result = run([tool("docker-compose"), "-f", str(broken), "config", "-q"])
+    result = run([tool("docker-compose"), "-f", str(broken), "config", "-q"], env=COMPOSE_ENV)
     assert result.returncode != 0 and "missing" in result.stderr
 
 
@@ -276,3 +303,118 @@ def test_server_image_sources_are_all_the_server_needs(dockerfile: Any, tmp_path
     assert any(path.endswith("server/healthcheck.py") for path in loaded)
     outside = [path for path in loaded if not path.startswith(str(app))]
     assert not outside, f"imported from outside the image's /app: {outside}"
+
+
+OUR_PACKAGES = frozenset({"server", "modelrepo", "wire", "training", "client"})
+# Import names whose distribution the dev venv cannot tell, because the venv holds a sibling
+# (onnxruntime, not onnxruntime-gpu) or none (nvidia-ml-py needs a GPU stack).
+OTHER_PROVIDERS = {"onnxruntime": {"onnxruntime-gpu"}, "pynvml": {"nvidia-ml-py"}}
+
+
+def _requirements_module() -> Any:
+    spec = importlib.util.spec_from_file_location("deploy_requirements", DEPLOY / "requirements.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stage_requirements(dockerfile: Any, target: str) -> set[str]:
+    """Normalised names of what `target`'s venv installs: the requirement file it (or the stage
+    whose venv it copies) installs, made by the very `requirements.py` call of the Dockerfile."""
+    made = {}
+    for keyword, rest in stage(dockerfile, "requirements"):
+        if keyword == "RUN":
+            for call in re.findall(r"python requirements\.py ([^>]*)>\s*(\S+)", rest):
+                made[call[1]] = shlex.split(call[0])
+    stages, files = [target], []
+    for name in stages:
+        for keyword, rest in stage(dockerfile, name):
+            source = re.match(r"--from=(\S+) (\S+)", rest) if keyword == "COPY" else None
+            if source and source[1] == "requirements":
+                files.append(Path(source[2]).name)
+            elif source and source[1] != "proto":
+                stages.append(source[1])
+    (requirement_file,) = files
+    script = _requirements_module()
+    *options, pyproject = made[requirement_file]
+    flags: dict[str, list[str]] = {"--extra": [], "--without": [], "--only": []}
+    for flag, value in zip(options[::2], options[1::2], strict=True):
+        flags[flag].append(value)
+    lines = script.requirements(
+        ROOT / pyproject, flags["--extra"], flags["--without"], flags["--only"]
+    )
+    return {script.requirement_name(line) for line in lines}
+
+
+def third_party_imports(packages: list[str]) -> dict[str, dict[str, bool]]:
+    """import name -> {file: imported at module level} for every import of a third-party
+    package in `packages` (imports under `if TYPE_CHECKING:` left out: they never run)."""
+    found: dict[str, dict[str, bool]] = {}
+
+    def visit(node: ast.AST, where: str, top: bool) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        for name in names:
+            root = name.split(".")[0]
+            if root not in OUR_PACKAGES | {"__future__"} | sys.stdlib_module_names:
+                seen = found.setdefault(root, {})
+                seen[where] = seen.get(where, False) or top
+        inner = top and not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        for child in ast.iter_child_nodes(node):
+            visit(child, where, inner)
+
+    for package in packages:
+        files = sorted((ROOT / package).rglob("*.py"))
+        assert files, f"no Python files in {package}/ (wire/: run `make proto`)"
+        for path in files:
+            visit(ast.parse(path.read_text()), str(path.relative_to(ROOT)), True)
+    return found
+
+
+def copied_packages(dockerfile: Any, target: str) -> list[str]:
+    copies = [rest for keyword, rest in stage(dockerfile, target) if keyword == "COPY"]
+    ours = [rest.split()[-1].strip("/") for rest in copies if "--from=requirements" not in rest]
+    return sorted(name for name in ours if name in OUR_PACKAGES)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_third_party_import_is_installed_in_the_image(dockerfile: Any, target: str) -> None:
+    """Reads the imports of the code each image copies and maps them to distributions
+    (importlib.metadata.packages_distributions): a package the code imports but the image's
+    requirement list leaves out fails here, whatever the dev venv holds. The CPU server may
+    leave out what it imports only inside functions (torch, pynvml: TorchScript and GPU
+    metrics, which it reports as unavailable); every other image must have everything."""
+    packages = copied_packages(dockerfile, target)
+    expected = {
+        "server": ["modelrepo", "server", "wire"],
+        "trainer": ["modelrepo", "training", "wire"],
+    }
+    assert packages == expected.get(target, expected["server"]), packages
+    installed = stage_requirements(dockerfile, target)
+    providers = importlib.metadata.packages_distributions()
+    script = _requirements_module()
+    missing = []
+    for name, files in sorted(third_party_imports(packages).items()):
+        distributions = {script.requirement_name(d) for d in providers.get(name, [])}
+        distributions |= OTHER_PROVIDERS.get(name, set())
+        assert distributions, f"{name} (imported by {sorted(files)}): no known distribution"
+        at_import = [file for file, top in files.items() if top]
+        if distributions & installed or (target == "server" and not at_import):
+            continue
+        missing.append(f"{name} ({', '.join(sorted(distributions))}) for {sorted(files)}")
+    assert not missing, f"{target}: imported but not installed: {missing}"
+
+
+def test_import_check_finds_an_undeclared_package(dockerfile: Any) -> None:
+    """Guards the test above: without tqdm in its requirements the trainer must fail it."""
+    imports = third_party_imports(["training"])
+    assert "tqdm" in imports and any(imports["tqdm"].values())
+    assert "tqdm" in stage_requirements(dockerfile, "trainer")
+    assert "tqdm" not in stage_requirements(dockerfile, "server")
+    assert "torch" in stage_requirements(dockerfile, "server-gpu")

@@ -10,15 +10,30 @@ patches below, and the result validated like the base.
 from __future__ import annotations
 
 import copy
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from deploy_tools import DEPLOY, ROOT, run, tool, yaml_document, yaml_documents
+from deploy_tools import (
+    ALERTS,
+    BUILD_REPOSITORY,
+    DEPLOY,
+    ROOT,
+    run,
+    tool,
+    yaml_document,
+    yaml_documents,
+)
 
+from modelrepo.config import format_config
+from modelrepo.layout import CONFIG_FILE, PLATFORM_ONNX, list_versions
 from server.api.health import LIVENESS
+from training.model_config import build_config
+from training.repository_build import MODELS as REPOSITORY_MODELS
 
 K8S = DEPLOY / "k8s"
 KSERVE = DEPLOY / "kserve"
@@ -111,12 +126,22 @@ def test_ports_and_probes_agree_with_the_settings(base: Any) -> None:
         assert port["targetPort"] == name and port["port"] == ports[name]
     for probe in ("startupProbe", "readinessProbe"):
         assert server[probe]["grpc"] == {"port": ports["grpc"], "service": ""}, probe
+    check_probe_patience(server)
     assert server["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": LIVENESS}
     # Liveness must not kill a pod that is draining: it tolerates longer than the drain.
     liveness = server["livenessProbe"]
     grace = float(settings["SERVER_GRACE_PERIOD_S"])
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > grace
     assert base["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+
+
+def check_probe_patience(container: dict[str, Any]) -> None:
+    """A saturated server answers health late: each probe waits a few seconds (the default
+    is 1 s) and readiness takes 3 misses in a row before the pod leaves the Service."""
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if name in container:
+            assert 3 <= container[name].get("timeoutSeconds", 1) <= 5, (name, container[name])
+    assert container["readinessProbe"].get("failureThreshold", 3) >= 3
 
 
 def test_model_repository_path_is_the_pvc_mount_everywhere(base: Any) -> None:
@@ -135,8 +160,100 @@ def test_model_repository_path_is_the_pvc_mount_everywhere(base: Any) -> None:
     (job_volume,) = [v["name"] for v in job_pod["volumes"] if "persistentVolumeClaim" in v]
     (trainer,) = job_pod["containers"]
     (mount,) = [m for m in trainer["volumeMounts"] if m["name"] == job_volume]
-    assert f"--model-repository {mount['mountPath']}" in trainer["args"][0]
-    assert f'ls -A {mount["mountPath"]})" ]' in trainer["args"][0]  # only when empty
+    args = trainer["args"]
+    assert args[args.index("--model-repository") + 1] == mount["mountPath"]
+
+
+def test_build_job_runs_build_repository_itself(base: Any) -> None:
+    """No shell guard that keeps whatever is in the volume (a half-built repository, or just
+    lost+found): the image's `python -m training` entrypoint runs build-repository, which
+    builds exactly the models that are missing (test below), the same command as compose's."""
+    (trainer,) = base["Job"]["spec"]["template"]["spec"]["containers"]
+    assert "command" not in trainer
+    assert trainer["args"] == BUILD_REPOSITORY
+    assert base["Job"]["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+
+
+def wait_for_models(base: dict[str, dict[str, Any]], repository: Path, models: str) -> int:
+    """Runs the init container's script as Kubernetes would (`$$` -> `$`) for 2 s: its exit
+    status, or 124 while it still waits."""
+    pod = base["Deployment"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["/bin/sh", "-c"]
+    script = init["args"][0].replace("$$", "$")
+    env = {"PATH": os.environ["PATH"], "SERVER_MODEL_REPOSITORY": str(repository)}
+    env["SERVER_MODELS"] = models
+    result = run(["timeout", "2", "/bin/sh", "-c", script], env=env)
+    if result.returncode == 124:
+        assert "waiting for" in result.stdout, result.stdout
+    return result.returncode
+
+
+def add_model(repository: Path, name: str, *, config: bool = True, version: bool = True) -> None:
+    (repository / name).mkdir(parents=True, exist_ok=True)
+    if config:
+        (repository / name / "config.pbtxt").write_text(f'name: "{name}"\n')
+    if version:
+        (repository / name / "1").mkdir(exist_ok=True)
+
+
+def test_init_container_waits_for_every_model_to_have_config_and_version(
+    base: Any, tmp_path: Path
+) -> None:
+    settings = base["ConfigMap"]["data"]
+    assert settings["SERVER_MODELS"].split(",") == [m.name for m in REPOSITORY_MODELS]
+    models = settings["SERVER_MODELS"]
+    repository = tmp_path / "models"
+    (repository / "lost+found").mkdir(parents=True)  # what a fresh ext4 volume holds
+    assert wait_for_models(base, repository, models) == 124
+    assert wait_for_models(base, repository, "") == 124  # lost+found is not a model
+    add_model(repository, "fashion_mnist")
+    add_model(repository, "cifar10", version=False)  # an export cut before its rename
+    (repository / "cifar10" / ".export-0123456789ab").mkdir()
+    assert wait_for_models(base, repository, models) == 124
+    assert wait_for_models(base, repository, "") == 124
+    add_model(repository, "cifar10")
+    assert wait_for_models(base, repository, models) == 0
+    assert wait_for_models(base, repository, "") == 0
+
+
+def test_build_repository_completes_a_half_built_repository(base: Any, tmp_path: Path) -> None:
+    """The Job's own arguments against a repository an interrupted build left behind:
+    lost+found, one model complete, the other with its config.pbtxt and a staging folder but
+    no version. The complete model is kept as it is, the other is built, and the init
+    container then lets the servers start."""
+    repository = tmp_path / "models"
+    (repository / "lost+found").mkdir(parents=True)
+    add_model(repository, "fashion_mnist")
+    kept = sorted(p.relative_to(repository) for p in (repository / "fashion_mnist").rglob("*"))
+    # What export writes before the rename that publishes the version.
+    cifar10 = repository / "cifar10"
+    cifar10.mkdir()
+    config = build_config("cifar10", PLATFORM_ONNX, (3, 32, 32), 10, None, None, None)
+    (cifar10 / CONFIG_FILE).write_text(format_config(config))
+    staging = cifar10 / ".export-0123456789ab"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(b"half a file")
+    (trainer,) = base["Job"]["spec"]["template"]["spec"]["containers"]
+    paths = {"/models": repository, "/data": tmp_path / "data"}
+    paths["/data/checkpoints"] = tmp_path / "data" / "checkpoints"
+    args = [str(paths.get(arg, arg)) for arg in trainer["args"]]
+    offline = ["--epochs", "1", "--device", "cpu", "--no-download",
+               "--synthetic-train-size", "128", "--synthetic-test-size", "32"]  # fmt: skip
+    result = run([sys.executable, "-m", "training", *args, *offline], timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fashion_mnist: version(s) [1] already in" in result.stdout
+    assert (
+        sorted(p.relative_to(repository) for p in (repository / "fashion_mnist").rglob("*")) == kept
+    )
+    assert list_versions(repository / "cifar10") == [1]
+    assert (repository / "cifar10" / "1" / "model.onnx").is_file()
+    assert sorted(p.name for p in repository.iterdir()) == [
+        "cifar10",
+        "fashion_mnist",
+        "lost+found",
+    ]
+    assert wait_for_models(base, repository, base["ConfigMap"]["data"]["SERVER_MODELS"]) == 0
 
 
 def test_pods_run_non_root_with_a_read_only_root_and_resources(base: Any) -> None:
@@ -174,6 +291,21 @@ def test_servicemonitor_scrapes_the_metrics_port(base: Any) -> None:
     # The job label is the Service name; the alert rules and the dashboard select job="imgserve".
     assert service["metadata"]["name"] == "imgserve"
     assert 'job="imgserve"' in (DEPLOY / "prometheus" / "alerts.yml").read_text()
+
+
+def test_prometheusrule_carries_the_alert_rules_unchanged(base: Any) -> None:
+    """deploy/k8s/prometheusrule.yaml is a copy of deploy/prometheus/alerts.yml's groups (the
+    one promtool tests): same alerts, same expressions, same everything."""
+    rule = base["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"] == base["ServiceMonitor"]["metadata"]["labels"]
+    copied, tested = rule["spec"]["groups"], yaml_document(ALERTS)["groups"]
+
+    def alerts(groups: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        return [(r["alert"], r["expr"]) for group in groups for r in group["rules"]]
+
+    assert alerts(copied) == alerts(tested)
+    assert copied == tested
 
 
 def json_patch(doc: dict[str, Any], operations: list[dict[str, Any]]) -> dict[str, Any]:
@@ -237,19 +369,35 @@ def test_queue_time_autoscaling_example_uses_the_adapter_metric(base: Any) -> No
     assert hpa["metadata"]["name"] == cpu_hpa["metadata"]["name"]
 
 
-def test_kserve_runtime_serves_grpc_v2_onnx_and_torchscript(tmp_path: Path) -> None:
-    runtime = yaml_document(KSERVE / "servingruntime.yaml")
+@pytest.mark.parametrize(
+    ("path", "image", "device", "formats"),
+    [
+        ("servingruntime.yaml", "imgserve:0.1.0", "cpu", {"onnx"}),
+        ("servingruntime-gpu.yaml", "imgserve:0.1.0-gpu", "cuda", {"onnx", "pytorch"}),
+    ],
+)
+def test_kserve_runtimes_serve_grpc_v2_with_the_formats_their_image_runs(
+    base: Any, tmp_path: Path, path: str, image: str, device: str, formats: set[str]
+) -> None:
+    """The CPU image has no torch, so only the GPU runtime (the server-gpu image, one GPU)
+    claims TorchScript (`pytorch`)."""
+    runtime = yaml_document(KSERVE / path)
     assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
     assert runtime["kind"] == "ServingRuntime"
     spec = runtime["spec"]
     assert spec["protocolVersions"] == ["grpc-v2"]
-    assert {f["name"] for f in spec["supportedModelFormats"]} == {"onnx", "pytorch"}
+    assert {f["name"] for f in spec["supportedModelFormats"]} == formats
     (server,) = spec["containers"]
+    assert server["image"] == image
     env = {e["name"]: e["value"] for e in server["env"]}
     assert env["SERVER_MODEL_REPOSITORY"] == "/mnt/models"  # where KServe puts storageUri
+    assert env["SERVER_DEVICE"] == device
+    gpus = server["resources"]["limits"].get("nvidia.com/gpu")
+    assert gpus == ("1" if device == "cuda" else None)
     (port,) = server["ports"]
     assert port["name"] == "h2c" and port["containerPort"] == int(env["SERVER_GRPC_PORT"])
     assert server["readinessProbe"]["grpc"]["port"] == port["containerPort"]
+    check_probe_patience(server)
     assert spec["annotations"]["prometheus.kserve.io/port"] == env["SERVER_METRICS_PORT"]
     # The container is a valid Kubernetes container: validate it inside a Pod.
     pod = {
@@ -259,6 +407,19 @@ def test_kserve_runtime_serves_grpc_v2_onnx_and_torchscript(tmp_path: Path) -> N
         "spec": {"containers": spec["containers"]},
     }
     validate(tmp_path, {"Pod": pod})
+
+
+def test_only_the_gpu_runtime_claims_torchscript() -> None:
+    cpu = yaml_document(KSERVE / "servingruntime.yaml")["spec"]
+    gpu = yaml_document(KSERVE / "servingruntime-gpu.yaml")["spec"]
+    assert [f["name"] for f in cpu["supportedModelFormats"] if f["autoSelect"]] == ["onnx"]
+    # Named by an InferenceService, never picked over the CPU runtime by itself.
+    assert not any(f["autoSelect"] for f in gpu["supportedModelFormats"])
+    (container,) = gpu["containers"]
+    assert (
+        container["image"]
+        == yaml_document(DEPLOY / "docker-compose.gpu.yml")["services"]["server"]["image"]
+    )
 
 
 def test_kserve_inference_service_uses_the_runtime() -> None:

@@ -47,14 +47,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_process import ServerProcess
 from tritonclient.utils import InferenceServerException
 
+from server.healthcheck import default_address
+
 MODELS = ("fashion_mnist", "cifar10")
 SHAPES = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 EXPRESSIONS = all_expressions()
+# Token authentication on, so that the auth rejection series exists: the load carries this
+# token, and one call per round goes without it.
+TOKEN = "live-monitoring-test-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
 def server(serve: Callable[..., ServerProcess]) -> ServerProcess:
-    return serve(models=list(MODELS))
+    return serve(models=list(MODELS), env={"SERVER_AUTH_TOKENS": TOKEN})
 
 
 class Prometheus:
@@ -142,7 +148,9 @@ class Prometheus:
 
 def send_load(target: str, rounds: int) -> int:
     """Good requests of 1 and 8 images on both models, plus a few bad ones (wrong shape,
-    unknown model) so that error series exist; returns how many requests were answered."""
+    unknown model) so that error series exist and one without a token so that the auth
+    rejection series does; returns how many inference requests were answered (the refused
+    call never reaches inference)."""
     client = triton.InferenceServerClient(target)
     answered = 0
     try:
@@ -152,14 +160,16 @@ def send_load(target: str, rounds: int) -> int:
             images = np.random.rand(batch, *SHAPES[model]).astype(np.float32)
             inp = triton.InferInput("input", list(images.shape), "FP32")
             inp.set_data_from_numpy(images)
-            client.infer(model, [inp])
+            client.infer(model, [inp], headers=AUTH)
             answered += 1
+        with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+            client.infer(model, [inp])
         for model, shape in (("fashion_mnist", (1, 1, 27, 27)), ("no_such_model", (1, 1, 28, 28))):
             inp = triton.InferInput("input", list(shape), "FP32")
             inp.set_data_from_numpy(np.zeros(shape, np.float32))
             for _ in range(2):
                 with pytest.raises(InferenceServerException):
-                    client.infer(model, [inp])
+                    client.infer(model, [inp], headers=AUTH)
                 answered += 1
     finally:
         client.close()
@@ -269,8 +279,37 @@ def test_gpu_metrics_are_declared_without_a_gpu(declared: set[str]) -> None:
     assert declared >= GPU_METRICS
 
 
-def healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "server.healthcheck", *args], timeout=30)
+def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The check as the image runs it: in a process of its own, with the server's settings
+    (SERVER_*) in its environment, and none but `env`'s."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SERVER_")}
+    command = [sys.executable, "-m", "server.healthcheck", *args]
+    return run(command, timeout=30, env={**base, **(env or {})})
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("0.0.0.0", "localhost:9001"),
+        ("::", "localhost:9001"),
+        ("", "localhost:9001"),
+        ("10.1.2.3", "10.1.2.3:9001"),
+        ("fd00::7", "[fd00::7]:9001"),
+    ],
+)
+def test_healthcheck_dials_the_address_the_server_binds(host: str, address: str) -> None:
+    env = {"SERVER_HOST": host, "SERVER_GRPC_PORT": "9001"}
+    assert default_address(env) == address
+    assert default_address({}) == "localhost:8001"
+
+
+def test_container_healthcheck_reads_the_servers_settings(server: ServerProcess) -> None:
+    """No flags, as in the image's HEALTHCHECK: SERVER_HOST and SERVER_GRPC_PORT say where."""
+    env = {"SERVER_HOST": server.host, "SERVER_GRPC_PORT": str(server.grpc_port)}
+    ok = healthcheck(env=env)
+    assert ok.returncode == 0 and f"{server.target} service '': SERVING" in ok.stdout, (
+        ok.stdout + ok.stderr
+    )
 
 
 def test_container_healthcheck_asks_grpc_health(server: ServerProcess) -> None:
@@ -307,3 +346,31 @@ def test_container_healthcheck_speaks_mutual_tls(
         assert refused.returncode == 1 and "UNAVAILABLE" in refused.stdout, refused.stdout
     usage = healthcheck(*address, *client)
     assert usage.returncode == 2 and "--tls-ca" in usage.stderr
+    # The certificate names localhost and 127.0.0.1: another name is refused.
+    ca = ("--tls-ca", str(pki.ca), *client)
+    named = healthcheck(*address, *ca, "--tls-server-name", "localhost")
+    assert named.returncode == 0, named.stdout + named.stderr
+    misnamed = healthcheck(*address, *ca, "--tls-server-name", "imgserve.example")
+    assert misnamed.returncode == 1 and "UNAVAILABLE" in misnamed.stdout, misnamed.stdout
+
+    # With no flags, from the environment the image's HEALTHCHECK runs in: the server's own
+    # TLS settings say TLS is on, the SERVER_HEALTHCHECK_TLS_* files say how to connect.
+    settings = {
+        "SERVER_HOST": mtls.host,
+        "SERVER_GRPC_PORT": str(mtls.grpc_port),
+        "SERVER_TLS_CERT": str(pki.server_cert),
+        "SERVER_TLS_KEY": str(pki.server_key),
+        "SERVER_TLS_CLIENT_CA": str(pki.ca),
+    }
+    files = {
+        "SERVER_HEALTHCHECK_TLS_CA": str(pki.ca),
+        "SERVER_HEALTHCHECK_TLS_CERT": str(pki.client_cert),
+        "SERVER_HEALTHCHECK_TLS_KEY": str(pki.client_key),
+    }
+    ok = healthcheck("--timeout", "2", env={**settings, **files})
+    assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stdout + ok.stderr
+    no_ca = healthcheck("--timeout", "2", env=settings)
+    assert no_ca.returncode == 1 and "SERVER_HEALTHCHECK_TLS_CA" in no_ca.stderr, no_ca.stderr
+    only_ca = {**settings, "SERVER_HEALTHCHECK_TLS_CA": str(pki.ca)}
+    no_cert = healthcheck("--timeout", "2", env=only_ca)
+    assert no_cert.returncode == 1 and "SERVER_HEALTHCHECK_TLS_CERT" in no_cert.stderr

@@ -25,8 +25,9 @@ from deploy_tools import (
 PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 ON_CALL_ALERTS = {
-    "ImgserveDown", "ImgserveHighErrorRatio", "ImgserveHighLatencyP99", "ImgserveQueueTimeHigh",
-    "ImgserveQueueBacklog", "ImgserveModelNotReady", "ImgserveGpuMemoryNearlyFull",
+    "ImgserveDown", "ImgserveAbsent", "ImgserveHighErrorRatio", "ImgserveHighLatencyP99",
+    "ImgserveQueueTimeHigh", "ImgserveQueueBacklog", "ImgserveRequestsDropped",
+    "ImgserveModelNotReady", "ImgserveGpuMemoryNearlyFull", "ImgserveAuthRejections",
 }  # fmt: skip
 
 
@@ -130,11 +131,32 @@ def test_dashboard_panels_fit_the_grid_without_overlapping() -> None:
         "imgserve_model_ready",
         "imgserve_gpu_utilization_ratio",
         "imgserve_gpu_memory_used_bytes",
+        "sum by (model, reason) (rate(imgserve_requests_dropped_total",
+        "sum by (code) (rate(imgserve_auth_rejections_total",
     ],
 )
 def test_dashboard_shows_what_on_call_needs(needle: str) -> None:
     exprs = " ".join(t["expr"] for panel in dashboard_panels() for t in panel["targets"])
     assert needle in exprs
+
+
+def test_mean_batch_size_is_the_batch_size_histograms_mean() -> None:
+    """inferences_total counts the images of successful batches only while batches_total
+    counts failed batches too, so their ratio sinks when batches fail; the batch-size
+    histogram observes every formed batch once."""
+    (panel,) = [p for p in dashboard_panels() if p["title"] == "Mean batch size"]
+    (target,) = panel["targets"]
+    numerator, denominator = target["expr"].split(" / ")
+    assert numerator.startswith("sum by (model) (rate(imgserve_batch_size_sum{")
+    assert denominator.startswith("sum by (model) (rate(imgserve_batch_size_count{")
+
+
+def test_absent_and_backlog_alerts_hold_with_any_number_of_replicas() -> None:
+    rules = {r["alert"]: r for g in yaml_document(ALERTS)["groups"] for r in g["rules"]}
+    assert 'count(up{job="imgserve"} == 1) or vector(0)' in rules["ImgserveAbsent"]["expr"]
+    assert rules["ImgserveQueueBacklog"]["expr"].startswith(
+        "max by (model, instance) (imgserve_queue_depth)"
+    )
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_prometheus() -> None:
