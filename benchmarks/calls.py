@@ -26,6 +26,8 @@ CHANNEL_OPTIONS = [
 ]
 
 Call = Callable[[], Awaitable[str]]
+# How long a model may take to turn READY (a server started here has already loaded it).
+READY_WAIT_S = 10.0
 
 
 def _pixels(shape: Sequence[int], batch: int) -> np.ndarray:
@@ -139,7 +141,7 @@ async def model_info(
     channel: grpc.aio.Channel,
     target: str,
     model: str,
-    wait_s: float,
+    wait_s: float = READY_WAIT_S,
     check: Callable[[], None] = lambda: None,
     settled: bool = False,
 ) -> ModelInfo:

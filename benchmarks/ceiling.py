@@ -1,9 +1,10 @@
 """The compute ceiling: the model's runtime alone, in this process, batch after batch.
 
 It loads the model the way the server does (server.repository reads the config, the server's
-default Settings give the runtime threads, server.runtimes creates the session), so the
-images/s it measures at each batch size are what the served path could reach at that batch
-size if gRPC, decoding and batching cost nothing.
+default Settings give the runtime threads, server.runtimes creates the sessions: one per
+instance of the config's instance_group, each run from a thread of its own at the same time,
+as the batcher runs them), so the images/s it measures at each batch size are what the served
+path could reach at that batch size if gRPC, decoding and batching cost nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from benchmarks.common import BenchError
 from server.config import Settings, parse_settings
 from server.errors import ModelNotFoundError
 from server.repository import RepositoryError, read_model
-from server.runtimes import RuntimeLoadError, create_runtime
+from server.runtimes import Runtime, RuntimeLoadError, create_runtime
 
 # Runs timed at each batch size: at least this many, then as many as fit in the time given.
 MIN_RUNS = 3
@@ -28,8 +30,9 @@ MIN_RUNS = 3
 @dataclasses.dataclass(frozen=True)
 class CeilingPoint:
     batch_size: int
-    images_per_s: float
-    batch_ms: float  # median time of one run
+    images_per_s: float  # all instances together
+    batch_ms: float  # median time of one run on one instance
+    instances: int  # runtime instances run at once (the model's instance_group count)
 
 
 def batch_sizes(max_batch_size: int) -> list[int]:
@@ -58,30 +61,54 @@ def measure_ceiling(
     except (RepositoryError, ModelNotFoundError) as error:
         raise BenchError(f"cannot read model {model!r} from {repository}: {error}") from None
     path = spec.model_path(spec.versions[-1])
+    runtimes: list[Runtime] = []
     try:
-        runtime = create_runtime(spec.platform, path, spec.device_pref, settings.intra_op_threads)
+        for _ in range(spec.instance_count):
+            threads = settings.intra_op_threads
+            runtimes.append(create_runtime(spec.platform, path, spec.device_pref, threads))
+        points = []
+        rng = np.random.default_rng(0)
+        with ThreadPoolExecutor(len(runtimes), thread_name_prefix="ceiling") as pool:
+            for size in batch_sizes(spec.max_batch_size):
+                batch = rng.random((size, *spec.input_shape), dtype=np.float32)
+                n = len(runtimes)
+                timed = list(pool.map(_timed_runs, runtimes, [batch] * n, [seconds_per_size] * n))
+                span = max(t.end for t in timed) - min(t.began for t in timed)
+                times = [x for t in timed for x in t.times]
+                point = CeilingPoint(
+                    size,
+                    round(size * len(times) / span, 1),
+                    round(1000 * float(np.median(times)), 4),
+                    len(runtimes),
+                )
+                progress(f"runtime alone, batch {size}: {point.images_per_s:,.0f} images/s")
+                points.append(point)
     except RuntimeLoadError as error:
         raise BenchError(f"cannot load {model!r} for the compute ceiling: {error}") from None
-    points = []
-    try:
-        rng = np.random.default_rng(0)
-        for size in batch_sizes(spec.max_batch_size):
-            batch = rng.random((size, *spec.input_shape), dtype=np.float32)
-            runtime.run(batch)  # the first run at a new size allocates
-            times: list[float] = []
-            end = time.perf_counter() + seconds_per_size
-            while len(times) < MIN_RUNS or time.perf_counter() < end:
-                t0 = time.perf_counter()
-                runtime.run(batch)
-                times.append(time.perf_counter() - t0)
-            point = CeilingPoint(
-                size, round(size * len(times) / sum(times), 1), round(1000 * np.median(times), 4)
-            )
-            progress(f"runtime alone, batch {size}: {point.images_per_s:,.0f} images/s")
-            points.append(point)
     finally:
-        runtime.close()
+        for runtime in runtimes:
+            runtime.close()
     return points
+
+
+@dataclasses.dataclass(frozen=True)
+class _Runs:
+    times: list[float]
+    began: float  # perf_counter() when the first timed run began
+    end: float  # ... and when the last one ended
+
+
+def _timed_runs(runtime: Runtime, batch: np.ndarray, seconds: float) -> _Runs:
+    """One instance: an untimed first run (it allocates), then runs for `seconds`."""
+    runtime.run(batch)
+    times: list[float] = []
+    began = time.perf_counter()
+    end = began + seconds
+    while len(times) < MIN_RUNS or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        runtime.run(batch)
+        times.append(time.perf_counter() - t0)
+    return _Runs(times, began, time.perf_counter())
 
 
 def ceiling_at(points: Sequence[CeilingPoint], batch: float) -> float:

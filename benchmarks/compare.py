@@ -20,15 +20,15 @@ import argparse
 import asyncio
 import shlex
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from benchmarks.common import BenchError, Config, Sample
-from benchmarks.measure import Window, run_load
+from benchmarks.common import BenchError, Config, Sample, exit_code
+from benchmarks.figures import write_report
+from benchmarks.measure import Timing, run_load
 from benchmarks.modes import APIS, STREAM_APIS
-from benchmarks.report import add_ratios, format_report, summarize, write_json
+from benchmarks.report import add_ratios, format_report, summarize
 from benchmarks.server import start_server
 
 MAX_CONCURRENCY = 1024
@@ -36,8 +36,6 @@ MAX_DURATION_S = 300.0
 MAX_WARMUP_S = 60.0
 MAX_BATCH = 1024
 MAX_CONFIGS = 8
-# How long the model may take to turn READY (a server started here has already loaded it).
-READY_WAIT_S = 10.0
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -76,6 +74,18 @@ def add_timing_options(
         type=bounded(float, 0.1, 120.0),
         default=10.0,
         help="Deadline of each request in seconds (default: %(default)s).",
+    )
+
+
+def add_server_args_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, servers: str
+) -> None:
+    parser.add_argument(
+        "--server-args",
+        default="",
+        metavar="ARGS",
+        help=f"Extra flags for {servers}, written with '=' because they start with a dash: "
+        '--server-args="--intra-op-threads 2".',
     )
 
 
@@ -147,13 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         (10.0, "Seconds measured per configuration (default: %(default)s)."),
         (1.0, "Seconds of load before measuring (default: %(default)s)."),
     )
-    parser.add_argument(
-        "--server-args",
-        default="",
-        metavar="ARGS",
-        help="Extra flags for the started server, written with '=' because they start "
-        'with a dash: --server-args="--intra-op-threads 2".',
-    )
+    add_server_args_option(parser, "the started server")
     parser.add_argument(
         "--compare",
         nargs="+",
@@ -232,23 +236,58 @@ def _compare_configs(args: argparse.Namespace, base: Config) -> list[Config]:
 
 
 def _run_one(args: argparse.Namespace, config: Config) -> Sample:
-    def window() -> Window:
-        return Window(time.perf_counter(), args.warmup, args.duration, args.timeout)
-
+    timing = Timing(args.warmup, args.duration, args.timeout)
     if args.model_repository is None:
-        return asyncio.run(run_load(args.server, config, window(), READY_WAIT_S))
+        return asyncio.run(run_load(args.server, config, timing))
     with start_server(args.model_repository, config.server_args) as server:
         return asyncio.run(
             run_load(
                 server.target,
                 config,
-                window(),
-                READY_WAIT_S,
+                timing,
                 server_cpu=server.cpu_seconds,
                 check=server.check_alive,
                 settled=True,
             )
         )
+
+
+def run(args: argparse.Namespace) -> int:
+    configs = build_configs(args)
+    samples: dict[str, list[Sample]] = {config.label: [] for config in configs}
+    # Rounds interleave the configurations (A B A B) so drift on a shared machine
+    # falls on all of them alike instead of on whichever ran last.
+    for round_no in range(1, args.rounds + 1):
+        for config in configs:
+            extra = f" server {' '.join(config.server_args)}" if config.server_args else ""
+            if config.api in STREAM_APIS:
+                extra = f" over {config.streams} stream(s){extra}"
+            print(
+                f"[{config.label} round {round_no}/{args.rounds}] {config.api} {config.model}"
+                f" concurrency {config.concurrency} batch {config.batch} for"
+                f" {args.duration:g} s (+{args.warmup:g} s warm-up){extra}",
+                file=sys.stderr,
+                flush=True,
+            )
+            samples[config.label].append(_run_one(args, config))
+    outcomes = [summarize(config, samples[config.label]) for config in configs]
+    add_ratios(outcomes)
+    print(format_report(outcomes))
+    if args.out is not None:
+        target = args.server or f"started server on {args.model_repository}"
+        write_report(
+            args.out,
+            {
+                "target": target,
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+                "rounds": args.rounds,
+                "results": [asdict(o) for o in outcomes],
+            },
+        )
+        print(f"wrote {args.out}", file=sys.stderr)
+    failed = sum(not o.requests for o in outcomes)
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,36 +297,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--server-args needs --model-repository")
     if args.model_repository is not None and not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository}: no such directory")
-    try:
-        configs = build_configs(args)
-        samples: dict[str, list[Sample]] = {config.label: [] for config in configs}
-        # Rounds interleave the configurations (A B A B) so drift on a shared machine
-        # falls on all of them alike instead of on whichever ran last.
-        for round_no in range(1, args.rounds + 1):
-            for config in configs:
-                extra = f" server {' '.join(config.server_args)}" if config.server_args else ""
-                if config.api in STREAM_APIS:
-                    extra = f" over {config.streams} stream(s){extra}"
-                print(
-                    f"[{config.label} round {round_no}/{args.rounds}] {config.api} {config.model}"
-                    f" concurrency {config.concurrency} batch {config.batch} for"
-                    f" {args.duration:g} s (+{args.warmup:g} s warm-up){extra}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                samples[config.label].append(_run_one(args, config))
-        outcomes = [summarize(config, samples[config.label]) for config in configs]
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    add_ratios(outcomes)
-    print(format_report(outcomes))
-    if args.out is not None:
-        target = args.server or f"started server on {args.model_repository}"
-        write_json(args.out, outcomes, target, args.duration, args.warmup, args.rounds)
-        print(f"wrote {args.out}", file=sys.stderr)
-    failed = sum(not o.requests for o in outcomes)
-    return 1 if failed else 0
+    return exit_code(run, args)

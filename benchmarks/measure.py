@@ -5,8 +5,10 @@ the answer arrives). Open loop: requests leave at a fixed offered rate (Poisson 
 whatever the server does, and latency counts from the scheduled send time, so a server that
 falls behind shows it in latency instead of quietly slowing the client down.
 
-Only answers that arrive inside the measured window (after the warm-up) count. Several client
-processes agree on the window through `start_at`, a wall-clock time, so their samples merge.
+Only answers that arrive inside the measured window (after the warm-up) count. The client
+first opens its channel and builds its requests, then awaits `start`: the wall-clock time the
+load begins. Several client processes get the same time only once all of them are ready, so
+their windows coincide and their samples merge; each reports how late its load really began.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import collections
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +30,30 @@ from benchmarks.modes import open_calls
 # dropped by the client ("CLIENT_BACKLOG") rather than piling up without bound.
 MAX_OUTSTANDING = 4096
 CLIENT_BACKLOG = "CLIENT_BACKLOG"
+# Longest a ready client waits for its start time (streams opened meanwhile must outlive it).
+MAX_START_WAIT_S = 60.0
+
+# Awaited once the client is ready to send; returns the wall-clock (time.time()) start.
+StartSignal = Callable[[], Awaitable[float]]
+
+
+async def start_now() -> float:
+    """A lone client starts as soon as it is ready."""
+    return time.time()
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long a measurement runs: warm-up, then duration_s counted; each request's deadline."""
+
+    warmup_s: float
+    duration_s: float
+    timeout_s: float
+
+    @property
+    def bound_s(self) -> float:
+        """Longest the whole measurement may take: the last calls end within their timeout."""
+        return self.warmup_s + self.duration_s + self.timeout_s + 5.0
 
 
 @dataclass(frozen=True)
@@ -35,60 +61,68 @@ class Window:
     """When a measurement runs: load from `start`, counted from +warmup_s for duration_s."""
 
     start: float  # time.perf_counter() value
-    warmup_s: float
-    duration_s: float
-    timeout_s: float
+    timing: Timing
 
     @property
     def counted_from(self) -> float:
-        return self.start + self.warmup_s
+        return self.start + self.timing.warmup_s
 
     @property
     def end(self) -> float:
-        return self.counted_from + self.duration_s
-
-    @property
-    def bound_s(self) -> float:
-        """Longest the whole measurement may take: the last calls end within their timeout."""
-        return self.warmup_s + self.duration_s + self.timeout_s + 5.0
+        return self.counted_from + self.timing.duration_s
 
     @classmethod
-    def starting_at(
-        cls, wall_time: float, warmup_s: float, duration_s: float, timeout_s: float
-    ) -> Window:
+    def starting_at(cls, wall_time: float, timing: Timing) -> Window:
         """The window of a measurement that starts at a wall-clock (time.time()) instant."""
-        start = time.perf_counter() + max(wall_time - time.time(), 0.0)
-        return cls(start, warmup_s, duration_s, timeout_s)
+        return cls(time.perf_counter() + wall_time - time.time(), timing)
+
+
+def send_times(start: float, end: float, rate: float, seed: str) -> Iterator[float]:
+    """Poisson arrivals at `rate` per second in [start, end).
+
+    Client processes sharing an open-loop load each draw from a seed of their own: with one
+    seed for all, N processes would send in bursts of N at 1/N of the total rate.
+    """
+    arrivals = random.Random(seed)
+    scheduled = start + arrivals.expovariate(rate)
+    while scheduled < end:
+        yield scheduled
+        scheduled += arrivals.expovariate(rate)
 
 
 async def run_load(
     target: str,
     config: Config,
-    window: Window,
-    ready_wait_s: float,
+    timing: Timing,
     rate: float | None = None,
+    *,
+    start: StartSignal = start_now,
+    seed: str = "0",
     server_cpu: Callable[[], float | None] = lambda: None,
     check: Callable[[], None] = lambda: None,
     settled: bool = False,
 ) -> Sample:
-    """Closed loop with `config.concurrency` workers, or open loop at `rate` requests/s.
+    """Closed loop with `config.concurrency` workers, or open loop at `rate` requests/s
+    (arrivals drawn from `seed`), from the time `start` gives once requests are built.
 
     `check` and `settled` are passed to model_info (a started server: fail rather than wait).
     """
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        model = await model_info(channel, target, config.model, ready_wait_s, check, settled)
-        lifetime = window.bound_s
-        async with open_calls(channel, config, model, window.timeout_s, lifetime) as calls:
-            if time.perf_counter() > window.start:  # late: keep the window's length
-                window = Window(time.perf_counter(), *_lengths(window))
+        model = await model_info(channel, target, config.model, check=check, settled=settled)
+        lifetime = MAX_START_WAIT_S + timing.bound_s
+        async with open_calls(channel, config, model, timing.timeout_s, lifetime) as calls:
+            window = Window.starting_at(await start(), timing)
             await asyncio.sleep(max(window.start - time.perf_counter(), 0.0))
+            # Late (a slow wake-up on a busy machine): the window stays the agreed one, so
+            # the server figures read over it still match; the lateness is reported.
+            late = max(time.perf_counter() - window.start, 0.0)
             if rate is None:
-                return await _closed_loop(calls, config.concurrency, window, server_cpu)
-            return await _open_loop(calls[0], rate, window, server_cpu)
-
-
-def _lengths(window: Window) -> tuple[float, float, float]:
-    return window.warmup_s, window.duration_s, window.timeout_s
+                sample = await _closed_loop(calls, config.concurrency, window, server_cpu)
+            else:
+                schedule = send_times(window.start, window.end, rate, seed)
+                sample = await _open_loop(calls[0], schedule, window, server_cpu)
+    sample.start_late_s = (round(late, 4),)
+    return sample
 
 
 class _Tally:
@@ -98,6 +132,16 @@ class _Tally:
         self.window = window
         self.latencies: list[float] = []
         self.errors: collections.Counter[str] = collections.Counter()
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    def sent(self) -> None:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def answered(self, code: str, sent: float) -> None:
+        self.in_flight -= 1
+        self.add(code, sent, time.perf_counter())
 
     def add(self, code: str, sent: float, done: float) -> None:
         if self.window.counted_from <= done <= self.window.end:
@@ -127,36 +171,33 @@ async def _closed_loop(
 
     async def worker(call: Call) -> None:
         while (sent := time.perf_counter()) < window.end:
-            code = await call()
-            tally.add(code, sent, time.perf_counter())
+            tally.sent()
+            tally.answered(await call(), sent)
 
     workers = [asyncio.ensure_future(worker(calls[i % len(calls)])) for i in range(concurrency)]
     return await _finish(workers, tally, server_cpu)
 
 
 async def _open_loop(
-    call: Call, rate: float, window: Window, server_cpu: Callable[[], float | None]
+    call: Call, schedule: Iterator[float], window: Window, server_cpu: Callable[[], float | None]
 ) -> Sample:
-    """Poisson arrivals at `rate` per second until the window ends."""
+    """One request at each scheduled time, whether or not earlier ones were answered."""
     tally = _Tally(window)
     in_flight: set[asyncio.Future[None]] = set()
-    arrivals = random.Random(0)
 
     async def one(scheduled: float) -> None:
-        code = await call()
-        tally.add(code, scheduled, time.perf_counter())
+        tally.answered(await call(), scheduled)
 
     async def sender() -> None:
-        scheduled = window.start
-        while scheduled < window.end:
+        for scheduled in schedule:
             await asyncio.sleep(max(scheduled - time.perf_counter(), 0.0))
             if len(in_flight) >= MAX_OUTSTANDING:
                 tally.add(CLIENT_BACKLOG, scheduled, time.perf_counter())
             else:
+                tally.sent()
                 task = asyncio.ensure_future(one(scheduled))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
-            scheduled += arrivals.expovariate(rate)
         if in_flight:
             await asyncio.wait(set(in_flight))
 
@@ -167,7 +208,7 @@ async def _finish(
     tasks: list[asyncio.Future[None]], tally: _Tally, server_cpu: Callable[[], float | None]
 ) -> Sample:
     meter = asyncio.ensure_future(_cpu_meter(tally.window, server_cpu))
-    bound = tally.window.end + tally.window.timeout_s + 5.0 - time.perf_counter()
+    bound = tally.window.end + tally.window.timing.timeout_s + 5.0 - time.perf_counter()
     try:
         await asyncio.wait_for(asyncio.gather(*tasks), max(bound, 0.1))
         client_cpu, used_by_server = await meter
@@ -175,5 +216,10 @@ async def _finish(
         for task in [*tasks, meter]:
             task.cancel()
     return Sample(
-        tally.latencies, tally.errors, tally.window.duration_s, client_cpu, used_by_server
+        tally.latencies,
+        tally.errors,
+        tally.window.timing.duration_s,
+        client_cpu,
+        used_by_server,
+        tally.peak_in_flight,
     )

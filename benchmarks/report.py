@@ -1,79 +1,38 @@
-"""Turns measured rounds into per-configuration results: a terminal table and a JSON file."""
+"""`compare`'s results: one outcome per configuration, its ratios to the first, a table."""
 
 from __future__ import annotations
 
-import collections
-import json
-import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
-import numpy as np
 
 from benchmarks.common import Config, Sample
+from benchmarks.figures import FIGURE_HEADERS, Figures, figure_cells, figures, pooled
 from client.table import format_table
 
 
 @dataclass
-class Outcome:
+class Outcome(Figures):
     label: str
     config: dict[str, object]
     duration_s: float
-    requests: int
     images: int
-    requests_per_s: float
-    images_per_s: float
-    latency_ms: dict[str, float]
-    errors: dict[str, int]
-    # CPU seconds used per second of measurement (1.0 = one core busy); shows which side saturated.
-    client_cores: float
-    server_cores: float | None
     rounds_requests_per_s: list[float]
     ratios: dict[str, float] = field(default_factory=dict)
 
 
-def percentiles(latencies_s: list[float]) -> dict[str, float]:
-    if not latencies_s:
-        return {}
-    ms = np.asarray(latencies_s) * 1000.0
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {
-        "p50": round(float(p50), 3),
-        "p90": round(float(p90), 3),
-        "p99": round(float(p99), 3),
-        "mean": round(float(ms.mean()), 3),
-        "max": round(float(ms.max()), 3),
-    }
-
-
 def summarize(config: Config, samples: Sequence[Sample]) -> Outcome:
     """Rounds of one configuration add up as if they were one longer run."""
-    latencies = [x for sample in samples for x in sample.latencies_s]
-    errors: collections.Counter[str] = collections.Counter()
-    for sample in samples:
-        errors.update(sample.errors)
-    duration = sum(sample.duration_s for sample in samples)
     server = [sample.server_cpu_s for sample in samples]
-    requests = len(latencies)
+    server_cpu = None if None in server else sum(s or 0.0 for s in server)
+    sample = pooled(samples, server_cpu, at_once=False)
+    found = figures(sample, config.batch)
     return Outcome(
+        **vars(found),
         label=config.label,
         config={k: v for k, v in asdict(config).items() if k != "label"},
-        duration_s=duration,
-        requests=requests,
-        images=requests * config.batch,
-        requests_per_s=round(requests / duration, 2),
-        images_per_s=round(requests * config.batch / duration, 2),
-        latency_ms=percentiles(latencies),
-        errors=dict(errors),
-        client_cores=round(sum(sample.client_cpu_s for sample in samples) / duration, 3),
-        server_cores=(
-            None if None in server else round(sum(s or 0.0 for s in server) / duration, 3)
-        ),
-        rounds_requests_per_s=[
-            round(len(sample.latencies_s) / sample.duration_s, 2) for sample in samples
-        ],
+        duration_s=sample.duration_s,
+        images=found.requests * config.batch,
+        rounds_requests_per_s=[round(len(s.latencies_s) / s.duration_s, 2) for s in samples],
     )
 
 
@@ -93,48 +52,17 @@ def add_ratios(outcomes: list[Outcome]) -> None:
 
 
 def format_report(outcomes: list[Outcome]) -> str:
-    headers = ["LABEL", "API", "CONC", "BATCH", "REQ/S", "IMG/S", "P50 MS", "P90 MS", "P99 MS"]
-    headers += ["ERRORS", "CPU C/S", "X REQ/S", "X P99"]
-    rows = []
-    for o in outcomes:
-        lat = o.latency_ms
-        server = "-" if o.server_cores is None else f"{o.server_cores:.2f}"
-        errors = ",".join(f"{code}:{n}" for code, n in sorted(o.errors.items())) or "0"
-        rows.append(
-            [
-                o.label,
-                o.config["api"],
-                o.config["concurrency"],
-                o.config["batch"],
-                f"{o.requests_per_s:.1f}",
-                f"{o.images_per_s:.1f}",
-                *(f"{lat[p]:.2f}" if p in lat else "-" for p in ("p50", "p90", "p99")),
-                errors,
-                f"{o.client_cores:.2f}/{server}",
-                f"{o.ratios.get('requests_per_s', 0):.2f}" if o.ratios else "-",
-                f"{o.ratios.get('p99', 0):.2f}" if o.ratios else "-",
-            ]
-        )
+    headers = ["LABEL", "API", "CONC", "BATCH", *FIGURE_HEADERS, "X REQ/S", "X P99"]
+    rows = [
+        [
+            o.label,
+            o.config["api"],
+            o.config["concurrency"],
+            o.config["batch"],
+            *figure_cells(o),
+            f"{o.ratios.get('requests_per_s', 0):.2f}" if o.ratios else "-",
+            f"{o.ratios.get('p99', 0):.2f}" if o.ratios else "-",
+        ]
+        for o in outcomes
+    ]
     return format_table(headers, rows, right=range(2, len(headers)))
-
-
-def write_json(
-    path: Path,
-    outcomes: list[Outcome],
-    target: str,
-    duration_s: float,
-    warmup_s: float,
-    rounds: int,
-) -> None:
-    """The results with what is needed to compare them with a later run on another machine."""
-    report = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "target": target,
-        "duration_s": duration_s,
-        "warmup_s": warmup_s,
-        "rounds": rounds,
-        "cpu_count": os.cpu_count(),
-        "results": [asdict(o) for o in outcomes],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")

@@ -6,17 +6,14 @@ offered rate. `served` is the real server, `transport` the same server with --nu
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.ceiling import CeilingPoint, ceiling_at
+from benchmarks.clients import Job, late_clients
 from benchmarks.common import Sample
-from benchmarks.report import percentiles
+from benchmarks.figures import FIGURE_HEADERS, Figures, figure_cells, figures, write_report
 from client.table import format_table
 
 SERVED = "served"
@@ -24,54 +21,45 @@ TRANSPORT = "transport"
 
 
 @dataclass
-class Step:
+class Step(Figures):
     server: str  # SERVED | TRANSPORT
     mode: str  # "closed" | "open"
     concurrency: int  # closed loop: requests in flight; open loop: 0
     images_per_request: int
     offered_rate: float | None  # open loop: requests/s sent, whatever the answers do
-    requests: int
-    requests_per_s: float
-    images_per_s: float
-    latency_ms: dict[str, float]
-    errors: dict[str, int]
     mean_batch_size: float | None  # from the server's /metrics; None for an external target
-    server_cpu_cores: float | None  # CPU seconds per second; None for an external target
-    # Server CPU per request answered: unlike requests/s, it does not depend on how much of a
-    # shared machine the server got during the step.
-    server_cpu_ms_per_request: float | None
-    client_cpu_cores: float
+    # Per client process that took part: requests in flight (closed loop; they sum to
+    # `concurrency`) or requests/s offered (open loop; they sum to `offered_rate`).
+    client_shares: list[float]
+    # Requests the clients had in flight at once, at most (closed loop: `concurrency`).
+    peak_in_flight: int
+    # Per client process: seconds its load began after the agreed start, and the processes
+    # later than the tolerance (their load missed part of the warm-up or of the window).
+    client_start_late_s: list[float]
+    late_clients: list[int]
 
 
 def step_from(
     server: str,
-    mode: str,
-    concurrency: int,
+    jobs: Sequence[Job],
     images: int,
-    rate: float | None,
     sample: Sample,
     mean_batch: float | None,
 ) -> Step:
-    requests = len(sample.latencies_s)
-    duration = sample.duration_s
-    server_cpu = sample.server_cpu_s
+    rate = jobs[0].rate
+    shares = [job.share for job in jobs]
     return Step(
+        **vars(figures(sample, images)),
         server=server,
-        mode=mode,
-        concurrency=concurrency,
+        mode="closed" if rate is None else "open",
+        concurrency=int(sum(shares)) if rate is None else 0,
         images_per_request=images,
-        offered_rate=rate,
-        requests=requests,
-        requests_per_s=round(requests / duration, 2),
-        images_per_s=round(requests * images / duration, 2),
-        latency_ms=percentiles(sample.latencies_s),
-        errors=dict(sample.errors),
+        offered_rate=None if rate is None else round(sum(shares), 6),
         mean_batch_size=mean_batch,
-        server_cpu_cores=None if server_cpu is None else round(server_cpu / duration, 3),
-        server_cpu_ms_per_request=(
-            None if server_cpu is None or not requests else round(1000 * server_cpu / requests, 4)
-        ),
-        client_cpu_cores=round(sample.client_cpu_s / duration, 3),
+        client_shares=shares,
+        peak_in_flight=sample.peak_in_flight,
+        client_start_late_s=list(sample.start_late_s),
+        late_clients=late_clients(sample),
     )
 
 
@@ -119,37 +107,44 @@ def _cpu_ratio(null: Step, served: Step) -> float | None:
     return round(null.server_cpu_ms_per_request / served.server_cpu_ms_per_request, 4)
 
 
-def _cores(value: float | None) -> str:
+def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
 def format_steps(steps: Sequence[Step]) -> str:
-    headers = ["SERVER", "MODE", "CONC", "IMG/REQ", "RATE", "REQ/S", "IMG/S", "P50 MS"]
-    headers += ["P90 MS", "P99 MS", "BATCH", "ERRORS", "SRV CPU", "MS/REQ", "CLI CPU"]
-    rows = []
-    for s in steps:
-        lat = s.latency_ms
-        rows.append(
-            [
-                s.server,
-                s.mode,
-                s.concurrency if s.mode == "closed" else "-",
-                s.images_per_request,
-                "-" if s.offered_rate is None else f"{s.offered_rate:.0f}",
-                f"{s.requests_per_s:.1f}",
-                f"{s.images_per_s:.1f}",
-                *(f"{lat[p]:.2f}" if p in lat else "-" for p in ("p50", "p90", "p99")),
-                "n/a" if s.mean_batch_size is None else f"{s.mean_batch_size:.2f}",
-                ",".join(f"{code}:{n}" for code, n in sorted(s.errors.items())) or "0",
-                _cores(s.server_cpu_cores),
-                _cores(s.server_cpu_ms_per_request),
-                _cores(s.client_cpu_cores),
-            ]
-        )
+    headers = ["SERVER", "MODE", "CONC", "IMG/REQ", "RATE", "BATCH", *FIGURE_HEADERS, "LATE"]
+    rows = [
+        [
+            s.server,
+            s.mode,
+            s.concurrency if s.mode == "closed" else "-",
+            s.images_per_request,
+            "-" if s.offered_rate is None else f"{s.offered_rate:.0f}",
+            "n/a" if s.mean_batch_size is None else f"{s.mean_batch_size:.2f}",
+            *figure_cells(s),
+            # Client processes that began late: "0" is the normal case.
+            str(len(s.late_clients)) + ("!" if s.late_clients else ""),
+        ]
+        for s in steps
+    ]
     return format_table(headers, rows, right=range(2, len(headers)))
 
 
+def late_warning(steps: Sequence[Step]) -> str | None:
+    """One line naming the steps where a client process began late, if any did."""
+    late = [s for s in steps if s.late_clients]
+    if not late:
+        return None
+    worst = max(max(s.client_start_late_s) for s in late)
+    return (
+        f"warning: in {len(late)} step(s) a client process began its load up to {worst:.3f} s "
+        "after the agreed start (column LATE; the machine was busy): its warm-up was that "
+        "much shorter, or, past the warm-up, the measured window held less load than set"
+    )
+
+
 def format_ceiling(points: Sequence[CeilingPoint]) -> str:
+    """The table; every point ran `instances` runtime instances at once, as the server does."""
     rows = [[p.batch_size, f"{p.images_per_s:,.0f}", f"{p.batch_ms:.3f}"] for p in points]
     return format_table(["BATCH", "IMG/S", "MS/BATCH"], rows, right=range(3))
 
@@ -161,7 +156,7 @@ def format_ratios(found: dict[str, list[dict]]) -> str:
             f"served / transport ceiling, concurrency {r['concurrency']}, "
             f"{r['images_per_request']} img/request: {r['ratio']:.2f} "
             f"(p50 {r['p50_difference_ms']:+.2f} ms; by server CPU per request: "
-            f"{_cores(r['cpu_per_request_ratio'])})"
+            f"{_ratio(r['cpu_per_request_ratio'])})"
         )
     for r in found["served_vs_compute"]:
         lines.append(
@@ -172,38 +167,19 @@ def format_ratios(found: dict[str, list[dict]]) -> str:
     return "\n".join(lines) or "(no ratios: needs --model-repository)"
 
 
-def machine() -> dict[str, object]:
-    """Where the figures were taken: they mean little without it."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def write_report(
+def save(
     path: Path,
     settings: dict[str, object],
     ceiling: Sequence[CeilingPoint],
     steps: Sequence[Step],
     found: dict[str, list[dict]],
 ) -> None:
-    report = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
-        "settings": settings,
-        "compute_ceiling": [asdict(p) for p in ceiling],
-        "steps": [asdict(s) for s in steps],
-        "ratios": found,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(
+        path,
+        {
+            "settings": settings,
+            "compute_ceiling": [asdict(p) for p in ceiling],
+            "steps": [asdict(s) for s in steps],
+            "ratios": found,
+        },
+    )

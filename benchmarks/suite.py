@@ -33,9 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.ceiling import CeilingPoint, best_of, measure_ceiling, server_settings
-from benchmarks.clients import START_LEAD_S, ClientPool, merge
-from benchmarks.common import BenchError, Config
-from benchmarks.compare import MAX_CONCURRENCY, add_timing_options, bounded
+from benchmarks.clients import START_LEAD_S, ClientPool, split_load
+from benchmarks.common import Config, exit_code
+from benchmarks.compare import (
+    MAX_CONCURRENCY,
+    add_server_args_option,
+    add_timing_options,
+    bounded,
+)
+from benchmarks.figures import pooled
+from benchmarks.measure import Timing
 from benchmarks.plots import write_plots
 from benchmarks.results import (
     SERVED,
@@ -44,9 +51,10 @@ from benchmarks.results import (
     format_ceiling,
     format_ratios,
     format_steps,
+    late_warning,
     ratios,
+    save,
     step_from,
-    write_report,
 )
 from benchmarks.scrape import batch_totals, mean_batch
 from benchmarks.server import start_server
@@ -78,10 +86,9 @@ class Plan:
     images: tuple[int, ...]  # images per request of the closed-loop sweeps
     rates: tuple[float, ...]  # empty: rate_fractions of the best served rate
     rate_fractions: tuple[float, ...]
-    duration_s: float
-    warmup_s: float
-    timeout_s: float
+    timing: Timing
     ceiling_s: float  # seconds per batch size of the compute ceiling
+    seed: int  # of the open loop's arrivals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,13 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="With --target: its Prometheus /metrics URL, for the mean formed batch size.",
     )
     where.add_argument("--model", default="fashion_mnist", help="Model (default: %(default)s).")
-    where.add_argument(
-        "--server-args",
-        default="",
-        metavar="ARGS",
-        help="Extra flags for both started servers, written with '=' because they start "
-        'with a dash: --server-args="--intra-op-threads 2".',
-    )
+    add_server_args_option(where, "both started servers")
     load = parser.add_argument_group("load")
     load.add_argument(
         "--concurrency",
@@ -141,7 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-processes",
         type=bounded(int, 1, 64),
         default=1,
-        help="Client processes sharing each load, results merged (default: %(default)s).",
+        help="Client processes sharing each load, results merged; a closed-loop step uses at "
+        "most one per request in flight (default: %(default)s).",
+    )
+    load.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the open loop's Poisson arrivals; each client process draws its own "
+        "from it (default: %(default)s).",
     )
     add_timing_options(
         load,
@@ -174,10 +183,13 @@ def _plan(args: argparse.Namespace) -> Plan:
         rate_fractions=(
             () if args.rates == [] else SHORT_RATE_FRACTIONS if args.short else RATE_FRACTIONS
         ),
-        duration_s=args.duration or (0.5 if args.short else 5.0),
-        warmup_s=args.warmup if args.warmup is not None else (0.2 if args.short else 1.0),
-        timeout_s=args.timeout,
+        timing=Timing(
+            warmup_s=args.warmup if args.warmup is not None else (0.2 if args.short else 1.0),
+            duration_s=args.duration or (0.5 if args.short else 5.0),
+            timeout_s=args.timeout,
+        ),
         ceiling_s=0.2 if args.short else 2.0,
+        seed=args.seed,
     )
 
 
@@ -203,37 +215,30 @@ def measure_step(
     images: int,
     rate: float | None = None,
 ) -> Step:
-    """One measurement, its load shared by the pool; server CPU and batches read meanwhile."""
+    """One measurement, its load shared by the pool; server CPU and batches read meanwhile,
+    over the window the clients measure (they start it together once all are ready)."""
     config = Config(
         label=endpoint.name, api="kserve", model=plan.model, concurrency=concurrency, batch=images
     )
-    window = (plan.warmup_s, plan.duration_s, plan.timeout_s)
-    start_at = pool.start(endpoint.target, config, window, rate)
-    _sleep_until(start_at + plan.warmup_s)
+    timing = plan.timing
+    jobs = split_load(endpoint.target, config, timing, pool.size, rate, plan.seed)
+    start_at = pool.start(jobs)
+    _sleep_until(start_at + timing.warmup_s)
     cpu, totals = endpoint.cpu_seconds(), batch_totals(endpoint.metrics_url, plan.model)
-    _sleep_until(start_at + plan.warmup_s + plan.duration_s)
+    _sleep_until(start_at + timing.warmup_s + timing.duration_s)
     cpu_after, totals_after = endpoint.cpu_seconds(), batch_totals(endpoint.metrics_url, plan.model)
-    bound = START_LEAD_S + plan.warmup_s + plan.duration_s + plan.timeout_s + COLLECT_SLACK_S
-    samples = pool.collect(bound)
+    samples = pool.collect(START_LEAD_S + timing.bound_s + COLLECT_SLACK_S)
     used = None if cpu is None or cpu_after is None else cpu_after - cpu
-    sample = merge(samples, used)
-    mode = "closed" if rate is None else "open"
-    return step_from(
-        endpoint.name,
-        mode,
-        concurrency if rate is None else 0,
-        images,
-        rate,
-        sample,
-        mean_batch(totals, totals_after),
-    )
+    sample = pooled(samples, used, at_once=True)
+    return step_from(endpoint.name, jobs, images, sample, mean_batch(totals, totals_after))
 
 
 def _describe(step: Step) -> str:
     lat = step.latency_ms
     p = f"p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} ms" if lat else "no answers"
     errors = f", errors {step.errors}" if step.errors else ""
-    return f"  -> {step.images_per_s:,.0f} images/s, {p}{errors}"
+    late = f", client(s) {step.late_clients} began late" if step.late_clients else ""
+    return f"  -> {step.images_per_s:,.0f} images/s, {p}{errors}{late}"
 
 
 def run_sweeps(
@@ -246,7 +251,8 @@ def run_sweeps(
             for endpoint in endpoints:
                 progress(
                     f"{endpoint.name}: closed loop, concurrency {concurrency}, {images} "
-                    f"img/request, {plan.duration_s:g} s (+{plan.warmup_s:g} s warm-up)"
+                    f"img/request, {plan.timing.duration_s:g} s "
+                    f"(+{plan.timing.warmup_s:g} s warm-up)"
                 )
                 steps.append(measure_step(pool, endpoint, plan, concurrency, images))
                 progress(_describe(steps[-1]))
@@ -304,17 +310,21 @@ def run(args: argparse.Namespace) -> int:
         "target": args.target or f"started servers on {args.model_repository}",
         "server_args": server_args,
         "client_processes": args.client_processes,
-        "duration_s": plan.duration_s,
-        "warmup_s": plan.warmup_s,
+        "seed": plan.seed,
+        "duration_s": plan.timing.duration_s,
+        "warmup_s": plan.timing.warmup_s,
         "short": args.short,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_report(args.out / RESULTS_FILE, settings_used, ceiling, steps, found)
+    save(args.out / RESULTS_FILE, settings_used, ceiling, steps, found)
     plots = write_plots(args.out, steps, plan.model)
     if ceiling:
-        print(f"Compute ceiling ({plan.model}, runtime alone):\n{format_ceiling(ceiling)}\n")
+        alone = f"runtime alone, {ceiling[0].instances} instance(s) at once"
+        print(f"Compute ceiling ({plan.model}, {alone}):\n{format_ceiling(ceiling)}\n")
     print(format_steps(steps))
     print("\n" + format_ratios(found))
+    if (warning := late_warning(steps)) is not None:
+        print("\n" + warning)
     progress(f"wrote {args.out / RESULTS_FILE} and {', '.join(p.name for p in plots)}")
     return 0 if all(s.requests for s in steps) else 1
 
@@ -328,11 +338,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--model-repository {args.model_repository}: no such directory")
     if args.metrics_url and args.target is None:
         parser.error("--metrics-url is for --target; started servers are scraped directly")
-    try:
-        return run(args)
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return exit_code(run, args)

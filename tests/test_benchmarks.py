@@ -7,18 +7,25 @@ from the figures): speed is never asserted, it is what the tool reports.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from server_process import PROJECT_ROOT, ServerProcess, copy_repository
+from server_process import PROJECT_ROOT, ServerProcess, copy_repository, set_batching
 
+from benchmarks.ceiling import measure_ceiling, server_settings
+from benchmarks.clients import LATE_TOLERANCE_S, ClientPool, Job, split_load
+from benchmarks.common import BenchError, Config, Sample
+from benchmarks.measure import Timing, send_times
+from benchmarks.results import format_steps, late_warning, step_from
 from modelrepo.layout import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
 from server.app import NULL_COMPUTE_WARNING
 from server.batcher import Batcher
@@ -54,11 +61,12 @@ def test_short_run_measures_served_path_against_both_ceilings(
     report = json.loads((out / "results.json").read_text())
     assert set(report) >= {"created", "machine", "settings", "compute_ceiling", "steps", "ratios"}
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
-    assert report["settings"]["client_processes"] == 2
+    assert report["settings"]["client_processes"] == 2 and report["settings"]["seed"] == 0
 
     ceiling = report["compute_ceiling"]
     assert [p["batch_size"] for p in ceiling][:2] == [1, 2]
     assert all(p["images_per_s"] > 0 and p["batch_ms"] > 0 for p in ceiling)
+    assert all(p["instances"] == 1 for p in ceiling)  # the model's instance_group count
 
     steps = report["steps"]
     closed = [s for s in steps if s["mode"] == "closed"]
@@ -79,6 +87,20 @@ def test_short_run_measures_served_path_against_both_ceilings(
         )
         # Batches hold whole requests: at least one request's images, at most max_batch_size.
         assert step["images_per_request"] <= step["mean_batch_size"] <= 64
+        # Every client process began its load together, after all of them were ready.
+        assert len(step["client_start_late_s"]) == len(step["client_shares"])
+        assert step["late_clients"] == [
+            i for i, late in enumerate(step["client_start_late_s"]) if late > LATE_TOLERANCE_S
+        ]
+    for step in closed:
+        # The in-flight count the step is labelled with is the one the clients really held:
+        # concurrency 1 over two processes is one process with one worker, not two.
+        assert sum(step["client_shares"]) == step["concurrency"]
+        assert len(step["client_shares"]) == min(2, step["concurrency"])
+        assert step["peak_in_flight"] == step["concurrency"]
+        if step["concurrency"] == 1:  # one request at a time: every batch is that request
+            assert step["mean_batch_size"] == step["images_per_request"]
+    assert open_step["client_shares"] == [25.0, 25.0]
 
     by_key = {(s["server"], s["concurrency"], s["images_per_request"]): s for s in closed}
     vs_transport = report["ratios"]["served_vs_transport"]
@@ -124,6 +146,75 @@ def test_external_target_has_no_server_cpu(server: ServerProcess, tmp_path: Path
     assert step["mean_batch_size"] >= 1
     assert report["compute_ceiling"] == [] and report["ratios"]["served_vs_transport"] == []
     assert " n/a " in done.stdout
+
+
+# --- how a load is shared by client processes ------------------------------------------------
+
+TIMING = Timing(warmup_s=0.0, duration_s=0.3, timeout_s=5.0)
+
+
+@pytest.mark.parametrize(("concurrency", "processes"), [(1, 2), (3, 2), (4, 8), (32, 4)])
+def test_closed_loop_shares_hold_the_concurrency(concurrency: int, processes: int) -> None:
+    config = Config("x", concurrency=concurrency)
+    jobs = split_load("127.0.0.1:1", config, TIMING, processes)
+    shares = [job.config.concurrency for job in jobs]
+    assert sum(shares) == concurrency and min(shares) >= 1  # no process gets an idle worker
+    assert len(jobs) == min(concurrency, processes) and max(shares) - min(shares) <= 1
+
+
+def test_open_loop_processes_draw_their_own_arrivals() -> None:
+    """Two processes at 500/s each: together Poisson at 1000/s, not the same times twice."""
+    jobs = split_load("127.0.0.1:1", Config("x"), TIMING, 2, rate=1000.0, run_seed=7)
+    assert [job.rate for job in jobs] == [500.0, 500.0]
+    schedules = [list(send_times(0.0, 20.0, job.rate or 0.0, job.seed)) for job in jobs]
+    merged = sorted(schedules[0] + schedules[1])
+    assert len(set(merged)) == len(merged)  # no send time shared by both processes
+    assert len(merged) == pytest.approx(20_000, rel=0.05)  # 1000/s over 20 s (sd 0.7 %)
+    gaps = np.diff(merged)
+    # Exponential gaps at the total rate: mean 1 ms and as spread as their mean (cv 1).
+    assert gaps.mean() == pytest.approx(1e-3, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.05)
+    other = split_load("127.0.0.1:1", Config("x"), TIMING, 2, rate=1000.0, run_seed=8)
+    assert list(send_times(0.0, 20.0, 500.0, other[0].seed))[:10] != schedules[0][:10]
+
+
+def test_a_late_client_is_flagged_in_the_json_and_the_table() -> None:
+    jobs = split_load("127.0.0.1:1", Config("x", concurrency=2), TIMING, 2)
+    sample = Sample([0.001] * 10, collections.Counter(), 1.0, 0.1, 0.2, 2, (0.001, 0.4))
+    step = step_from("served", jobs, 1, sample, 1.0)
+    assert step.late_clients == [1] and step.client_start_late_s == [0.001, 0.4]
+    assert step.client_shares == [1, 1] and step.concurrency == 2
+    assert format_steps([step]).splitlines()[1].split()[-1] == "1!"
+    assert "0.400 s" in (late_warning([step]) or "")
+    on_time = step_from("served", jobs, 1, replace(sample, start_late_s=(0.001, 0.002)), 1.0)
+    assert on_time.late_clients == [] and late_warning([on_time]) is None
+
+
+def test_client_pool_starts_only_once_every_process_is_ready(server: ServerProcess) -> None:
+    """A process that cannot get ready fails the step before anything is measured; the
+    ready ones are stopped, not left waiting, so the pool runs the next step."""
+    config = Config("x", api="kserve", model=MODEL, concurrency=1)
+    broken = [
+        Job(server.target, config, TIMING),
+        Job(server.target, replace(config, model="no_such_model"), TIMING),
+    ]
+    with ClientPool(2) as pool:
+        with pytest.raises(BenchError, match="no model 'no_such_model'"):
+            pool.start(broken)
+        jobs = split_load(server.target, replace(config, concurrency=4), TIMING, 2)
+        pool.start(jobs)
+        samples = pool.collect(30.0)
+    assert [s.peak_in_flight for s in samples] == [2, 2]
+    assert all(s.latencies_s and not s.errors for s in samples)
+    assert all(len(s.start_late_s) == 1 for s in samples)
+
+
+def test_compute_ceiling_runs_every_instance(model_repository: Path, tmp_path: Path) -> None:
+    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
+    set_batching(repo / MODEL, instances=2, max_batch_size=4)
+    points = measure_ceiling(repo, MODEL, server_settings(repo, []), 0.05)
+    assert [p.batch_size for p in points] == [1, 2, 4]
+    assert all(p.instances == 2 and p.images_per_s > 0 and p.batch_ms > 0 for p in points)
 
 
 def test_needs_a_repository_or_a_target() -> None:
@@ -278,7 +369,11 @@ def test_bench_starts_its_own_server(model_repository: Path, tmp_path: Path) -> 
     assert kserve["config"]["api"] == "kserve"
     for result in (one, kserve):
         assert result["requests"] > 0 and result["errors"] == {}
-        assert result["server_cores"] is not None and result["server_cores"] > 0
+        assert result["server_cpu_cores"] is not None and result["server_cpu_cores"] > 0
+        assert result["server_cpu_ms_per_request"] == pytest.approx(
+            1000 * result["server_cpu_cores"] / result["requests_per_s"], rel=2e-2
+        )
+    assert report["machine"]["cores"] >= 1 and report["rounds"] == 1
 
 
 @pytest.mark.parametrize("case", ["server exits", "model not ready"])
