@@ -31,7 +31,7 @@ proto: $(GENERATED)  ## generate the Python protobuf/gRPC code from proto/
 wire/%_pb2.py: proto/wire/%.proto
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $<
 
-repository: $(STAMP)  ## train and export the FashionMNIST and CIFAR10 models into $(REPO)
+repository: $(STAMP) proto  ## train and export the FashionMNIST and CIFAR10 models into $(REPO)
 	$(PY) -m training build-repository --model-repository $(REPO) --data-dir $(DATA) --epochs $(EPOCHS)
 
 run: repository  ## the main job: build the model repository, then serve it
@@ -67,7 +67,7 @@ lint: $(STAMP)  ## ruff check and format check
 format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
 
-bench: $(STAMP)  ## served path vs compute and transport ceilings on $(REPO) (run `make repository` first)
+bench: $(STAMP) proto  ## served path vs compute and transport ceilings on $(REPO) (run `make repository` first)
 	$(PY) -m benchmarks --model-repository $(REPO) --model fashion_mnist --out benchmark-results/fashion_mnist
 	$(PY) -m benchmarks --model-repository $(REPO) --model cifar10 --out benchmark-results/cifar10
 
