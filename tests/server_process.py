@@ -24,12 +24,13 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelrepo.config import load_config, write_config
 from modelrepo.layout import CONFIG_FILE
 from server.app import STARTED, hostport, parse_listening
-from wire import grpc_service_pb2
+from wire import classifier_pb2, grpc_service_pb2
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -297,17 +298,36 @@ def set_batching(
 
 def kserve_method(channel: grpc.Channel, name: str) -> grpc.UnaryUnaryMultiCallable:
     """A KServe v2 method called by its wire name `inference.GRPCInferenceService/NAME`."""
-    method = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name[
-        name
-    ]
+    service = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    return _method(channel, service, "inference.GRPCInferenceService", name)
+
+
+def classifier_method(channel: grpc.Channel, name: str) -> grpc.UnaryUnaryMultiCallable:
+    """A native Classifier API method by name (works on sync and grpc.aio channels)."""
+    service = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"]
+    return _method(channel, service, service.full_name, name)
+
+
+def _method(
+    channel: grpc.Channel, service: ServiceDescriptor, wire_name: str, name: str
+) -> grpc.UnaryUnaryMultiCallable:
+    method = service.methods_by_name[name]
     request = message_factory.GetMessageClass(method.input_type)
     response = message_factory.GetMessageClass(method.output_type)
     make = channel.stream_stream if method.client_streaming else channel.unary_unary
     return make(
-        f"/inference.GRPCInferenceService/{name}",
+        f"/{wire_name}/{name}",
         request_serializer=request.SerializeToString,
         response_deserializer=response.FromString,
     )
+
+
+def rss_bytes(server: ServerProcess) -> int:
+    """The server process's resident memory, from /proc."""
+    assert server.process is not None
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
+    return 1024 * int(kib)
 
 
 def onnx_probabilities(model_file: Path, images: np.ndarray) -> np.ndarray:

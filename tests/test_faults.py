@@ -31,11 +31,11 @@ from server_process import ServerProcess, clone_model, kserve_method, onnx_proba
 from modelrepo.config import load_config, write_config
 from modelrepo.layout import CONFIG_FILE, ONNX_FILE, REFERENCE_FILE, TORCHSCRIPT_FILE
 from server import logs
+from server.api.status import INTERNAL_MESSAGE
 from wire import classifier_pb2, classifier_pb2_grpc
 from wire import grpc_service_pb2 as pb
 
 SHAPE = (1, 28, 28)
-INTERNAL_MESSAGE = "internal error while serving the request (details are in the server log)"
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -295,16 +295,8 @@ async def _load_while_serving(server: ServerProcess, images: np.ndarray) -> dict
     outcomes: list[tuple[int, object]] = []
     stop = asyncio.Event()
     async with grpc.aio.insecure_channel(server.target) as channel:
-        infer = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        load = channel.unary_unary(
-            "/inference.GRPCInferenceService/RepositoryModelLoad",
-            request_serializer=pb.RepositoryModelLoadRequest.SerializeToString,
-            response_deserializer=pb.RepositoryModelLoadResponse.FromString,
-        )
+        infer = kserve_method(channel, "ModelInfer")
+        load = kserve_method(channel, "RepositoryModelLoad")
 
         async def client(worker: int) -> None:
             index = worker
@@ -397,11 +389,7 @@ def test_concurrent_requests_never_mix_their_ids_in_the_log(server: ServerProces
 
     async def send() -> None:
         async with grpc.aio.insecure_channel(server.target) as channel:
-            infer = channel.unary_unary(
-                "/inference.GRPCInferenceService/ModelInfer",
-                request_serializer=pb.ModelInferRequest.SerializeToString,
-                response_deserializer=pb.ModelInferResponse.FromString,
-            )
+            infer = kserve_method(channel, "ModelInfer")
 
             async def one(i: int) -> None:
                 with pytest.raises(grpc.aio.AioRpcError):

@@ -15,7 +15,6 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -24,18 +23,18 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from server_process import ServerProcess, kserve_method
+from server_process import ServerProcess, kserve_method, rss_bytes
 
 from modelrepo.layout import ONNX_FILE, REFERENCE_FILE
 from server import codecs
 from server.api import classifier
+from server.api.status import INTERNAL_MESSAGE
 from wire import classifier_pb2, classifier_pb2_grpc
 from wire import grpc_service_pb2 as pb
 
 MODEL = "fashion_mnist"
 SHAPE = (1, 28, 28)
 PIXELS = math.prod(SHAPE)
-INTERNAL_MESSAGE = "internal error while serving the request (details are in the server log)"
 CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
@@ -528,8 +527,8 @@ def test_absurd_image_sizes_are_refused_by_their_header(served: Served) -> None:
         code, message, _ = _status(lambda request=request: stub.Classify(request, timeout=30))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert f"larger than {codecs.MAX_IMAGE_PIXELS} pixels" in message, message
-    rss_kib = _rss_kib(served.server)
-    assert rss_kib < 2 * 1024 * 1024, rss_kib  # nothing near 10 GB (or even 2 GiB) was allocated
+    rss = rss_bytes(served.server)
+    assert rss < 2 * 1024**3, rss  # nothing near 10 GB (or even 2 GiB) was allocated
 
 
 # 40 megapixels, just under codecs.MAX_IMAGE_PIXELS: decoded, which takes about 0.2 s.
@@ -592,12 +591,6 @@ def test_images_declaring_many_pixels_are_decoded_aside(served: Served) -> None:
     black = served.expected(np.zeros((1, *SHAPE), np.float32))[0]
     for answer in (answers[0], answers[1], answers[3]):
         np.testing.assert_allclose(answer, black, rtol=0, atol=1e-5)
-
-
-def _rss_kib(server: ServerProcess) -> int:
-    assert server.process is not None
-    status = Path(f"/proc/{server.process.pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
 
 
 # --- bytes that are not a protobuf message at all ---

@@ -18,13 +18,12 @@ import grpc
 import numpy as np
 import pytest
 from generated_models import SHAPE, write_slow_model
-from server_process import ServerProcess, onnx_probabilities, set_batching
+from server_process import ServerProcess, kserve_method, onnx_probabilities, set_batching
 
 from modelrepo.layout import ONNX_FILE
 from wire import grpc_service_pb2 as pb
 
 MODEL = "slow"
-INFER = "/inference.GRPCInferenceService/ModelInfer"
 QUEUE_SIZE = 8  # requests
 BATCH = 16  # images
 IMAGES = 4  # per request: a full queue is two batches
@@ -67,11 +66,7 @@ def _request(
 
 
 def _method(channel: grpc.aio.Channel) -> Any:
-    return channel.unary_unary(
-        INFER,
-        request_serializer=pb.ModelInferRequest.SerializeToString,
-        response_deserializer=pb.ModelInferResponse.FromString,
-    )
+    return kserve_method(channel, "ModelInfer")
 
 
 async def _idle_latency(infer: Any, images: np.ndarray, n: int = 5) -> float:

@@ -19,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_process import (
     PROJECT_ROOT,
     ServerProcess,
+    classifier_method,
     copy_repository,
+    kserve_method,
     onnx_probabilities,
     set_batching,
 )
@@ -32,7 +34,6 @@ GRACE_S = 5.0
 # What the server's own timing of its stop may exceed the grace period by: scheduling.
 STOP_SLACK_S = 0.5
 WAVE = 100
-INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 # The server's own account of its shutdown, from the signal to the last model closed.
 STOPPED = re.compile(r"stopped after (\d+(?:\.\d+)?)s")
@@ -58,11 +59,7 @@ def _request(images: np.ndarray, index: int) -> pb.ModelInferRequest:
 async def _drain_scenario(server: ServerProcess, images: np.ndarray) -> dict[str, object]:
     """Fire a wave, wait until the server holds all of it, signal, fire a second wave."""
     async with grpc.aio.insecure_channel(server.target) as channel:
-        infer = channel.unary_unary(
-            INFER,
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
+        infer = kserve_method(channel, "ModelInfer")
 
         async def call(index: int) -> object:
             try:
@@ -215,16 +212,8 @@ async def _load_through_signal(server: ServerProcess, images: np.ndarray) -> dic
     outcomes: list[tuple[int, float, object]] = []  # (row, when it was answered, answer)
     signalled: list[float] = []
     async with grpc.aio.insecure_channel(server.target) as channel:
-        infer = channel.unary_unary(
-            INFER,
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        classify = channel.unary_unary(
-            "/imgserve.classifier.v1.Classifier/Classify",
-            request_serializer=classifier_pb2.ClassifyRequest.SerializeToString,
-            response_deserializer=classifier_pb2.ClassifyResponse.FromString,
-        )
+        infer = kserve_method(channel, "ModelInfer")
+        classify = classifier_method(channel, "Classify")
 
         async def client(worker: int) -> None:
             index = worker

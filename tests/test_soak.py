@@ -19,12 +19,18 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from server_process import ServerProcess, onnx_probabilities, set_batching
+from server_process import (
+    ServerProcess,
+    classifier_method,
+    kserve_method,
+    onnx_probabilities,
+    rss_bytes,
+    set_batching,
+)
 
 from modelrepo.layout import ONNX_FILE
 from wire import classifier_pb2
@@ -39,8 +45,6 @@ POOL = 512  # distinct images; a request takes a random selection of them
 # Allowed growth of RSS over the second half: allocator noise plus a little per request.
 RSS_SLACK_BYTES = 16 * 1024 * 1024
 RSS_PER_REQUEST_BYTES = 200
-INFER = "/inference.GRPCInferenceService/ModelInfer"
-CLASSIFY = "/imgserve.classifier.v1.Classifier/Classify"
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +72,8 @@ class Tally:
 
 def _sample(server: ServerProcess) -> Sample:
     assert server.process is not None
-    pid = server.process.pid
-    status = Path(f"/proc/{pid}/status").read_text()
-    rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    return Sample(rss_kib * 1024, fds, _event_loop_tasks(server))
+    fds = len(os.listdir(f"/proc/{server.process.pid}/fd"))
+    return Sample(rss_bytes(server), fds, _event_loop_tasks(server))
 
 
 def _event_loop_tasks(server: ServerProcess) -> float:
@@ -117,16 +118,8 @@ def _native(pixels: np.ndarray, model: str = MODEL) -> classifier_pb2.ClassifyRe
 class Soak:
     def __init__(self, channel: grpc.aio.Channel, images: np.ndarray, expected: np.ndarray):
         self.images, self.expected = images, expected
-        self.infer = channel.unary_unary(
-            INFER,
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        self.classify = channel.unary_unary(
-            CLASSIFY,
-            request_serializer=classifier_pb2.ClassifyRequest.SerializeToString,
-            response_deserializer=classifier_pb2.ClassifyResponse.FromString,
-        )
+        self.infer = kserve_method(channel, "ModelInfer")
+        self.classify = classifier_method(channel, "Classify")
         self.tally = Tally()
 
     async def run(self, first: int, count: int) -> None:
