@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -20,6 +20,8 @@ class Settings:
     device: str = "auto"
     log_format: str = "text"
     log_level: str = "info"
+    # Server processes answering the same ports; 0 = auto (server.cpus.usable_cpus).
+    workers: int = 0
     # Models to load at start (all when empty); others can be loaded later by RepositoryModelLoad.
     models: tuple[str, ...] = field(default_factory=tuple)
     # Batching defaults for models whose config.pbtxt leaves them unset.
@@ -65,6 +67,12 @@ _FLAGS = (
     _Flag("device", str, "Where models run: auto uses a GPU when usable.", ("auto", "cpu", "cuda")),
     _Flag("log_format", str, "Log line format.", ("text", "json")),
     _Flag("log_level", str, "Least severe level logged.", ("debug", "info", "warning", "error")),
+    _Flag(
+        "workers",
+        int,
+        "Server processes sharing the ports (each loads every model): a number, or auto for "
+        "the CPUs this process may use (affinity and cgroup quota). 1 runs no supervisor.",
+    ),
     _Flag("models", str, "Comma-separated models to load at start (default: all)."),
     _Flag("max_batch_size", int, "Batch size for models whose config sets max_batch_size 0."),
     _Flag("max_queue_delay_us", int, "Queue delay for models without dynamic_batching settings."),
@@ -96,6 +104,23 @@ def _boolean(text: str) -> bool:
     return value in _TRUE
 
 
+def worker_count(text: str) -> int:
+    """`auto` (0: decided at start from the usable CPUs) or a number of workers, at least 1."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 worker is needed, got {count}")
+    return count
+
+
+# Flags whose text is not read by their type alone.
+_PARSERS: dict[str, Callable[[str], object]] = {"workers": worker_count}
+
+
 def _env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
@@ -112,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in _FLAGS:
         default = None if flag.name == "model_repository" else getattr(defaults, flag.name)
         shown = ",".join(default) if isinstance(default, tuple) else default
+        if flag.name == "workers":
+            shown = "auto"
         if flag.type is bool:  # a switch: present or not, never `--flag false`
             text = f"{flag.help} [{_env_name(flag.name)}=1]"
             name = "--" + flag.name.replace("_", "-")
@@ -120,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             "--" + flag.name.replace("_", "-"),
             dest=flag.name,
-            type=flag.type,
+            type=_PARSERS.get(flag.name, flag.type),
             choices=flag.choices,
             default=None,
             help=f"{flag.help} [{_env_name(flag.name)}]"
@@ -142,7 +169,10 @@ def parse_settings(
         if value is None and _env_name(flag.name) in env:
             raw = env[_env_name(flag.name)]
             try:
-                value = _boolean(raw) if flag.type is bool else flag.type(raw)
+                read = _boolean if flag.type is bool else _PARSERS.get(flag.name, flag.type)
+                value = read(raw)
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"{_env_name(flag.name)}={raw!r}: {exc}")
             except ValueError:
                 expected = f"a valid {flag.type.__name__}"
                 if flag.type is bool:

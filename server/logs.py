@@ -4,6 +4,9 @@ Every line logged while a request is served carries that request's id (`request_
 server.api.status from the caller's `x-request-id` metadata or generated): the id lives in a
 context variable, so the batcher's tasks and threads spawned for the request inherit it, and
 a filter on the handler copies it onto each record for both formats.
+
+With several worker processes, every line of a worker names it (`worker`: its index), so
+lines of workers sharing one stream can be told apart.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
-TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s:%(request_tag)s %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s%(worker_tag)s %(name)s:%(request_tag)s %(message)s"
 # Libraries that would drown the server's own lines at INFO.
 _QUIET = ("grpc", "asyncio", "PIL")
 
@@ -45,18 +48,26 @@ def valid_request_id(value: str | bytes | None) -> str | None:
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds `request_id` (None outside requests) and `request_tag` (" [ID]" or "") to records."""
+    """Adds `request_id` (None outside requests) and `request_tag` (" [ID]" or "") to records,
+    and `worker` (the worker's index, None in a lone server) and `worker_tag` (" wN" or "")."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+        self.worker_tag = "" if worker is None else f" w{worker}"
 
     def filter(self, record: logging.LogRecord) -> bool:
         request_id = getattr(record, "request_id", None) or REQUEST_ID.get()
         record.request_id = request_id
         record.request_tag = f" [{request_id}]" if request_id else ""
+        record.worker = self.worker
+        record.worker_tag = self.worker_tag
         return True
 
 
 class JsonFormatter(logging.Formatter):
-    """{"time", "level", "logger", "message"}, plus "request_id" inside a request and
-    "exception" (the traceback) when there is one."""
+    """{"time", "level", "logger", "message"}, plus "worker" in a worker process,
+    "request_id" inside a request and "exception" (the traceback) when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -65,6 +76,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            entry["worker"] = worker
         request_id = getattr(record, "request_id", None)
         if request_id:
             entry["request_id"] = request_id
@@ -73,10 +87,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure(log_format: str = "text", level: str = "info") -> None:
-    """Send every log record to stderr in `log_format` ("text" or "json") from `level` up."""
+def configure(log_format: str = "text", level: str = "info", worker: int | None = None) -> None:
+    """Send every log record to stderr in `log_format` ("text" or "json") from `level` up;
+    `worker`: the index of this worker process, named on each line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RequestIdFilter())
+    handler.addFilter(RequestIdFilter(worker))
     handler.setFormatter(
         JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )

@@ -2,25 +2,28 @@
 
 Each server instance owns its own registry, so several servers in one process (tests)
 never mix their figures. Names follow Prometheus conventions: base units, `_total` counters.
+
+With several worker processes (--workers), prometheus_client's multiprocess mode keeps every
+value in a file per process under PROMETHEUS_MULTIPROC_DIR (the supervisor sets it before the
+workers start), and whichever worker answers /metrics reads them all: one server from the
+outside. Counters and histograms of a worker that died keep counting in the totals; each gauge
+says how its workers' values combine (its `multiprocess_mode`), over live workers only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
+import os
+import socket
 from collections.abc import Iterator
+from socketserver import ThreadingMixIn
 from threading import Thread
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,14 @@ LATENCY_BUCKETS = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How often each worker samples its event loop's task count.
+EVENT_LOOP_SAMPLE_S = 1.0
+
+
+def multiprocess() -> bool:
+    """True in a worker of --workers N: values live in files shared by every worker."""
+    return bool(os.environ.get(MULTIPROCESS_ENV))
 
 
 class Metrics:
@@ -93,26 +104,51 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth",
-            "Requests waiting in the batcher's queue.",
+            "Requests waiting in the batcher's queue (all workers).",
             MODEL_LABELS,
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.inflight = Gauge(
             f"{PREFIX}_inflight_requests",
-            "Inference requests received and not yet answered.",
+            "Inference requests received and not yet answered (all workers).",
             ("model",),
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.model_ready = Gauge(
             f"{PREFIX}_model_ready",
-            "1 when the model version serves requests, 0 otherwise.",
+            "1 when the model version serves requests on every worker, 0 otherwise.",
             MODEL_LABELS,
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.load_duration = Gauge(
             f"{PREFIX}_model_load_duration_seconds",
-            "Time the last load of a model version took (load, warm-up and reference check).",
+            "Time the last load of a model version took (load, warm-up and reference check; "
+            "the slowest worker's).",
             MODEL_LABELS,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.event_loop_tasks = Gauge(
+            f"{PREFIX}_event_loop_tasks",
+            "asyncio tasks alive on the servers' event loops (requests in progress, batch "
+            "loops; all workers, sampled every second): a leak shows as growth.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.workers = Gauge(
+            f"{PREFIX}_workers",
+            "Worker processes serving the ports (1 without --workers).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.worker_restarts = Counter(
+            f"{PREFIX}_worker_restarts",
+            "Worker processes restarted by the supervisor after they died, by cause "
+            "(the signal that killed the worker, or its exit status).",
+            ("cause",),
             registry=r,
         )
         self.auth_rejections = Counter(
@@ -121,49 +157,58 @@ class Metrics:
             ("code",),
             registry=r,
         )
-        self.registry.register(GpuCollector())
+        self._gpu = GpuCollector()
+        self.registry.register(self._gpu)
 
     def watch_event_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Export imgserve_event_loop_tasks for `loop` (the server's): a leak shows as growth."""
-        self.registry.register(EventLoopCollector(loop))
+        """Sample the task count of `loop` (the server's) every EVENT_LOOP_SAMPLE_S, from it."""
 
-    def serve_http(self, host: str, port: int) -> tuple[WSGIServer, Thread, int]:
-        """Serve /metrics; returns the server, its thread and the bound port (port 0 picks one)."""
-        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        def sample() -> None:
+            self.event_loop_tasks.set(len(asyncio.all_tasks(loop)))
+            loop.call_later(EVENT_LOOP_SAMPLE_S, sample)
+
+        loop.call_soon(sample)
+
+    def exposition_registry(self) -> CollectorRegistry:
+        """What /metrics shows: this process's registry, or every worker's files plus the GPU."""
+        if not multiprocess():
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(self._gpu)
+        return registry
+
+    def serve_http(
+        self, host: str, port: int, *, reuse_port: bool = False
+    ) -> tuple[WSGIServer, Thread, int]:
+        """Serve /metrics in a thread; returns the server, its thread and the bound port.
+
+        Port 0 picks one. `reuse_port`: join the SO_REUSEPORT group the supervisor made, so
+        every worker answers the same port.
+        """
+        server_class = _ReusePortServer if reuse_port else _Server
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        server_class = type("MetricsServer", (server_class,), {"address_family": family[0][0]})
+        app = make_wsgi_app(self.exposition_registry())
+        httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        thread = Thread(target=httpd.serve_forever, name="metrics http", daemon=True)
+        thread.start()
         return httpd, thread, httpd.server_port
 
 
-class EventLoopCollector(Collector):
-    """Tasks alive on the server's event loop, counted at scrape time.
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck scrape must not hold up the exit
 
-    The scrape runs in the metrics HTTP thread; asyncio.all_tasks is safe only on the loop's
-    own thread, so the count is taken there (call_soon_threadsafe). A loop too busy to answer
-    within a second, or closed, leaves the gauge out of that scrape rather than stall it.
-    """
 
-    NAME = f"{PREFIX}_event_loop_tasks"
-    HELP = "asyncio tasks alive on the server's event loop (requests in progress, batch loops)."
+class _ReusePortServer(_Server):
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily(self.NAME, self.HELP)  # registration must not wait on the loop
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        counted: concurrent.futures.Future[int] = concurrent.futures.Future()
-
-        def count() -> None:
-            if not counted.done():
-                counted.set_result(len(asyncio.all_tasks(self._loop)))
-
-        try:
-            self._loop.call_soon_threadsafe(count)
-            tasks = counted.result(timeout=1.0)
-        except (RuntimeError, concurrent.futures.TimeoutError):  # loop closed, or too busy
-            counted.cancel()
-            return
-        yield GaugeMetricFamily(self.NAME, self.HELP, value=tasks)
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes are not worth a log line each."""
 
 
 class GpuCollector(Collector):
