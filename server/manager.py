@@ -32,13 +32,34 @@ from server.metrics import Metrics
 from server.repository import ModelSpec, RepositoryError, model_names, read_model
 from server.runtimes import Runtime
 
-__all__ = ["ModelManager", "ModelState", "ModelStats", "ServedModel"]
+__all__ = ["ModelManager", "ModelState", "ModelStats", "PreparedLoad", "ServedModel"]
 
 log = logging.getLogger(__name__)
 
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
+
+
+@dataclass(eq=False)
+class PreparedLoad:
+    """Versions of one model loaded by ModelManager.prepare, not yet serving."""
+
+    name: str
+    ready: dict[int, ServedModel]
+    failures: dict[int, str]  # version -> why it cannot serve
+    states_before: dict[str, ModelState] | None  # shown again if the load is aborted
+    lock: asyncio.Lock  # the model's lock, held until commit or abort
+    released: bool = False
+
+    @property
+    def versions(self) -> list[int]:
+        return sorted(self.ready)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.lock.release()
 
 
 @dataclass(frozen=True)
@@ -149,14 +170,22 @@ class ModelManager:
 
     # -- loading ---------------------------------------------------------------------------
 
-    async def start(self, on_change: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Load settings.models (or every model folder); failures are recorded, not raised.
+    async def start(
+        self,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+        names: Iterable[str] | None = None,
+    ) -> None:
+        """Load `names` (default: settings.models, or every model folder); failures are
+        recorded, not raised.
 
         `on_change` (say, refreshing health statuses) is awaited once every model to load is
         known, and again after each model's load, so callers see each model as it turns ready.
         """
         repository = self._settings.model_repository
-        names = list(self._settings.models) or await asyncio.to_thread(model_names, repository)
+        if names is not None:
+            names = list(names)
+        else:
+            names = list(self._settings.models) or await asyncio.to_thread(model_names, repository)
         if not names:
             log.warning("no model folders in the repository %s", repository)
         self._required = set(names)
@@ -183,12 +212,28 @@ class ModelManager:
 
     async def load(self, name: str) -> None:
         """(Re)load a model; the versions it serves are replaced only once new ones are ready."""
-        async with self._lock(name):
+        detail = await self.commit(await self.prepare(name))
+        if detail:
+            raise ModelUnavailableError(f"model {name!r}: {detail}")
+
+    async def prepare(self, name: str) -> PreparedLoad:
+        """Load the versions of `name` beside those serving now; `commit` or `abort` follows.
+
+        The model's lock is held from here until then, so loads of one model never interleave.
+        With several workers, every worker prepares before any commits (server.cluster).
+        Raises ModelUnavailableError when the model's folder or config cannot be read.
+        """
+        lock = self._lock(name)
+        await lock.acquire()
+        try:
             if self._closing:
                 raise ModelUnavailableError("the server is shutting down")
-            await self._load(name)
+            return await self._prepare(name, lock)
+        except BaseException:
+            lock.release()
+            raise
 
-    async def _load(self, name: str) -> None:
+    async def _prepare(self, name: str, lock: asyncio.Lock) -> PreparedLoad:
         settings = self._settings
         try:
             spec = await asyncio.to_thread(read_model, settings.model_repository, name, settings)
@@ -201,6 +246,7 @@ class ModelManager:
         if is_synthetic(spec):
             log.warning("model %s was %s", name, SYNTHETIC_WARNING)
         old = self._served.get(name, {})
+        before = self._states.get(name)
         loading = {str(v): ModelState(name, str(v), LOADING, "") for v in spec.versions}
         self._states[name] = loading | {str(v): _ready(name, v) for v in old}
 
@@ -219,23 +265,43 @@ class ModelManager:
             raise ModelUnavailableError("the server is shutting down")
         for version, reason in sorted(failures.items()):
             log.error("model %s version %d not served: %s", name, version, reason)
+        return PreparedLoad(name, ready, failures, before, lock)
 
-        states = {str(v): ModelState(name, str(v), UNAVAILABLE, r) for v, r in failures.items()}
-        if ready:
-            self._served[name] = ready
-            self._latest[name] = ready[max(ready)]
-            self._required.add(name)
-            states |= {str(v): _ready(name, v) for v in ready}
-            replaced = list(old.values())
-        else:  # nothing new is ready: what served before keeps serving
-            states |= {str(v): _ready(name, v) for v in old}
-            replaced = []
-        self._set_states(name, states, previous=old)
-        # Requests already accepted by the replaced copies finish before their runtimes close.
-        await asyncio.gather(*(model.close() for model in replaced))
-        if failures:
-            detail = "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
-            raise ModelUnavailableError(f"model {name!r}: {detail}")
+    async def commit(self, prepared: PreparedLoad) -> str:
+        """Serve what `prepared` loaded; returns why versions failed ("" when none did).
+
+        When no version loaded, what served before keeps serving.
+        """
+        name, ready, failures = prepared.name, prepared.ready, prepared.failures
+        try:
+            old = self._served.get(name, {})
+            states = {str(v): ModelState(name, str(v), UNAVAILABLE, r) for v, r in failures.items()}
+            if ready:
+                self._served[name] = ready
+                self._latest[name] = ready[max(ready)]
+                self._required.add(name)
+                states |= {str(v): _ready(name, v) for v in ready}
+                replaced = list(old.values())
+            else:  # nothing new is ready: what served before keeps serving
+                states |= {str(v): _ready(name, v) for v in old}
+                replaced = []
+            self._set_states(name, states, previous=old)
+            # Requests already accepted by the replaced copies finish before their runtimes close.
+            await _close_all(replaced)
+        finally:
+            prepared.release()
+        return "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
+
+    async def abort(self, prepared: PreparedLoad) -> None:
+        """Drop what `prepared` loaded: the model serves, and shows, what it did before."""
+        try:
+            if prepared.states_before is None:
+                self._states.pop(prepared.name, None)
+            else:
+                self._states[prepared.name] = prepared.states_before
+            await _close_all(prepared.ready.values())
+        finally:
+            prepared.release()
 
     async def _load_versions(
         self, spec: ModelSpec, ready: dict[int, ServedModel]
