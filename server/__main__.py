@@ -1,4 +1,9 @@
-"""`python -m server --model-repository DIR`: serve a model repository over gRPC."""
+"""`python -m server --model-repository DIR`: serve a model repository over gRPC.
+
+With more than one worker (`--workers N`, or auto with several usable CPUs) this process is
+the supervisor of N worker processes sharing the ports (server.supervisor); with one it is
+the server itself.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,27 @@ from collections.abc import Sequence
 from server import logs
 from server.app import StartupError, serve
 from server.config import parse_settings
+from server.cpus import usable_cpus
+
+log = logging.getLogger("server")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     settings = parse_settings(argv)
     logs.configure(settings.log_format, settings.log_level)
+    workers = settings.workers
+    if not workers:
+        workers = usable_cpus()
+        log.info("--workers auto: %d worker(s), one per usable CPU", workers)
     try:
+        if workers > 1:
+            from server.supervisor import supervise
+
+            return asyncio.run(supervise(settings, workers, argv))
         return asyncio.run(serve(settings))
     except StartupError as exc:
-        logging.getLogger("server").error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc)
         return 1
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 130

@@ -20,25 +20,29 @@ import re
 import signal
 import sys
 import time
+from dataclasses import replace
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import disable_created_metrics
 
 from server import security
-from server.api import classifier, inference
+from server.api import classifier, inference, status
 from server.api.common import ApiState
 from server.api.health import Health, enable_reflection
+from server.cluster import Cluster
 from server.config import Settings
+from server.control import LocalWorker, RemoteWorker, serve_control, socket_path
 from server.loading import SYNTHETIC_WARNING
 from server.manager import ModelManager
 from server.metrics import Metrics
+from server.worker import BOUND, WorkerRole
+from server.worker import STARTED as WORKER_STARTED
 
 log = logging.getLogger("server")
 
-GRPC_OPTIONS = (
-    # Without this, Linux lets a second server bind the same port and share its traffic.
-    ("grpc.so_reuseport", 0),
-)
+# The lock file in the supervisor's run folder that serializes model control (server.cluster).
+CONTROL_LOCK = "control.lock"
 # How long a stopping server keeps answering new calls with UNAVAILABLE before it closes.
 REFUSE_BEFORE_STOP_S = 0.25
 # The least any step of the stop waits, even once the grace period is spent: the batchers'
@@ -84,113 +88,238 @@ def parse_listening(line: str) -> tuple[str, int, int] | None:
     return match["v6"] or match["host"], int(match["grpc"]), int(match["metrics"])
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status. Raises StartupError."""
+async def serve(settings: Settings, role: WorkerRole | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status. Raises StartupError.
+
+    `role`: this process is one worker of several (server.worker); None for a lone server.
+    """
     repository = settings.model_repository
     if not repository.is_dir():
         raise StartupError(
             f"model repository {repository} is not a directory; build one with "
             f"`python -m training build-repository --model-repository {repository}`"
         )
+    if role is not None:  # the ports the supervisor reserved: every worker shares them
+        settings = replace(settings, grpc_port=role.grpc_port, metrics_port=role.metrics_port)
     # `*_created` series double the metrics page and no dashboard reads them. The switch is
     # process-wide, so it belongs to the process that serves, not to each Metrics().
     disable_created_metrics()
     metrics = Metrics()
+    if role is not None and role.restart_cause is not None:
+        metrics.worker_restarts.labels(role.restart_cause).inc()
+    server = _Server(settings, metrics, role)
     try:
-        httpd, _, metrics_port = metrics.serve_http(settings.host, settings.metrics_port)
-    except OSError as exc:
-        where = hostport(settings.host, settings.metrics_port)
-        raise StartupError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
-    try:
-        return await _serve(settings, metrics, metrics_port)
+        return await server.run()
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        server.close_metrics()
 
 
-async def _serve(settings: Settings, metrics: Metrics, metrics_port: int) -> int:
-    metrics.watch_event_loop(asyncio.get_running_loop())
-    manager = ModelManager(settings, metrics)
-    state = ApiState(manager, metrics)
-    health = Health(state, API_SERVICES)
-    try:
-        guard = security.load(settings, metrics.auth_rejections)
-    except security.SecurityConfigError as exc:
-        raise StartupError(str(exc)) from None
-    limits = tuple(
-        (f"grpc.max_{way}_message_length", settings.max_message_bytes)
-        for way in ("receive", "send")
-    )
-    server = grpc.aio.server(options=(*GRPC_OPTIONS, *limits), interceptors=guard.interceptors)
-    server.add_generic_rpc_handlers(
-        [
-            *inference.handlers(
-                inference.InferenceServicer(state, health, settings.enable_model_control)
-            ),
-            classifier.handler(classifier.ClassifierServicer(state)),
-        ]
-    )
-    health.add_to_server(server)
-    enable_reflection(server, API_SERVICES)
-    address = hostport(settings.host, settings.grpc_port)
-    try:
-        grpc_port = guard.add_port(server, address)
-    except RuntimeError as exc:
-        raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
-    if not grpc_port:
-        raise StartupError(f"cannot listen for gRPC on {address} (is the port in use?)")
+class _Server:
+    """One serving process: a lone server, or one worker of several.
 
-    if settings.null_compute:
-        log.warning(NULL_COMPUTE_WARNING)
-    await health.refresh()  # "" is NOT_SERVING until the models are loaded
-    await server.start()
-    grpc_at = hostport(settings.host, grpc_port)
-    log.info(
-        "%s%s metrics http://%s/metrics; loading models from %s",
-        LISTENING_PREFIX, grpc_at, hostport(settings.host, metrics_port), settings.model_repository,
-    )  # fmt: skip
+    A lone server and a first-start worker bind their ports before loading models, so
+    liveness answers during a long load; a restarted worker loads first (what the others
+    serve), so no connection reaches it before it can answer (server.cluster).
+    """
 
-    stop = asyncio.Event()
-    _on_signals(stop)
-    starting = asyncio.create_task(manager.start(on_change=health.refresh), name="load models")
-    stopping = asyncio.create_task(stop.wait(), name="wait for a signal")
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    status = 0
-    if starting.done():
-        if starting.exception() is not None:
-            log.error("loading the models failed", exc_info=starting.exception())
-            stop.set()
-            status = 1
+    def __init__(self, settings: Settings, metrics: Metrics, role: WorkerRole | None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.role = role
+        self.manager = ModelManager(settings, metrics)
+        self.state = ApiState(self.manager, metrics)
+        self.local = LocalWorker(self.state, role.index if role else 0)
+        peers, lock = [], None
+        if role is not None:
+            others = (i for i in range(role.count) if i != role.index)
+            peers = [RemoteWorker(i, socket_path(role.run_path, i)) for i in others]
+            lock = role.run_path / CONTROL_LOCK
+        self.state.cluster = Cluster(self.local, peers, lock)
+        self.health = Health(self.state, API_SERVICES)
+        self.local.on_peer_change = self.health.refresh
+        self.httpd: WSGIServer | None = None
+        self.grpc_at = ""
+
+    def close_metrics(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    async def run(self) -> int:
+        settings, role = self.settings, self.role
+        try:
+            guard = security.load(settings, self.metrics.auth_rejections)
+        except security.SecurityConfigError as exc:
+            raise StartupError(str(exc)) from None
+        server = self._grpc_server(guard)
+        self.metrics.watch_event_loop(asyncio.get_running_loop())
+        stop = asyncio.Event()
+        _on_signals(stop)
+        control = None
+        if role is not None:
+            status.name_worker(role.index)
+            role.watch_lifeline(lambda: _supervisor_gone(stop))
+            control = await serve_control(self.local, socket_path(role.run_path, role.index))
+        if settings.null_compute:
+            log.warning(NULL_COMPUTE_WARNING)
+        try:
+            return await self._run(server, guard, stop)
+        finally:
+            if control is not None:
+                await control.stop(None)
+            await self.state.cluster.close()
+
+    async def _run(
+        self, server: grpc.aio.Server, guard: security.Security, stop: asyncio.Event
+    ) -> int:
+        role = self.role
+        restarted = role is not None and role.restarted
+        if not restarted:
+            await self._open(server, guard)
+        await self.health.refresh()  # "" is NOT_SERVING until the models are loaded
+        starting = asyncio.create_task(self._start(server, guard), name="load models")
+        stopping = asyncio.create_task(stop.wait(), name="wait for a signal")
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        exit_status = 0
+        if starting.done():
+            if starting.exception() is not None:
+                exc = starting.exception()
+                if isinstance(exc, StartupError):
+                    raise exc
+                log.error("loading the models failed", exc_info=exc)
+                stop.set()
+                exit_status = 1
+            else:
+                self._report()
+        await stopping
+        return await self._stop(server, starting, exit_status)
+
+    async def _open(self, server: grpc.aio.Server, guard: security.Security) -> None:
+        """Bind the client ports (gRPC and metrics) and start answering on them."""
+        settings, role = self.settings, self.role
+        try:
+            self.httpd, _, metrics_port = self.metrics.serve_http(
+                settings.host, settings.metrics_port, reuse_port=role is not None
+            )
+        except OSError as exc:
+            where = hostport(settings.host, settings.metrics_port)
+            raise StartupError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+        address = hostport(settings.host, settings.grpc_port)
+        try:
+            grpc_port = guard.add_port(server, address)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
+        if not grpc_port:
+            raise StartupError(f"cannot listen for gRPC on {address} (is the port in use?)")
+        await server.start()
+        self.local.accepting = True
+        self.grpc_at = hostport(settings.host, grpc_port)
+        metrics_at = hostport(settings.host, metrics_port)
+        if role is None:
+            log.info(
+                "%s%s metrics http://%s/metrics; loading models from %s",
+                LISTENING_PREFIX, self.grpc_at, metrics_at, settings.model_repository,
+            )  # fmt: skip
         else:
-            await health.refresh()
-            _report(manager, state, grpc_at)
-    await stopping
+            role.notify(BOUND)
 
-    began, grace = time.monotonic(), settings.grace_period_s
+    async def _start(self, server: grpc.aio.Server, guard: security.Security) -> None:
+        """Load the models; a restarted worker loads what the others serve, then opens."""
+        names = None
+        if self.role is not None and self.role.restarted:
+            names = await self.state.cluster.served_names()
+        await self.manager.start(on_change=self._changed, names=names)
+        if self.state.draining:  # stopped while loading: a restarted worker never opens
+            return
+        if not self.local.accepting:
+            await self._open(server, guard)
+        self.local.started = True
+        self.metrics.workers.set(1)
+        await self._changed()
 
-    def left() -> float:
-        """What is left of the grace period: each step of the stop waits at most that."""
-        return max(grace - (time.monotonic() - began), MIN_STOP_STEP_S)
+    async def _changed(self) -> None:
+        """This worker's models changed: recompute health, and tell the other workers."""
+        await self.health.refresh()
+        if self.state.cluster.peers:
+            await self.state.cluster.announce()
 
-    log.info("stopping: refusing new requests, finishing those accepted (up to %gs)", grace)
-    state.draining = True
-    await health.drain()
-    # close() first when models are still loading: it tells the load thread to give up at its
-    # next step; the RPCs in flight are answered by the batchers it lets finish.
-    closing = None if starting.done() else asyncio.ensure_future(manager.close())
-    # gRPC cancels (CANCELLED, which clients do not retry) the calls that reached it but not
-    # yet a handler when the server stops; for a moment first, new calls are still taken and
-    # refused with UNAVAILABLE, so callers under load learn to go elsewhere.
-    await asyncio.sleep(min(REFUSE_BEFORE_STOP_S, grace / 4))
-    await server.stop(left())
-    if closing is None:
-        closing = asyncio.ensure_future(manager.close())
-    try:
-        await asyncio.wait_for(asyncio.gather(closing, _finish(starting)), timeout=left())
-    except TimeoutError:  # builtin TimeoutError only from Python 3.11
-        log.warning("models did not close within the grace period; exiting anyway")
-    log.info("stopped after %.2fs", time.monotonic() - began)
-    return status
+    def _grpc_server(self, guard: security.Security) -> grpc.aio.Server:
+        settings = self.settings
+        limits = tuple(
+            (f"grpc.max_{way}_message_length", settings.max_message_bytes)
+            for way in ("receive", "send")
+        )
+        # A worker joins the SO_REUSEPORT group of the port the supervisor reserved; a lone
+        # server refuses to share its port (Linux would let a second server bind it silently).
+        reuse = (("grpc.so_reuseport", 1 if self.role is not None else 0),)
+        server = grpc.aio.server(options=(*reuse, *limits), interceptors=guard.interceptors)
+        server.add_generic_rpc_handlers(
+            [
+                *inference.handlers(
+                    inference.InferenceServicer(
+                        self.state, self.health, settings.enable_model_control
+                    )
+                ),
+                classifier.handler(classifier.ClassifierServicer(self.state)),
+            ]
+        )
+        self.health.add_to_server(server)
+        enable_reflection(server, API_SERVICES)
+        return server
+
+    async def _stop(
+        self, server: grpc.aio.Server, starting: asyncio.Task[None], status: int
+    ) -> int:
+        settings, state, manager = self.settings, self.state, self.manager
+        began, grace = time.monotonic(), settings.grace_period_s
+
+        def left() -> float:
+            """What is left of the grace period: each step of the stop waits at most that."""
+            return max(grace - (time.monotonic() - began), MIN_STOP_STEP_S)
+
+        log.info("stopping: refusing new requests, finishing those accepted (up to %gs)", grace)
+        state.draining = True
+        await self.health.drain()
+        # close() first when models are still loading: it tells the load thread to give up at
+        # its next step; the RPCs in flight are answered by the batchers it lets finish.
+        closing = None if starting.done() else asyncio.ensure_future(manager.close())
+        # gRPC cancels (CANCELLED, which clients do not retry) the calls that reached it but
+        # not yet a handler when the server stops; for a moment first, new calls are still
+        # taken and refused with UNAVAILABLE, so callers under load learn to go elsewhere.
+        if self.local.accepting:  # a restarted worker stopped while loading never opened
+            await asyncio.sleep(min(REFUSE_BEFORE_STOP_S, grace / 4))
+            await server.stop(left())
+        if closing is None:
+            closing = asyncio.ensure_future(manager.close())
+        try:
+            await asyncio.wait_for(asyncio.gather(closing, _finish(starting)), timeout=left())
+        except TimeoutError:  # builtin TimeoutError only from Python 3.11
+            log.warning("models did not close within the grace period; exiting anyway")
+        log.info("stopped after %.2fs", time.monotonic() - began)
+        return status
+
+    def _report(self) -> None:
+        """One line per model, then whether this server (or worker) is ready."""
+        manager, role = self.manager, self.role
+        served = manager.served()
+        if role is None or (role.index == 0 and not role.restarted):
+            _report_models(manager)
+        example = served[0].name if served else "MODEL"
+        if role is None:
+            log.info(started_line(len(served), self.state.ready, self.grpc_at, example))
+            return
+        log.info(
+            "worker %d (pid %d) %s: %d model version(s) serving%s",
+            role.index, os.getpid(), "restarted" if role.restarted else "started", len(served),
+            "" if self.state.ready else " (NOT ready: see the models' states)",
+        )  # fmt: skip
+        role.notify(WORKER_STARTED, served=len(served), ready=self.state.ready, example=example)
+
+
+def _supervisor_gone(stop: asyncio.Event) -> None:
+    if not stop.is_set():
+        log.warning("the supervisor is gone: stopping")
+        stop.set()
 
 
 async def _finish(starting: asyncio.Task[None]) -> None:
@@ -216,11 +345,10 @@ def _on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, handle, signum)
 
 
-def _report(manager: ModelManager, state: ApiState, grpc_at: str) -> None:
-    """One line per model, then whether the server is ready and how to call it."""
+def _report_models(manager: ModelManager) -> None:
+    """One line per model: its version serving, or why it does not."""
     served = {(m.name, str(m.version)): m for m in manager.served()}
-    index = manager.index()
-    for model in index:
+    for model in manager.index():
         one = served.get((model.name, model.version))
         if one is not None:
             c, h, w = one.input_shape
@@ -233,15 +361,18 @@ def _report(manager: ModelManager, state: ApiState, grpc_at: str) -> None:
         else:
             version = f" version {model.version}" if model.version else ""
             log.warning("model %s%s: %s: %s", model.name, version, model.state, model.reason)
+
+
+def started_line(served: int, ready: bool, grpc_at: str, example: str, workers: int = 1) -> str:
+    """The STARTED line: what serves, whether the server is ready, and how to call it."""
     dial = _dial_address(grpc_at)
-    example = min(served) if served else ("MODEL", "")
-    log.info(
-        "%s: %d model version(s) serving, %s; call it with the native API "
-        "(%s -m client classify --server %s --model %s IMAGE.png) or the KServe v2 "
-        "protocol (tritonclient.grpc.InferenceServerClient(%r))",
-        STARTED, len(served), "ready" if state.ready else "NOT ready (see the models above)",
-        _python(), dial, example[0], dial,
-    )  # fmt: skip
+    on = f" on {workers} workers" if workers > 1 else ""
+    return (
+        f"{STARTED}: {served} model version(s) serving{on}, "
+        f"{'ready' if ready else 'NOT ready (see the models above)'}; call it with the native "
+        f"API ({_python()} -m client classify --server {dial} --model {example} IMAGE.png) or "
+        f"the KServe v2 protocol (tritonclient.grpc.InferenceServerClient({dial!r}))"
+    )
 
 
 def _python() -> str:

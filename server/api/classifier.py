@@ -57,10 +57,9 @@ class ClassifierServicer:
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        manager = self._state.manager
-        served = {(m.name, str(m.version)): m for m in manager.served()}
+        served = {(m.name, str(m.version)): m for m in self._state.manager.served()}
         models = []
-        for state in manager.index():
+        for state in (await self._state.cluster.view()).index():
             info = pb.ModelInfo(
                 name=state.name, version=state.version, state=state.state, reason=state.reason
             )

@@ -16,6 +16,7 @@ from server.errors import InvalidInputError, ModelUnavailableError
 from server.metrics import Metrics
 
 if TYPE_CHECKING:
+    from server.cluster import Cluster
     from server.manager import ModelManager, ServedModel
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,17 @@ STREAM_CONCURRENCY = 128
 
 @dataclass
 class ApiState:
-    """The core as the servicers see it, plus the server-wide draining flag."""
+    """The core as the servicers see it, plus the draining flag.
+
+    `manager` serves this worker's requests; `cluster` answers for the whole server (every
+    worker: readiness, model states, statistics, load and unload), set once it is built.
+    """
 
     manager: ModelManager
     metrics: Metrics
     draining: bool = False
     request_metrics: RequestMetrics = field(init=False)
+    cluster: Cluster = field(init=False)
 
     def __post_init__(self) -> None:
         self.request_metrics = RequestMetrics(self.metrics)
@@ -59,6 +65,7 @@ class ApiState:
 
     @property
     def ready(self) -> bool:
+        """This worker's readiness (the server's is cluster.view().ready)."""
         return self.manager.all_ready and not self.draining
 
 

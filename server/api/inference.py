@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from importlib import metadata
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -25,9 +24,6 @@ from server.errors import (
     UnsupportedError,
 )
 from wire import grpc_service_pb2 as pb
-
-if TYPE_CHECKING:
-    from server.manager import ServedModel
 
 WIRE_SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "imgserve"
@@ -82,17 +78,22 @@ class InferenceServicer:
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._state.ready)
+        if self._state.draining:
+            return pb.ServerReadyResponse(ready=False)
+        return pb.ServerReadyResponse(ready=(await self._state.cluster.view()).ready)
 
     @guarded
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
     ) -> pb.ModelReadyResponse:
         try:
-            self._state.manager.get(request.name, request.version)
+            served = self._state.manager.get(request.name, request.version)
         except (ModelNotFoundError, ModelUnavailableError):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not self._state.draining)
+        if self._state.draining:
+            return pb.ModelReadyResponse(ready=False)
+        view = await self._state.cluster.view()
+        return pb.ModelReadyResponse(ready=view.model_ready(served.name, str(served.version)))
 
     @guarded
     async def ServerMetadata(
@@ -128,16 +129,8 @@ class InferenceServicer:
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        manager = self._state.manager
-        chosen = [
-            m
-            for m in manager.served()
-            if (not request.name or m.name == request.name)
-            and (not request.version or str(m.version) == request.version)
-        ]
-        if request.name and not chosen:
-            manager.get(request.name, request.version)  # raises the reason it is missing
-        return pb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in chosen])
+        stats = await self._state.cluster.statistics(request.name, request.version)
+        return pb.ModelStatisticsResponse(model_stats=stats)
 
     # --- model repository extension ---
 
@@ -146,9 +139,10 @@ class InferenceServicer:
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
         entry = pb.RepositoryIndexResponse.ModelIndex
+        view = await self._state.cluster.view()
         models = [
             entry(name=s.name, version=s.version, state=s.state, reason=s.reason)
-            for s in self._state.manager.index()
+            for s in view.index()
             if not request.ready or s.state == "READY"
         ]
         return pb.RepositoryIndexResponse(models=models)
@@ -164,7 +158,7 @@ class InferenceServicer:
                 "edit the repository and load by name"
             )
         try:
-            await self._state.manager.load(request.model_name)
+            await self._state.cluster.load(request.model_name)
         finally:
             await self._health.refresh()
         return pb.RepositoryModelLoadResponse()
@@ -176,7 +170,7 @@ class InferenceServicer:
         # `unload_dependents` is accepted and means nothing here: models have no dependents.
         self._check_model_control()
         try:
-            await self._state.manager.unload(request.model_name)
+            await self._state.cluster.unload(request.model_name)
         finally:
             await self._health.refresh()
         return pb.RepositoryModelUnloadResponse()
@@ -226,24 +220,6 @@ class InferenceServicer:
         )
         codecs.encode_infer_outputs(response, probabilities, outputs, served.labels, inputs.raw)
         return response
-
-
-def _statistics(served: ServedModel) -> pb.ModelStatistics:
-    s = served.stats
-    duration = pb.StatisticDuration
-    return pb.ModelStatistics(
-        name=served.name,
-        version=str(served.version),
-        last_inference=s.last_inference_ms,
-        inference_count=s.inference_count,
-        execution_count=s.execution_count,
-        inference_stats=pb.InferStatistics(
-            success=duration(count=s.success_count, ns=s.success_ns),
-            fail=duration(count=s.fail_count, ns=s.fail_ns),
-            queue=duration(count=s.queue_count, ns=s.queue_ns),
-            compute_infer=duration(count=s.compute_count, ns=s.compute_ns),
-        ),
-    )
 
 
 def handlers(servicer: InferenceServicer) -> list[grpc.GenericRpcHandler]:

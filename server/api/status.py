@@ -53,6 +53,17 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
 _LOGGED = "_imgserve_logged"
 INTERNAL_MESSAGE = "internal error while serving the request (details are in the server log)"
 REQUEST_ID_KEY = "x-request-id"
+# With several workers, every answer also names the worker that gave it (its index), so a
+# caller (or an on-call engineer with a request id) can tell which process served a call.
+WORKER_KEY = "x-imgserve-worker"
+_worker_metadata: tuple[tuple[str, str], ...] = ()
+
+
+def name_worker(index: int) -> None:
+    """Called once at the start of a worker of several."""
+    global _worker_metadata
+    _worker_metadata = ((WORKER_KEY, str(index)),)
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -101,7 +112,7 @@ def _start(context: grpc.aio.ServicerContext) -> None:
     """Name the request in this task's log lines; its status will tell the caller its id."""
     request_id = request_id_of(context)
     REQUEST_ID.set(request_id)  # the RPC's own task: nothing to reset afterwards
-    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id), *_worker_metadata))
 
 
 def guarded(method: F) -> F:
