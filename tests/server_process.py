@@ -50,11 +50,14 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         # False: start() returns once the ports are known, while models may still load.
         self.until_started = until_started
+        # One worker unless a test asks for more: most tests are about one server process.
+        workers = () if any(a.startswith("--workers") for a in args) else ("--workers", "1")
         self.command = [
             sys.executable, "-m", "server",
             "--model-repository", str(repository),
             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
             "--grace-period-s", str(grace_period_s),
+            *workers,
             *args,
         ]  # fmt: skip
         self.host = "127.0.0.1"
