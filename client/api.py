@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -230,16 +231,32 @@ def model_from_proto(info: classifier_pb2.ModelInfo) -> ModelInfo:
     )
 
 
-def _open_channel(module: Any, target: str, credentials: Credentials) -> Any:
-    """A channel of `module` (grpc or grpc.aio): TLS when the credentials ask for it."""
+def _open_channels(module: Any, target: str, credentials: Credentials, count: int) -> list[Any]:
+    """`count` channels of `module` (grpc or grpc.aio), TLS when the credentials ask for it.
+
+    Each has a connection of its own: gRPC otherwise shares one connection among channels to
+    the same target, and a server with several workers (--workers) serves one connection on
+    one worker, so several connections are how one client uses several of its cores.
+    """
+    if count < 1:
+        raise ValueError(f"channels must be at least 1, got {count}")
+    options = (
+        [*_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        if count > 1
+        else _CHANNEL_OPTIONS
+    )
     secure = credentials.channel_credentials()
     if secure is None:
-        return module.insecure_channel(target, options=_CHANNEL_OPTIONS)
-    return module.secure_channel(target, secure, options=_CHANNEL_OPTIONS)
+        return [module.insecure_channel(target, options=options) for _ in range(count)]
+    return [module.secure_channel(target, secure, options=options) for _ in range(count)]
 
 
 class ClassifierClient:
-    """A connection to one server; thread-safe, reuse it for many calls.
+    """Connections to one server; thread-safe, reuse it for many calls.
+
+    `channels` > 1 opens that many connections and takes them in turn, call by call: a
+    server with several workers serves each connection on one worker, so a busy client
+    spreads its calls over the workers this way.
 
     >>> with ClassifierClient("localhost:8001") as client:
     ...     print(client.classify("fashion_mnist", ["shoe.png"])[0].label)
@@ -250,13 +267,20 @@ class ClassifierClient:
         target: str = DEFAULT_TARGET,
         timeout: float | None = DEFAULT_TIMEOUT,
         credentials: Credentials | None = None,
+        channels: int = 1,
     ):
         self.target = target
         self.timeout = timeout
         credentials = credentials or Credentials()
-        self._channel = _open_channel(grpc, target, credentials)
+        self._channels = _open_channels(grpc, target, credentials, channels)
         self._metadata = credentials.metadata
-        self._stub = classifier_pb2_grpc.ClassifierStub(self._channel)
+        stubs = [classifier_pb2_grpc.ClassifierStub(channel) for channel in self._channels]
+        self._next_stub = itertools.cycle(stubs).__next__
+
+    @property
+    def _stub(self) -> classifier_pb2_grpc.ClassifierStub:
+        """The next connection's stub, in turn."""
+        return self._next_stub()
 
     def __enter__(self) -> ClassifierClient:
         return self
@@ -270,7 +294,8 @@ class ClassifierClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def _error(self, error: grpc.RpcError, timeout: float | None) -> ClientError:
         return error_from_rpc(error, self.target, timeout)
@@ -362,13 +387,19 @@ class AsyncClassifierClient:
         target: str = DEFAULT_TARGET,
         timeout: float | None = DEFAULT_TIMEOUT,
         credentials: Credentials | None = None,
+        channels: int = 1,
     ):
         self.target = target
         self.timeout = timeout
         credentials = credentials or Credentials()
-        self._channel = _open_channel(grpc.aio, target, credentials)
+        self._channels = _open_channels(grpc.aio, target, credentials, channels)
         self._metadata = credentials.metadata
-        self._stub = classifier_pb2_grpc.ClassifierStub(self._channel)
+        stubs = [classifier_pb2_grpc.ClassifierStub(channel) for channel in self._channels]
+        self._next_stub = itertools.cycle(stubs).__next__
+
+    @property
+    def _stub(self) -> classifier_pb2_grpc.ClassifierStub:
+        return self._next_stub()
 
     async def __aenter__(self) -> AsyncClassifierClient:
         return self
@@ -382,7 +413,8 @@ class AsyncClassifierClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def classify(
         self,

@@ -271,3 +271,32 @@ def test_cli_errors_are_one_line(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert mention in lines[0]
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections on this machine whose far end is `port` (gRPC dials
+    127.0.0.1 over IPv6 sockets, v4-mapped: both tables are read)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if remote_port == port and fields[3] == "01":  # 01: ESTABLISHED
+                count += 1
+    return count
+
+
+@pytest.mark.parametrize("channels", [1, 6])
+def test_channels_are_separate_connections(model_repository: Path, channels: int) -> None:
+    """A server with workers serves a connection on one worker: more channels, more workers."""
+    with ServerProcess(model_repository, "--workers", "2") as server:
+        pixels = np.zeros((1, 28, 28), np.float32)
+        with ClassifierClient(server.target, timeout=20.0, channels=channels) as client:
+            for _ in range(2 * channels):
+                assert client.classify(MODEL, pixels)[0].label
+            assert _connections_to(server.grpc_port) == channels
+
+
+def test_channels_must_be_positive(server: ServerProcess) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        ClassifierClient(server.target, channels=0)
