@@ -38,10 +38,10 @@ class ServerProcess:
     metrics_url: str
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU of the server so far (Linux /proc); None elsewhere."""
+        """User + system CPU of the server so far, its worker processes included (Linux
+        /proc); None elsewhere."""
         try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return sum(_cpu_seconds(pid) for pid in _tree(self.process.pid))
         except (OSError, ValueError, IndexError):
             return None
 
@@ -50,6 +50,23 @@ class ServerProcess:
         code = self.process.poll()
         if code is not None:
             raise BenchError(_failure(_exited(code), self.args, self.tail))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor's workers)."""
+    pids = [pid]
+    for parent in pids:  # grows as children are found
+        children = Path(f"/proc/{parent}/task/{parent}/children")
+        try:
+            pids.extend(int(child) for child in children.read_text().split())
+        except OSError:  # exited meanwhile
+            continue
+    return pids
 
 
 def _exited(code: int) -> str:

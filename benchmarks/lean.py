@@ -1,0 +1,373 @@
+"""`python -m benchmarks workers`: req/s and server CPU per request against --workers, with a
+lean C load generator, beside the do-nothing server (benchmarks.bare) with as many processes.
+
+A Python client shares the machine's cores with the server and spends more CPU per call than
+the server does; h2load (Debian's `nghttp2-client`) replays one framed ModelInfer request over
+many connections and streams at a fraction of that. It checks HTTP statuses only (a gRPC error
+still arrives as HTTP 200), so every round is checked separately: a real gRPC client's call
+gets a well-formed answer before it, and the server's own /metrics must count no answer other
+than OK during it. Connections, not requests, are spread over workers, so the load uses
+several (--connections).
+
+Every configuration (served and do-nothing, at each worker count) is started once and kept
+running; the rounds interleave them, and the figures are the medians over rounds, so that a
+noisy machine moves all of them alike. Results: a table, results.json and workers.png in --out.
+
+  python -m benchmarks workers --model-repository model_repository --model fashion_mnist
+  python -m benchmarks workers --model-repository model_repository --model cifar10 \\
+      --workers 1,2,4,8 --images 8 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import re
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.bare import READY_LINE
+from benchmarks.common import BenchError, exit_code
+from benchmarks.compare import add_server_args_option, bounded
+from benchmarks.server import _tree, start_server
+from wire import grpc_service_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+PATH = "/inference.GRPCInferenceService/ModelInfer"
+SERVED, BARE = "served", "do-nothing"
+RESULTS_FILE = "results.json"
+PLOT_FILE = "workers.png"
+START_TIMEOUT_S = 120.0
+_FINISHED = re.compile(r"finished in [\d.]+s, ([\d.]+) req/s")
+_REQUESTS = re.compile(
+    r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed"
+)
+
+
+@dataclass(frozen=True)
+class Round:
+    kind: str  # SERVED | BARE
+    workers: int
+    requests_per_s: float
+    succeeded: int
+    failed: int
+    server_cpu_s: float  # over the measured window
+    duration_s: float
+
+    @property
+    def cpu_cores(self) -> float:
+        return self.server_cpu_s / self.duration_s
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return 1000 * self.server_cpu_s / max(self.requests_per_s * self.duration_s, 1)
+
+
+@dataclass
+class Target:
+    kind: str
+    workers: int
+    address: str
+    cpu_seconds: Callable[[], float]
+    not_ok: Callable[[], float] | None  # answers other than OK so far (served only)
+
+
+def frame(request: pb.ModelInferRequest) -> bytes:
+    """One gRPC message as it travels: uncompressed flag, 4-byte big-endian length, bytes."""
+    body = request.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(body)) + body
+
+
+def build_request(model: str, shape: Sequence[int], images: int) -> pb.ModelInferRequest:
+    pixels = np.random.default_rng(0).random((images, *shape), np.float32)
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(pixels.shape))
+    request.raw_input_contents.append(pixels.tobytes())
+    return request
+
+
+def check_answer(address: str, request: pb.ModelInferRequest, images: int) -> None:
+    """A real gRPC client's call with the replayed request: N rows of probabilities."""
+    with grpc.insecure_channel(address) as channel:
+        infer = channel.unary_unary(
+            PATH,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        try:
+            response = infer(request, timeout=30)
+        except grpc.RpcError as exc:
+            raise BenchError(
+                f"{address} refused the benchmark's request: {exc.details()}"
+            ) from None
+    rows = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(-1, 10)
+    if rows.shape[0] != images or not np.allclose(rows.sum(axis=1), 1, atol=1e-3):
+        raise BenchError(f"{address} answered {rows.shape[0]} rows that are not probabilities")
+
+
+def run_h2load(address: str, frame_file: Path, args: argparse.Namespace) -> tuple[float, int, int]:
+    """(req/s, succeeded, failed) of one h2load run against `address`."""
+    command = [
+        "h2load", "-c", str(args.connections), "-m", str(args.streams), "-t", "1",
+        f"--duration={args.duration:g}", f"--warm-up-time={args.warmup:g}",
+        "-H", "content-type: application/grpc", "-H", "te: trailers",
+        "-d", str(frame_file), f"http://{address}{PATH}",
+    ]  # fmt: skip
+    limit = args.duration + args.warmup + 30
+    done = subprocess.run(command, capture_output=True, text=True, timeout=limit, check=False)
+    finished, counts = _FINISHED.search(done.stdout), _REQUESTS.search(done.stdout)
+    if done.returncode != 0 or finished is None or counts is None:
+        raise BenchError(f"h2load failed against {address}:\n{done.stdout[-800:]}{done.stderr}")
+    return float(finished[1]), int(counts[2]), int(counts[3])
+
+
+def measure(target: Target, frame_file: Path, args: argparse.Namespace) -> Round:
+    not_ok_before = target.not_ok() if target.not_ok else 0.0
+    timer = threading.Timer(
+        args.warmup, lambda: marks.append((time.monotonic(), target.cpu_seconds()))
+    )
+    marks: list[tuple[float, float]] = []
+    timer.start()
+    rate, succeeded, failed = run_h2load(target.address, frame_file, args)
+    timer.join()
+    began, cpu_began = marks[0]
+    elapsed, cpu = time.monotonic() - began, target.cpu_seconds() - cpu_began
+    if target.not_ok is not None:
+        refused = target.not_ok() - not_ok_before
+        if refused:
+            raise BenchError(f"{target.kind} x{target.workers}: {refused:g} answers were not OK")
+    return Round(target.kind, target.workers, rate, succeeded, failed, cpu, elapsed)
+
+
+def _not_ok(metrics_url: str) -> Callable[[], float]:
+    def count() -> float:
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "imgserve_requests_total" and sample.labels.get("code") != "OK"
+        )
+
+    return count
+
+
+@contextlib.contextmanager
+def start_bare(workers: int) -> Iterator[Target]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bare", "--workers", str(workers)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith(READY_LINE):
+            raise BenchError(f"the do-nothing server did not start: {line!r}")
+        address = f"127.0.0.1:{int(line[len(READY_LINE) :])}"
+        yield Target(BARE, workers, address, lambda: _tree_cpu(process.pid), None)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _tree_cpu(pid: int) -> float:
+    from benchmarks.server import _cpu_seconds
+
+    total = 0.0
+    for one in _tree(pid):
+        with contextlib.suppress(OSError):
+            total += _cpu_seconds(one)
+    return total
+
+
+def _median_rounds(rounds: Sequence[Round]) -> dict[tuple[str, int], dict[str, float]]:
+    by: dict[tuple[str, int], list[Round]] = collections.defaultdict(list)
+    for one in rounds:
+        by[(one.kind, one.workers)].append(one)
+    return {
+        key: {
+            "requests_per_s": statistics.median(r.requests_per_s for r in group),
+            "cpu_cores": statistics.median(r.cpu_cores for r in group),
+            "cpu_ms_per_request": statistics.median(r.cpu_ms_per_request for r in group),
+            "rounds": len(group),
+        }
+        for key, group in sorted(by.items())
+    }
+
+
+def format_table(medians: dict[tuple[str, int], dict[str, float]]) -> str:
+    lines = [
+        f"{'server':<12}{'workers':>8}{'req/s':>10}{'cores':>8}{'cpu ms/req':>12}"
+        f"{'vs 1 worker':>13}{'vs do-nothing':>15}"
+    ]
+    for (kind, workers), m in medians.items():
+        one = medians.get((kind, 1))
+        bare = medians.get((BARE, workers))
+        scale = f"{m['requests_per_s'] / one['requests_per_s']:.2f}x" if one else "-"
+        versus = (
+            f"{m['requests_per_s'] / bare['requests_per_s']:.2f}x"
+            if bare and kind == SERVED
+            else "-"
+        )
+        lines.append(
+            f"{kind:<12}{workers:>8}{m['requests_per_s']:>10.0f}{m['cpu_cores']:>8.2f}"
+            f"{m['cpu_ms_per_request']:>12.3f}{scale:>13}{versus:>15}"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(folder: Path, medians: dict[tuple[str, int], dict[str, float]], title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4.2))
+    for kind, style in ((SERVED, "-o"), (BARE, "--s")):
+        points = sorted((w, m["requests_per_s"]) for (k, w), m in medians.items() if k == kind)
+        if points:
+            axes.plot(*zip(*points, strict=True), style, label=kind)
+    axes.set_xlabel("worker processes")
+    axes.set_ylabel("requests/s (median of rounds)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    path = folder / PLOT_FILE
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,2,4, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError("worker counts must be at least 1")
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks workers",
+        description=(__doc__ or "").split("\n\n  python")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--model", default="fashion_mnist", help="(default: %(default)s)")
+    parser.add_argument(
+        "--workers", type=_counts, default=[1, 2], help="Worker counts (default: 1,2)."
+    )
+    parser.add_argument("--images", type=int, default=1, help="Images per request (default: 1).")
+    parser.add_argument(
+        "--connections", type=int, default=8, help="h2load connections (default: 8)."
+    )
+    parser.add_argument(
+        "--streams", type=int, default=8, help="Concurrent streams per connection (default: 8)."
+    )
+    parser.add_argument("--duration", type=bounded(float, 1, 300), default=10.0)
+    parser.add_argument("--warmup", type=bounded(float, 0.5, 60), default=2.0)
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (default: 3).")
+    parser.add_argument("--no-bare", action="store_true", help="Skip the do-nothing server.")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results/workers"))
+    add_server_args_option(parser, "the served server")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if shutil.which("h2load") is None:
+        raise BenchError(
+            "h2load not found: install it (Debian/Ubuntu: apt-get install nghttp2-client)"
+        )
+    shape = _input_shape(args.model_repository, args.model)
+    request = build_request(args.model, shape, args.images)
+    args.out.mkdir(parents=True, exist_ok=True)
+    frame_file = args.out / "request.grpc"
+    frame_file.write_bytes(frame(request))
+    server_args = tuple(args.server_args)
+    rounds: list[Round] = []
+    with contextlib.ExitStack() as stack:
+        targets: list[Target] = []
+        for workers in args.workers:
+            served = stack.enter_context(
+                start_server(args.model_repository, ("--workers", str(workers), *server_args))
+            )
+            targets.append(
+                Target(
+                    SERVED, workers, served.target, served.cpu_seconds, _not_ok(served.metrics_url)
+                )  # type: ignore[arg-type]
+            )
+            if not args.no_bare:
+                targets.append(stack.enter_context(start_bare(workers)))
+        print(
+            f"{len(targets)} servers up; {args.rounds} rounds of {args.duration:g} s each, "
+            f"{args.connections} connections x {args.streams} streams, {args.images} image(s)",
+            flush=True,
+        )
+        for number in range(1, args.rounds + 1):
+            for target in targets:
+                check_answer(target.address, request, args.images)
+                one = measure(target, frame_file, args)
+                rounds.append(one)
+                print(
+                    f"round {number}: {one.kind:<10} x{one.workers}: {one.requests_per_s:8.0f} "
+                    f"req/s, {one.cpu_cores:.2f} cores, {one.cpu_ms_per_request:.3f} ms/req",
+                    flush=True,
+                )
+    medians = _median_rounds(rounds)
+    print(format_table(medians))
+    title = (
+        f"{args.model}, {args.images} image(s)/request, h2load {args.connections}x{args.streams}"
+    )
+    plot = write_plot(args.out, medians, title)
+    results = {
+        "model": args.model,
+        "images_per_request": args.images,
+        "connections": args.connections,
+        "streams": args.streams,
+        "duration_s": args.duration,
+        "server_args": list(server_args),
+        "rounds": [asdict(r) for r in rounds],
+        "medians": [{"server": k, "workers": w, **m} for (k, w), m in medians.items()],
+    }
+    (args.out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out / RESULTS_FILE} and {plot}")
+    return 0
+
+
+def _input_shape(repository: Path, model: str) -> tuple[int, ...]:
+    from modelrepo.config import load_config
+    from modelrepo.layout import CONFIG_FILE
+
+    path = repository / model / CONFIG_FILE
+    try:
+        config = load_config(path)
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read {path}: {exc}") from None
+    return tuple(int(d) for d in config.input[0].dims)
+
+
+def main(argv: Sequence[str]) -> int:
+    return exit_code(run, build_parser().parse_args(argv))
