@@ -77,8 +77,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SERVER_METRICS_PORT=8002 \
     SERVER_LOG_FORMAT=json \
     SERVER_DEVICE=auto
+# /models belongs to the user, as in the trainer image. Docker gives an empty named volume the
+# owner of the mount point of each container created on it: the compose stack creates the
+# server's container while the trainer has not yet written the `models` volume, so a root-owned
+# /models here left the trainer unable to write it (PermissionError on /models/fashion_mnist).
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin imgserve \
- && install -d /models
+ && install -d -o 10001 -g 10001 /models
 WORKDIR /app
 COPY --from=proto /src/wire/ wire/
 COPY modelrepo/ modelrepo/
@@ -101,8 +105,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SERVER_METRICS_PORT=8002 \
     SERVER_LOG_FORMAT=json \
     SERVER_DEVICE=cpu
+# /models belongs to the user (see server-gpu).
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin imgserve \
- && install -d /models
+ && install -d -o 10001 -g 10001 /models
 COPY --from=server-deps /opt/venv /opt/venv
 WORKDIR /app
 COPY --from=proto /src/wire/ wire/
