@@ -1,10 +1,13 @@
-# syntax=docker/dockerfile:1
 # imgserve images. Targets (docker build --target NAME .):
 #   server      (the default, last stage) CPU server: python slim + onnxruntime, no torch
 #   server-gpu  CUDA 13 + cuDNN 9 runtime: onnxruntime-gpu, torch for TorchScript models
 #   trainer     `python -m training build-repository` into the /models volume
 # Every pin comes from pyproject.toml through deploy/requirements.py; dependency layers come
 # before the source layers, so editing code rebuilds only the last few layers.
+# Build with BuildKit (the default builder since Docker 23; DOCKER_BUILDKIT=1 with older clients):
+# it builds only the stages the target needs, where the classic builder would build every stage
+# before it, the CUDA one included. There is no `# syntax=` line on purpose: the builder's own
+# Dockerfile frontend reads this file, so a build needs no registry beyond the base images.
 
 # ---- requirement lists, from pyproject.toml only (changes when the pins change) ----
 FROM python:3.11.14-slim-bookworm AS requirements
