@@ -32,8 +32,10 @@ RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python
 # ---- the CPU server's virtual environment ----
 FROM python:3.11.14-slim-bookworm AS server-deps
 COPY --from=requirements /src/server.txt /tmp/
+# pip and setuptools are only needed to install: they stay out of the runtime image.
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --requirement /tmp/server.txt
+ && /opt/venv/bin/pip install --no-cache-dir --requirement /tmp/server.txt \
+ && /opt/venv/bin/pip uninstall --yes pip setuptools
 
 # ---- trainer: torch + torchvision; writes the model repository into /models ----
 FROM python:3.11.14-slim-bookworm AS trainer
@@ -70,6 +72,8 @@ RUN apt-get update \
 COPY --from=requirements /src/server-gpu.txt /tmp/
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --requirement /tmp/server-gpu.txt
+# The grace period (SERVER_GRACE_PERIOD_S) is below `docker stop`'s 10 s before SIGKILL, so that
+# the drain ends in time; compose and Kubernetes set a longer one with a longer stop timeout.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONPATH=/app \
@@ -79,7 +83,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SERVER_GRPC_PORT=8001 \
     SERVER_METRICS_PORT=8002 \
     SERVER_LOG_FORMAT=json \
-    SERVER_DEVICE=auto
+    SERVER_DEVICE=auto \
+    SERVER_GRACE_PERIOD_S=8
 # /models belongs to the user, as in the trainer image. Docker gives an empty named volume the
 # owner of the mount point of each container created on it: the compose stack creates the
 # server's container while the trainer has not yet written the `models` volume, so a root-owned
@@ -98,6 +103,8 @@ CMD ["python", "-m", "server"]
 
 # ---- CPU server (the default target: keep it last) ----
 FROM python:3.11.14-slim-bookworm AS server
+# The grace period (SERVER_GRACE_PERIOD_S) is below `docker stop`'s 10 s before SIGKILL, so that
+# the drain ends in time; compose and Kubernetes set a longer one with a longer stop timeout.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONPATH=/app \
@@ -107,7 +114,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SERVER_GRPC_PORT=8001 \
     SERVER_METRICS_PORT=8002 \
     SERVER_LOG_FORMAT=json \
-    SERVER_DEVICE=cpu
+    SERVER_DEVICE=cpu \
+    SERVER_GRACE_PERIOD_S=8
 # /models belongs to the user (see server-gpu).
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin imgserve \
  && install -d -o 10001 -g 10001 /models
