@@ -2,10 +2,11 @@
 # mirror but no image registry (deploy/ci/prepare-docker.sh builds it there and tags it with the
 # official name): Debian's `prometheus` package (bookworm: 2.42, not the 3.x the compose stack
 # pins), laid out as the official image is: /bin/prometheus (bookworm's /bin is /usr/bin) as
-# the entrypoint, running as nobody in /prometheus, which nobody owns (so that a new volume
-# mounted there is writable).
+# the entrypoint, running as nobody (65534) in /prometheus, which nobody owns (so that a new
+# volume mounted there is writable).
 ARG BASE=imgserve-ci/debian:bookworm
 FROM ${BASE}
+# Whatever version bookworm's mirror has today (2.42 and its security updates).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends prometheus \
