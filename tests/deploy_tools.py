@@ -175,7 +175,7 @@ def dashboard_label_queries() -> list[tuple[str, str, str]]:
 
 # --- Docker ----------------------------------------------------------------------------------
 
-PREPARE_DOCKER = "deploy/ci/prepare-docker.sh (`make test` runs it; as root it starts an engine)"
+PREPARE_DOCKER = "deploy/ci/prepare-docker.sh, which `make test` runs, prepares one as root"
 
 
 class DockerError(AssertionError):
@@ -252,7 +252,10 @@ def _find_docker() -> Docker | str:
         if refusal is not None:
             refusals.append(refusal)
             continue
-        info = run([client, "version", "--format", "{{.Server.Version}}"], timeout=30)
+        try:
+            info = run([client, "version", "--format", "{{.Server.Version}}"], timeout=30)
+        except subprocess.TimeoutExpired:
+            return f"the Docker engine did not answer {client} within 30 s"
         if info.returncode != 0 or not info.stdout.strip():
             lines = (info.stderr.strip() or "no answer").splitlines()
             return f"no Docker engine answers {client}: {lines[-1]}"
@@ -264,5 +267,5 @@ def docker_engine() -> Docker:
     """The Docker client and engine the container tests use; skips (fails under CI) without."""
     found = _find_docker()
     if isinstance(found, str):
-        unavailable(found, PREPARE_DOCKER)
+        unavailable(f"{found} ({PREPARE_DOCKER})", "`make test` runs deploy/ci/prepare-docker.sh")
     return found
