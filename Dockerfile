@@ -1,10 +1,13 @@
-# syntax=docker/dockerfile:1
 # imgserve images. Targets (docker build --target NAME .):
 #   server      (the default, last stage) CPU server: python slim + onnxruntime, no torch
 #   server-gpu  CUDA 13 + cuDNN 9 runtime: onnxruntime-gpu, torch for TorchScript models
 #   trainer     `python -m training build-repository` into the /models volume
 # Every pin comes from pyproject.toml through deploy/requirements.py; dependency layers come
 # before the source layers, so editing code rebuilds only the last few layers.
+# Build with BuildKit (the default builder since Docker 23; DOCKER_BUILDKIT=1 with older clients):
+# it builds only the stages the target needs, where the classic builder would build every stage
+# before it, the CUDA one included. There is no `# syntax=` line on purpose: the builder's own
+# Dockerfile frontend reads this file, so a build needs no registry beyond the base images.
 
 # ---- requirement lists, from pyproject.toml only (changes when the pins change) ----
 FROM python:3.11.14-slim-bookworm AS requirements
@@ -29,8 +32,10 @@ RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python
 # ---- the CPU server's virtual environment ----
 FROM python:3.11.14-slim-bookworm AS server-deps
 COPY --from=requirements /src/server.txt /tmp/
+# pip and setuptools are only needed to install: they stay out of the runtime image.
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --requirement /tmp/server.txt
+ && /opt/venv/bin/pip install --no-cache-dir --requirement /tmp/server.txt \
+ && /opt/venv/bin/pip uninstall --yes pip setuptools
 
 # ---- trainer: torch + torchvision; writes the model repository into /models ----
 FROM python:3.11.14-slim-bookworm AS trainer
@@ -67,6 +72,8 @@ RUN apt-get update \
 COPY --from=requirements /src/server-gpu.txt /tmp/
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --requirement /tmp/server-gpu.txt
+# The grace period (SERVER_GRACE_PERIOD_S) is below `docker stop`'s 10 s before SIGKILL, so that
+# the drain ends in time; compose and Kubernetes set a longer one with a longer stop timeout.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONPATH=/app \
@@ -76,9 +83,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SERVER_GRPC_PORT=8001 \
     SERVER_METRICS_PORT=8002 \
     SERVER_LOG_FORMAT=json \
-    SERVER_DEVICE=auto
+    SERVER_DEVICE=auto \
+    SERVER_GRACE_PERIOD_S=8
+# /models belongs to the user, as in the trainer image. Docker gives an empty named volume the
+# owner of the mount point of each container created on it: the compose stack creates the
+# server's container while the trainer has not yet written the `models` volume, so a root-owned
+# /models here left the trainer unable to write it (PermissionError on /models/fashion_mnist).
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin imgserve \
- && install -d /models
+ && install -d -o 10001 -g 10001 /models
 WORKDIR /app
 COPY --from=proto /src/wire/ wire/
 COPY modelrepo/ modelrepo/
@@ -91,6 +103,8 @@ CMD ["python", "-m", "server"]
 
 # ---- CPU server (the default target: keep it last) ----
 FROM python:3.11.14-slim-bookworm AS server
+# The grace period (SERVER_GRACE_PERIOD_S) is below `docker stop`'s 10 s before SIGKILL, so that
+# the drain ends in time; compose and Kubernetes set a longer one with a longer stop timeout.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONPATH=/app \
@@ -100,9 +114,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SERVER_GRPC_PORT=8001 \
     SERVER_METRICS_PORT=8002 \
     SERVER_LOG_FORMAT=json \
-    SERVER_DEVICE=cpu
+    SERVER_DEVICE=cpu \
+    SERVER_GRACE_PERIOD_S=8
+# /models belongs to the user (see server-gpu).
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin imgserve \
- && install -d /models
+ && install -d -o 10001 -g 10001 /models
 COPY --from=server-deps /opt/venv /opt/venv
 WORKDIR /app
 COPY --from=proto /src/wire/ wire/

@@ -11,7 +11,7 @@ EPOCHS ?= 3
 PROTOS := $(wildcard proto/wire/*.proto)
 GENERATED := $(patsubst proto/wire/%.proto,wire/%_pb2.py,$(PROTOS))
 
-.PHONY: install proto run repository test lint format bench clean help prometheus-tools
+.PHONY: install proto run repository test lint format bench clean help prometheus-tools docker-engine
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,7 +37,7 @@ repository: $(STAMP) proto  ## train and export the FashionMNIST and CIFAR10 mod
 run: repository  ## the main job: build the model repository, then serve it
 	$(PY) -m server --model-repository $(REPO)
 
-test: $(STAMP) proto prometheus-tools  ## install if needed, then lint and run the whole test suite
+test: $(STAMP) proto prometheus-tools docker-engine  ## install if needed, then lint and run the whole test suite
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
@@ -60,6 +60,13 @@ prometheus-tools:  ## install prometheus + promtool with apt-get when missing (n
 			&& apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
 		|| echo "apt-get could not install prometheus: the Prometheus tests will skip"; \
 	fi
+
+# The container tests build the images and run them and the compose stack on a Docker engine.
+# deploy/ci/prepare-docker.sh uses the engine that answers, or (as root, with apt-get) installs
+# Debian's and starts it, and stands in base images that no registry serves. When it cannot,
+# the container tests skip, saying why (under CI=true they fail instead).
+docker-engine:  ## prepare a Docker engine and the base images for the container tests
+	@deploy/ci/prepare-docker.sh || echo "no Docker engine prepared: the container tests will skip"
 
 lint: $(STAMP)  ## ruff check and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -3,11 +3,13 @@ collecting every PromQL expression the alert rules, the dashboard and the autosc
 example use (the live test evaluates them; the metric-name test checks their names).
 
 A missing tool skips its test with the reason, except under CI (CI set in the environment),
-where `make test` installs every tool and a missing one is a failure.
+where `make test` installs every tool and a missing one is a failure. The same holds for the
+Docker engine the container tests need (`docker_engine`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -58,6 +60,13 @@ _INSTALL_HINTS = {
 }
 
 
+def unavailable(reason: str, remedy: str = "`make test` installs it") -> NoReturn:
+    """Skip, saying why; under CI fail instead, since CI must run every test."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run this test ({remedy})")
+    pytest.skip(reason)
+
+
 def tool(name: str) -> str:
     """Path of an executable: the venv's bin first (pip-installed tools), then PATH."""
     venv_bin = Path(sys.executable).parent / name
@@ -66,10 +75,7 @@ def tool(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    reason = f"`{name}` is not installed ({_INSTALL_HINTS.get(name, 'not on PATH')})"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must run this test (`make test` installs it)")
-    pytest.skip(reason)
+    unavailable(f"`{name}` is not installed ({_INSTALL_HINTS.get(name, 'not on PATH')})")
 
 
 def run(args: list[str], timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -164,4 +170,102 @@ def dashboard_label_queries() -> list[tuple[str, str, str]]:
         match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query.strip())
         assert match, f"variable {variable['name']}: not a label_values() query: {query!r}"
         found.append((variable["name"], _fill(match[1], DASHBOARD_VARIABLES), match[2]))
+    return found
+
+
+# --- Docker ----------------------------------------------------------------------------------
+
+PREPARE_DOCKER = "deploy/ci/prepare-docker.sh, which `make test` runs, prepares one as root"
+
+
+class DockerError(AssertionError):
+    """A docker command failed: the message carries the command and the end of its output."""
+
+
+@dataclass(frozen=True)
+class Docker:
+    """A docker client that builds with BuildKit, talking to an engine that answers."""
+
+    client: str
+    engine: str  # the engine's version
+
+    def __call__(
+        self, *args: str, timeout: float = 60, check: bool = True, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        result = run([self.client, *args], timeout=timeout, env=docker_env(), **kwargs)
+        if check and result.returncode != 0:
+            output = (result.stdout + result.stderr).strip()[-3000:]
+            raise DockerError(f"docker {' '.join(args)} exited {result.returncode}:\n{output}")
+        return result
+
+    def inspect(self, *args: str) -> dict[str, Any]:
+        """`docker inspect` (or `docker image inspect`, `docker volume inspect` ...) of one."""
+        (found,) = json.loads(self(*args[:-1], "inspect", args[-1]).stdout)
+        return found
+
+
+def docker_env() -> dict[str, str]:
+    """BuildKit on: the Dockerfile needs it (see its header); the rest is the caller's."""
+    return {**os.environ, "DOCKER_BUILDKIT": "1"}
+
+
+def _clients() -> list[str]:
+    """$DOCKER if set, else every `docker` on PATH in order."""
+    if os.environ.get("DOCKER"):
+        return [os.environ["DOCKER"]]
+    found = []
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder or ".") / "docker"
+        if (
+            candidate.is_file()
+            and os.access(candidate, os.X_OK)
+            and candidate.resolve() not in [Path(f).resolve() for f in found]
+        ):
+            found.append(str(candidate))
+    return found
+
+
+def _builds_with_buildkit(client: str) -> str | None:
+    """None if `client` builds with BuildKit, else why not. Clients before 23.0 carry BuildKit
+    themselves (DOCKER_BUILDKIT=1); later ones need the buildx plugin for it."""
+    try:
+        version = run([client, "--version"], timeout=30).stdout
+        if run([client, "buildx", "version"], timeout=30).returncode == 0:
+            return None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{client}: {exc}"
+    match = re.search(r"(\d+)\.(\d+)", version)
+    if match and int(match[1]) < 23:
+        return None
+    return f"{client} ({version.strip()}) has no buildx plugin, so it cannot build with BuildKit"
+
+
+@functools.cache
+def _find_docker() -> Docker | str:
+    """The first client that builds with BuildKit, with its engine; or why there is none."""
+    clients = _clients()
+    if not clients:
+        return "no `docker` client on PATH"
+    refusals = []
+    for client in clients:
+        refusal = _builds_with_buildkit(client)
+        if refusal is not None:
+            refusals.append(refusal)
+            continue
+        try:
+            info = run([client, "version", "--format", "{{.Server.Version}}"], timeout=30)
+        except subprocess.TimeoutExpired:
+            return f"the Docker engine did not answer {client} within 30 s"
+        if info.returncode != 0 or not info.stdout.strip():
+            lines = (info.stderr.strip() or "no answer").splitlines()
+            return f"no Docker engine answers {client}: {lines[-1]}"
+        return Docker(client, info.stdout.strip())
+    return "; ".join(refusals)
+
+
+def docker_engine() -> Docker:
+    """The Docker client and engine the container tests use; skips (fails under CI) without."""
+    found = _find_docker()
+    if isinstance(found, str):
+        unavailable(f"{found} ({PREPARE_DOCKER})", "`make test` runs deploy/ci/prepare-docker.sh")
     return found

@@ -1,8 +1,8 @@
 """The Dockerfile and the docker-compose stack, checked with real tools (hadolint,
 docker-compose's own `config` validation) and read for what the deployment relies on.
 
-There is no Docker engine here: nothing is built or started. These tests check what can be
-checked without one.
+These checks need no Docker engine; tests/test_deploy_containers.py builds the images and runs
+them and the stack.
 """
 
 from __future__ import annotations
@@ -55,8 +55,13 @@ def stage(dockerfile: list[tuple[str, str, str]], name: str) -> list[tuple[str, 
     return [(keyword, rest) for where, keyword, rest in dockerfile if where == name]
 
 
-def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
-    result = run([tool("hadolint"), "--no-color", str(DOCKERFILE)])
+# The project's Dockerfile, and the stand-in base images the CI machine builds.
+LINTED = [DOCKERFILE, *sorted((DEPLOY / "ci").glob("*.Dockerfile"))]
+
+
+@pytest.mark.parametrize("dockerfile", LINTED, ids=[str(p.relative_to(ROOT)) for p in LINTED])
+def test_hadolint_finds_nothing_in_the_dockerfiles(dockerfile: Path) -> None:
+    result = run([tool("hadolint"), "--no-color", str(dockerfile)])
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
@@ -69,13 +74,14 @@ def test_hadolint_really_lints(tmp_path: Path) -> None:
     assert "DL3007" in result.stdout and "DL3013" in result.stdout, result.stdout
 
 
-def test_every_ignored_hadolint_rule_says_why() -> None:
-    lines = DOCKERFILE.read_text().splitlines()
+@pytest.mark.parametrize("dockerfile", LINTED, ids=[str(p.relative_to(ROOT)) for p in LINTED])
+def test_every_ignored_hadolint_rule_says_why(dockerfile: Path) -> None:
+    lines = dockerfile.read_text().splitlines()
     ignores = [i for i, line in enumerate(lines) if "hadolint ignore=" in line]
-    assert ignores, "expected the apt-get pin rule to be ignored visibly in the GPU stage"
+    assert ignores, "expected the apt-get pin rule to be ignored visibly where apt installs"
     for i in ignores:
         assert lines[i - 1].lstrip().startswith("#") and "hadolint" not in lines[i - 1], (
-            f"line {i + 1}: an ignored rule needs a comment above it saying why"
+            f"{dockerfile.name} line {i + 1}: an ignored rule needs a comment above it saying why"
         )
 
 
