@@ -5,7 +5,11 @@ instance (instance_group count). Each worker takes the next batch only when its 
 is free, so an idle instance never waits while another instance's queue is backed up,
 and no balancing between queues is needed. Each instance runs its batches on its own
 one-thread executor (onnxruntime and torch release the GIL), so while batches compute the
-event loop keeps accepting requests and the free workers form the next batch.
+event loop keeps accepting requests and the free workers form the next batch. Batches of at
+most `inline_rows` rows (a size the model computes in well under a millisecond, measured at
+load: server.loading.inline_rows) run on the event loop's thread instead: handing a batch to
+the thread and back (a wake-up, a future, the GIL passed both ways) costs more CPU than such
+a batch does, and the GIL hand-back makes it wait behind the event loop's other work.
 
 A batch closes when its rows reach max_batch_size, or when the oldest queued request has
 waited max_queue_delay (measured with time.monotonic, waiting on a wake-up future with a
@@ -91,6 +95,7 @@ class Batcher:
         metrics: Metrics,
         stats: ModelStats | None = None,
         adaptive_delay: bool = False,
+        inline_rows: int = 0,
     ) -> None:
         if not runtimes:
             raise ValueError("a batcher needs at least one runtime instance")
@@ -103,6 +108,7 @@ class Batcher:
         # Adaptive: a lone request runs at once unless the last batch held several requests
         # (evidence of concurrent load, where waiting pays); see _next_batch.
         self.adaptive_delay = adaptive_delay
+        self.inline_rows = inline_rows
         self._last_batch_requests = 0
         # The bound is per instance (Settings.max_queue_size): N instances drain N times faster.
         self.capacity = max_queue_size * len(runtimes)
@@ -336,7 +342,10 @@ class Batcher:
         assert self._loop is not None
         t0 = time.perf_counter_ns()
         try:
-            output = await self._loop.run_in_executor(executor, runtime.run, batch)
+            if rows <= self.inline_rows:
+                output = runtime.run(batch)
+            else:
+                output = await self._loop.run_in_executor(executor, runtime.run, batch)
             _check_output(output, rows)
         except Exception as exc:
             self._m_failed.inc()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,17 @@ from server.runtimes.null import NullRuntime
 log = logging.getLogger(__name__)
 
 SYNTHETIC_WARNING = "trained on SYNTHETIC data: predictions are meaningless for real images"
+# A batch predicted to compute within this runs on the event loop's thread (server.batcher).
+INLINE_BUDGET_S = 0.0005
+# Timed runs per batch size for that prediction (the fastest counts: others were disturbed).
+TIMED_RUNS = 3
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    runtimes: list[Runtime]
+    # Batches of at most this many rows run inline (0: none); see inline_rows().
+    inline_rows: int
 
 
 class LoadCancelled(Exception):
@@ -34,8 +47,9 @@ class LoadCancelled(Exception):
 
 def prepare_version(
     spec: ModelSpec, version: int, settings: Settings, cancel: threading.Event
-) -> list[Runtime]:
-    """Create the version's runtime instances, warm each up, and check them against reference.
+) -> LoadedVersion:
+    """Create the version's runtime instances, warm each up, check them against reference,
+    and time the first to choose which batches run inline.
 
     Raises RuntimeLoadError (the reason the version cannot serve) or LoadCancelled; either
     way every runtime created so far is closed.
@@ -44,7 +58,8 @@ def prepare_version(
     if not path.is_file():
         raise RuntimeLoadError(f"model file {spec.shown(path)} not found")
     if settings.null_compute:  # benchmarking: nothing to warm up, nothing to check
-        return [NullRuntime(spec.num_classes) for _ in range(spec.instance_count)]
+        nulls: list[Runtime] = [NullRuntime(spec.num_classes) for _ in range(spec.instance_count)]
+        return LoadedVersion(nulls, spec.max_batch_size)
     runtimes: list[Runtime] = []
     try:
         for _ in range(spec.instance_count):
@@ -54,11 +69,43 @@ def prepare_version(
             runtimes.append(runtime)
             warm_up(runtime, spec, cancel)
         check_reference(runtimes, spec, version, settings.reference_tolerance, cancel)
+        inline = inline_rows(runtimes[0], spec, cancel)
     except BaseException:
         for runtime in runtimes:
             runtime.close()
         raise
-    return runtimes
+    return LoadedVersion(runtimes, inline)
+
+
+def inline_rows(runtime: Runtime, spec: ModelSpec, cancel: threading.Event) -> int:
+    """The largest batch the runtime computes within INLINE_BUDGET_S (0: none does).
+
+    Times batches of 1 and max_batch_size (warmed up already; best of TIMED_RUNS) and
+    interpolates between them. Measured once, at load, where nothing else waits for the GIL:
+    timings taken while serving would count that wait as compute.
+    """
+    largest = spec.max_batch_size
+    one = _best_time(runtime, 1, spec, cancel)
+    if one > INLINE_BUDGET_S:
+        return 0
+    if largest == 1:
+        return 1
+    full = _best_time(runtime, largest, spec, cancel)
+    per_row = max(full - one, 0.0) / (largest - 1)
+    if per_row == 0:
+        return largest
+    return min(largest, 1 + int((INLINE_BUDGET_S - one) / per_row))
+
+
+def _best_time(runtime: Runtime, rows: int, spec: ModelSpec, cancel: threading.Event) -> float:
+    batch = np.zeros((rows, *spec.input_shape), np.float32)
+    best = float("inf")
+    for _ in range(TIMED_RUNS):
+        _check(cancel)
+        began = time.perf_counter()
+        _run(runtime, batch, f"timing at batch {rows}")
+        best = min(best, time.perf_counter() - began)
+    return best
 
 
 def warm_up(runtime: Runtime, spec: ModelSpec, cancel: threading.Event) -> None:

@@ -24,13 +24,13 @@ from server.errors import InvalidInputError, ModelNotFoundError, ModelUnavailabl
 from server.loading import (
     SYNTHETIC_WARNING,
     LoadCancelled,
+    LoadedVersion,
     hide_paths,
     is_synthetic,
     prepare_version,
 )
 from server.metrics import Metrics
 from server.repository import ModelSpec, RepositoryError, model_names, read_model
-from server.runtimes import Runtime
 
 __all__ = ["ModelManager", "ModelState", "ModelStats", "PreparedLoad", "ServedModel"]
 
@@ -77,10 +77,11 @@ class ServedModel:
         self,
         spec: ModelSpec,
         version: int,
-        runtimes: list[Runtime],
+        loaded: LoadedVersion,
         settings: Settings,
         metrics: Metrics,
     ) -> None:
+        runtimes = loaded.runtimes
         self.name = spec.name
         self.version = version
         self.platform = spec.platform
@@ -105,7 +106,9 @@ class ServedModel:
             metrics=metrics,
             stats=self.stats,
             adaptive_delay=settings.adaptive_batch_delay,
+            inline_rows=loaded.inline_rows,
         )
+        self.inline_rows = loaded.inline_rows
 
     def __repr__(self) -> str:
         return f"<ServedModel {self.name} v{self.version} {self.platform} on {self.device}>"
@@ -314,7 +317,7 @@ class ModelManager:
                 break
             began = time.monotonic()
             try:
-                runtimes = await asyncio.to_thread(
+                loaded = await asyncio.to_thread(
                     prepare_version, spec, version, settings, self._cancel
                 )
             except LoadCancelled:
@@ -325,12 +328,14 @@ class ModelManager:
                 log.debug("model %s version %d failed to load: %s", name, version, raw)
                 failures[version] = self._hidden(raw)
             else:
-                served = ServedModel(spec, version, runtimes, settings, self._metrics)
+                served = ServedModel(spec, version, loaded, settings, self._metrics)
                 served.start()
                 ready[version] = served
                 log.info(
-                    "model %s version %d ready on %s (%d instance(s), max batch %d)",
-                    name, version, served.device, len(runtimes), spec.max_batch_size,
+                    "model %s version %d ready on %s (%d instance(s), max batch %d, "
+                    "batches of up to %d run inline)",
+                    name, version, served.device, len(served.runtimes), spec.max_batch_size,
+                    served.inline_rows,
                 )  # fmt: skip
             self._metrics.load_duration.labels(name, str(version)).set(time.monotonic() - began)
         return failures
