@@ -26,7 +26,7 @@ class Settings:
     models: tuple[str, ...] = field(default_factory=tuple)
     # Batching defaults for models whose config.pbtxt leaves them unset.
     max_batch_size: int = 64
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 0
     # On: a lone request runs at once unless recent batches show concurrent load (then it
     # waits up to the delay). Off: every batch waits out the delay (Triton's behaviour).
     adaptive_batch_delay: bool = False
@@ -75,7 +75,12 @@ _FLAGS = (
     ),
     _Flag("models", str, "Comma-separated models to load at start (default: all)."),
     _Flag("max_batch_size", int, "Batch size for models whose config sets max_batch_size 0."),
-    _Flag("max_queue_delay_us", int, "Queue delay for models without dynamic_batching settings."),
+    _Flag(
+        "max_queue_delay_us",
+        int,
+        "Queue delay for models whose config sets none (0: a batch starts as soon as an "
+        "instance is free, as in Triton).",
+    ),
     _Flag("adaptive_batch_delay", bool, "Skip the queue delay for lone requests at low load."),
     _Flag("max_queue_size", int, "Requests each model instance may queue before refusing."),
     _Flag("intra_op_threads", int, "Threads each runtime instance computes with (0: runtime's)."),

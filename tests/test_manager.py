@@ -81,7 +81,7 @@ def test_loads_and_serves_the_fixture_repository(model_repository: Path) -> None
             assert model.device == "cpu"
             assert len(model.labels) == model.num_classes == 10
             assert model.config.max_batch_size == 64
-            assert model.config.dynamic_batching.max_queue_delay_microseconds == 2000
+            assert model.config.dynamic_batching.max_queue_delay_microseconds == 0  # no waiting
             inputs, expected = reference(model_repository, name)
             assert model.input_shape == inputs.shape[1:]
             out = await model.infer(inputs)

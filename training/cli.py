@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue-delay-us",
         type=_non_negative,
         default=None,
-        help="longest a request waits for a batch to fill, microseconds (default: the current "
-        "config.pbtxt, else 2000)",
+        help="longest a request waits for a batch to fill, microseconds; 0 starts a batch as "
+        "soon as an instance is free (default: the current config.pbtxt, else 0)",
     )
     _dataset_options(export, None)
     export.add_argument(

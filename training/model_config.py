@@ -13,7 +13,10 @@ from wire import model_config_pb2
 # Serving options of a new model's config.pbtxt; a later export keeps what the config says.
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_INSTANCE_COUNT = 1
-DEFAULT_QUEUE_DELAY_US = 2000
+# Triton's default: a batch starts as soon as an instance is free, with whatever has queued
+# meanwhile; under load batches grow while the instance is busy, and a lone request never
+# waits for companions that are not coming.
+DEFAULT_QUEUE_DELAY_US = 0
 
 
 def build_config(
@@ -61,6 +64,7 @@ def build_config(
         label_filename=layout.LABELS_FILE,
     )
     batching = config.dynamic_batching
+    batching.SetInParent()  # `dynamic_batching { }`: Triton batches only when it is present
     if max_queue_delay_us is not None:
         batching.max_queue_delay_microseconds = max_queue_delay_us
     elif not batching.max_queue_delay_microseconds:
