@@ -85,7 +85,7 @@ class Target:
     workers: int
     address: str
     cpu_seconds: Callable[[], float]
-    not_ok: Callable[[], float] | None  # answers other than OK so far (served only)
+    codes: Callable[[], collections.Counter[str]] | None  # answers by code (served only)
 
 
 def frame(request: pb.ModelInferRequest) -> bytes:
@@ -138,33 +138,43 @@ def run_h2load(address: str, frame_file: Path, args: argparse.Namespace) -> tupl
 
 
 def measure(target: Target, frame_file: Path, args: argparse.Namespace) -> Round:
-    not_ok_before = target.not_ok() if target.not_ok else 0.0
+    codes_before = target.codes() if target.codes else collections.Counter()
+    marks: list[tuple[float, float]] = []
     timer = threading.Timer(
         args.warmup, lambda: marks.append((time.monotonic(), target.cpu_seconds()))
     )
-    marks: list[tuple[float, float]] = []
     timer.start()
     rate, succeeded, failed = run_h2load(target.address, frame_file, args)
     timer.join()
     began, cpu_began = marks[0]
     elapsed, cpu = time.monotonic() - began, target.cpu_seconds() - cpu_began
-    if target.not_ok is not None:
-        refused = target.not_ok() - not_ok_before
-        if refused:
-            raise BenchError(f"{target.kind} x{target.workers}: {refused:g} answers were not OK")
+    if target.codes is not None:
+        codes = target.codes()
+        codes.subtract(codes_before)
+        # h2load cancels what is in flight when its time is up: at most one per stream.
+        cancelled = codes.pop("CANCELLED", 0)
+        codes.pop("OK", None)
+        wrong = {code: n for code, n in codes.items() if n}
+        if wrong or cancelled > args.connections * args.streams:
+            raise BenchError(
+                f"{target.kind} x{target.workers} answered other than OK: "
+                f"{dict(wrong, CANCELLED=cancelled)}"
+            )
     return Round(target.kind, target.workers, rate, succeeded, failed, cpu, elapsed)
 
 
-def _not_ok(metrics_url: str) -> Callable[[], float]:
-    def count() -> float:
+def _answer_codes(metrics_url: str) -> Callable[[], collections.Counter[str]]:
+    """The server's answers so far by status code, from its imgserve_requests_total."""
+
+    def count() -> collections.Counter[str]:
         with urllib.request.urlopen(metrics_url, timeout=10) as response:
             text = response.read().decode()
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "imgserve_requests_total" and sample.labels.get("code") != "OK"
-        )
+        codes: collections.Counter[str] = collections.Counter()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "imgserve_requests_total":
+                    codes[sample.labels.get("code", "")] += int(sample.value)
+        return codes
 
     return count
 
@@ -316,7 +326,11 @@ def run(args: argparse.Namespace) -> int:
             )
             targets.append(
                 Target(
-                    SERVED, workers, served.target, served.cpu_seconds, _not_ok(served.metrics_url)
+                    SERVED,
+                    workers,
+                    served.target,
+                    served.cpu_seconds,
+                    _answer_codes(served.metrics_url),
                 )  # type: ignore[arg-type]
             )
             if not args.no_bare:
