@@ -109,6 +109,17 @@ class Metrics:
             MODEL_LABELS,
             registry=r,
         )
+        # What each serving version is, as labels on a constant 1 (the "info" pattern): one
+        # series per version, where a precision label on every request metric would multiply
+        # them all. Join it in queries: `... * on (model, version) group_left (precision)
+        # imgserve_model_info`.
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info",
+            "1 for each model version that serves, labelled with its platform and precision.",
+            (*MODEL_LABELS, "platform", "precision"),
+            registry=r,
+        )
+        self._described: dict[tuple[str, str], tuple[str, str]] = {}
         self.load_duration = Gauge(
             f"{PREFIX}_model_load_duration_seconds",
             "Time the last load of a model version took (load, warm-up and reference check).",
@@ -122,6 +133,19 @@ class Metrics:
             registry=r,
         )
         self.registry.register(GpuCollector())
+
+    def describe_version(
+        self, model: str, version: str, platform: str = "", precision: str = ""
+    ) -> None:
+        """imgserve_model_info of a version that serves (platform and precision given) or no
+        longer does (neither: its series goes)."""
+        key, labels = (model, version), (platform, precision)
+        current = self._described.pop(key, None)
+        if current is not None and current != labels:
+            self.model_info.remove(model, version, *current)
+        if platform:
+            self.model_info.labels(model, version, *labels).set(1)
+            self._described[key] = labels
 
     def watch_event_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Export imgserve_event_loop_tasks for `loop` (the server's): a leak shows as growth."""
