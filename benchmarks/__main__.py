@@ -1,14 +1,16 @@
 """`python -m benchmarks [options]` runs the suite; `python -m benchmarks compare ...` the
-side-by-side load generator."""
+side-by-side load generator; `python -m benchmarks precision ...` fp32 against fp16/int8."""
 
 import sys
 
-from benchmarks import compare, suite
+from benchmarks import compare, precision, suite
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["compare"]:
         return compare.main(argv[1:])
+    if argv[:1] == ["precision"]:
+        return precision.main(argv[1:])
     return suite.main(argv)
 
 

@@ -3,6 +3,7 @@ them through a real server to a real client within the recorded tolerance."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -360,3 +361,57 @@ def test_the_gate_refuses_exactly_past_the_allowed_drop(trained_runs: dict[str, 
     gate.enforce(result, drop, "synthetic")
     with pytest.raises(TrainingError, match=f"loses {drop:.2f} points"):
         gate.enforce(result, drop - 0.01, "synthetic")
+
+
+def test_precision_benchmark_compares_pairs_side_by_side(
+    model_repository: Path, reduced_repository: Path, tmp_path: Path
+) -> None:
+    """`python -m benchmarks precision`, short: the pair found by name, both measured alone
+    and served, the recorded accuracies beside them, ratios that follow from the figures."""
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository / "fashion_mnist", repo / "fashion_mnist")
+    shutil.copytree(reduced_repository / "fashion_mnist_int8", repo / "fashion_mnist_int8")
+    out = tmp_path / "precision.json"
+    command = [
+        sys.executable, "-m", "benchmarks", "precision", "--model-repository", str(repo),
+        "--duration", "0.3", "--warmup", "0.1", "--rounds", "1", "--ceiling-seconds", "0.05",
+        "--concurrency", "2", "--batch", "2", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "int8 / fp32" in done.stdout
+    report = json.loads(out.read_text())
+    (pair,) = report["pairs"]
+    fp32, int8 = pair["fp32"], pair["reduced"]
+    assert (fp32["name"], fp32["precision"]) == ("fashion_mnist", "fp32")
+    assert (int8["name"], int8["precision"]) == ("fashion_mnist_int8", "int8")
+    recorded = parameters(repo / "fashion_mnist_int8")
+    assert int8["accuracy"] == float(recorded[ACCURACY_PARAMETER])
+    assert fp32["accuracy"] == float(recorded[FP32_ACCURACY_PARAMETER])
+    for model in (fp32, int8):
+        assert set(model["alone_images_per_s"]) == {"1", "64"}
+        assert model["served"]["requests"] > 0 and model["served"]["errors"] == {}
+    served = int8["served"]["images_per_s"] / fp32["served"]["images_per_s"]
+    assert pair["ratios"]["served_images_per_s"] == pytest.approx(served, rel=1e-2)
+    alone = int8["alone_images_per_s"]["64"][0] / fp32["alone_images_per_s"]["64"][0]
+    assert pair["ratios"]["alone_batch_64"] == pytest.approx(alone, rel=1e-2)
+
+
+def test_precision_benchmark_refuses_a_pair_of_the_same_precision(
+    model_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import precision
+
+    args = ["--model-repository", str(model_repository), "--pair", "fashion_mnist", "cifar10"]
+    assert precision.main(args) == 1
+    assert "expected an fp32 model and a reduced one, found fp32 and fp32" in (
+        capsys.readouterr().err
+    )
+    assert precision.main(["--model-repository", str(model_repository)]) == 1
+    assert "no pairs in" in capsys.readouterr().err
