@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from modelrepo.precision import FP32, INT8, PRECISIONS, check_precision
+from modelrepo.precision import FP32, INT8, PrecisionError, check_precision
 from training.errors import TrainingError
 from training.gate import DEFAULT_MAX_DROP, check_max_drop
 from training.quantize import DEFAULT_CALIBRATION_IMAGES, INT8_FORMATS, PER_CHANNEL
@@ -41,8 +41,8 @@ class PrecisionOptions:
         """Every usage error of these options, before anything is computed."""
         try:
             check_precision(self.precision)
-        except ValueError as exc:
-            raise TrainingError(f"{exc}; choose from: {', '.join(PRECISIONS)}") from None
+        except PrecisionError as exc:
+            raise TrainingError(str(exc)) from None
         check_max_drop(self.max_accuracy_drop)
         if self.calibration_images < 1:
             raise TrainingError(
