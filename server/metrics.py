@@ -109,15 +109,17 @@ class Metrics:
             MODEL_LABELS,
             registry=r,
         )
-        # What each serving version is, as labels on a constant 1 (the "info" pattern): one
-        # series per version, where a precision label on every request metric would multiply
-        # them all. Join it in queries: `... * on (model, version) group_left (precision)
-        # imgserve_model_info`.
+        # What each version is, as labels on a 1 (the "info" pattern): one series per version,
+        # where a precision label on every request metric would multiply them all. Join it in
+        # queries: `... * on (model, version) group_left (precision) imgserve_model_info`.
+        # A version that stops serving keeps its series at 0, as imgserve_model_ready does
+        # (prometheus_client's multiprocess mode cannot remove a series).
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "1 for each model version that serves, labelled with its platform and precision.",
             (*MODEL_LABELS, "platform", "precision"),
             registry=r,
+            multiprocess_mode="livemax",
         )
         self._described: dict[tuple[str, str], tuple[str, str]] = {}
         self.load_duration = Gauge(
@@ -137,15 +139,15 @@ class Metrics:
     def describe_version(
         self, model: str, version: str, platform: str = "", precision: str = ""
     ) -> None:
-        """imgserve_model_info of a version that serves (platform and precision given) or no
-        longer does (neither: its series goes)."""
-        key, labels = (model, version), (platform, precision)
-        current = self._described.pop(key, None)
-        if current is not None and current != labels:
-            self.model_info.remove(model, version, *current)
+        """imgserve_model_info of a version that serves (platform and precision given: 1) or no
+        longer does (neither: its last description goes to 0)."""
+        key = (model, version)
+        previous = self._described.get(key)
+        if previous is not None and previous != (platform, precision):
+            self.model_info.labels(model, version, *previous).set(0)
         if platform:
-            self.model_info.labels(model, version, *labels).set(1)
-            self._described[key] = labels
+            self.model_info.labels(model, version, platform, precision).set(1)
+            self._described[key] = (platform, precision)
 
     def watch_event_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Export imgserve_event_loop_tasks for `loop` (the server's): a leak shows as growth."""

@@ -415,3 +415,27 @@ def test_precision_benchmark_refuses_a_pair_of_the_same_precision(
     )
     assert precision.main(["--model-repository", str(model_repository)]) == 1
     assert "no pairs in" in capsys.readouterr().err
+
+
+def test_model_info_follows_what_serves() -> None:
+    """One series per version: 1 while it serves, 0 after (never removed, as multiprocess
+    mode cannot remove one); a changed description zeroes the old labels."""
+    from server.metrics import Metrics
+
+    metrics = Metrics()
+
+    def value(*labels: str) -> float | None:
+        names = ("model", "version", "platform", "precision")
+        return metrics.registry.get_sample_value(
+            "imgserve_model_info", dict(zip(names, labels, strict=True))
+        )
+
+    metrics.describe_version("m", "1", layout.PLATFORM_ONNX, "int8")
+    assert value("m", "1", layout.PLATFORM_ONNX, "int8") == 1
+    metrics.describe_version("m", "1", layout.PLATFORM_TORCHSCRIPT, "int8")
+    assert value("m", "1", layout.PLATFORM_ONNX, "int8") == 0
+    assert value("m", "1", layout.PLATFORM_TORCHSCRIPT, "int8") == 1
+    metrics.describe_version("m", "1")
+    assert value("m", "1", layout.PLATFORM_TORCHSCRIPT, "int8") == 0
+    metrics.describe_version("m", "1", layout.PLATFORM_TORCHSCRIPT, "int8")
+    assert value("m", "1", layout.PLATFORM_TORCHSCRIPT, "int8") == 1
