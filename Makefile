@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 REPO ?= model_repository
 DATA ?= data
 EPOCHS ?= 3
+PRECISION ?= fp32
 PROTOS := $(wildcard proto/wire/*.proto)
 GENERATED := $(patsubst proto/wire/%.proto,wire/%_pb2.py,$(PROTOS))
 
@@ -31,8 +32,8 @@ proto: $(GENERATED)  ## generate the Python protobuf/gRPC code from proto/
 wire/%_pb2.py: proto/wire/%.proto
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $<
 
-repository: $(STAMP) proto  ## train and export the FashionMNIST and CIFAR10 models into $(REPO)
-	$(PY) -m training build-repository --model-repository $(REPO) --data-dir $(DATA) --epochs $(EPOCHS)
+repository: $(STAMP) proto  ## train and export the FashionMNIST and CIFAR10 models into $(REPO) (PRECISION=fp32|fp16|int8)
+	$(PY) -m training build-repository --model-repository $(REPO) --data-dir $(DATA) --epochs $(EPOCHS) --precision $(PRECISION)
 
 run: repository  ## the main job: build the model repository, then serve it
 	$(PY) -m server --model-repository $(REPO)

@@ -1,17 +1,18 @@
 """`python -m benchmarks [options]` runs the suite; `python -m benchmarks compare ...` the
 side-by-side load generator; `python -m benchmarks workers ...` the worker-count sweep with a
-lean load generator."""
+lean load generator; `python -m benchmarks precision ...` fp32 against fp16/int8."""
 
 import sys
 
-from benchmarks import compare, lean, suite
+from benchmarks import compare, lean, precision, suite
+
+SUBCOMMANDS = {"compare": compare.main, "workers": lean.main, "precision": precision.main}
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["compare"]:
-        return compare.main(argv[1:])
-    if argv[:1] == ["workers"]:
-        return lean.main(argv[1:])
+    command = SUBCOMMANDS.get(argv[0]) if argv else None
+    if command is not None:
+        return command(argv[1:])
     return suite.main(argv)
 
 

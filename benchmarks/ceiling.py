@@ -54,8 +54,10 @@ def measure_ceiling(
     settings: Settings,
     seconds_per_size: float,
     progress: Callable[[str], None] = lambda _: None,
+    sizes: Sequence[int] | None = None,
 ) -> list[CeilingPoint]:
-    """Images/s of the model's latest version at batch sizes 1, 2, 4, ... max_batch_size."""
+    """Images/s of the model's latest version at batch sizes 1, 2, 4, ... max_batch_size
+    (or at `sizes`, each capped at max_batch_size)."""
     try:
         spec = read_model(repository, model, settings)
     except (RepositoryError, ModelNotFoundError) as error:
@@ -69,7 +71,8 @@ def measure_ceiling(
         points = []
         rng = np.random.default_rng(0)
         with ThreadPoolExecutor(len(runtimes), thread_name_prefix="ceiling") as pool:
-            for size in batch_sizes(spec.max_batch_size):
+            wanted = batch_sizes(spec.max_batch_size) if sizes is None else sizes
+            for size in sorted({min(max(s, 1), spec.max_batch_size) for s in wanted}):
                 batch = rng.random((size, *spec.input_shape), dtype=np.float32)
                 n = len(runtimes)
                 timed = list(pool.map(_timed_runs, runtimes, [batch] * n, [seconds_per_size] * n))

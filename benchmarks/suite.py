@@ -19,6 +19,7 @@ imgserve_batch_size histogram of its /metrics, before and after each step).
   python -m benchmarks --target 127.0.0.1:8001 --model fashion_mnist   # any v2 server
   python -m benchmarks --short --model-repository model_repository    # a smoke check (~20 s)
   python -m benchmarks compare --help   # the side-by-side load generator for server flags
+  python -m benchmarks precision --help # fp32 against its fp16/int8 exports, with accuracies
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ class ModelInfo:
     platform: str
     input_shape: tuple[int, ...]
     labels: tuple[str, ...] = field(default_factory=tuple)
+    precision: str = ""  # "fp32", "fp16", "int8"; "" when not ready (or an older server)
 
     @property
     def ready(self) -> bool:
@@ -228,6 +229,7 @@ def model_from_proto(info: classifier_pb2.ModelInfo) -> ModelInfo:
         platform=info.platform,
         input_shape=tuple(info.input_shape),
         labels=tuple(info.labels),
+        precision=info.precision,
     )
 
 

@@ -141,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "models",
         parents=[common],
-        help="List the server's models with version, state and input shape.",
+        help="List the server's models with version, state, precision and input shape.",
         description="List the models the server knows: version, state (READY, LOADING,\n"
-        "UNAVAILABLE), why one is not ready, platform and input shape (C x H x W).",
+        "UNAVAILABLE), why one is not ready, platform, precision (fp32, fp16, int8) and\n"
+        "input shape (C x H x W).",
         epilog="examples:\n"
         "  python -m client models\n"
         "  python -m client models --server host:8001 --json\n",
@@ -251,15 +252,15 @@ def _models(args: argparse.Namespace) -> str:
             m.version or "-",
             m.state,
             m.platform or "-",
+            m.precision or "-",
             "x".join(str(d) for d in m.input_shape) or "-",
             len(m.labels),
             m.reason,
         ]
         for m in models
     ]
-    return format_table(
-        ["MODEL", "VERSION", "STATE", "PLATFORM", "INPUT", "CLASSES", "REASON"], rows, right=(5,)
-    )
+    headers = ["MODEL", "VERSION", "STATE", "PLATFORM", "PRECISION", "INPUT", "CLASSES", "REASON"]
+    return format_table(headers, rows, right=(6,))
 
 
 def _model_json(model: ModelInfo) -> dict[str, object]:
@@ -269,6 +270,7 @@ def _model_json(model: ModelInfo) -> dict[str, object]:
         "state": model.state,
         "reason": model.reason,
         "platform": model.platform,
+        "precision": model.precision,
         "input_shape": list(model.input_shape),
         "labels": list(model.labels),
     }

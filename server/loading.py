@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from modelrepo.layout import REFERENCE_FILE, SYNTHETIC_DATASET
+from modelrepo.precision import FP16, FP32, REFERENCE_PRECISION_KEY, REFERENCE_TOLERANCE_KEY
 from server.config import Settings
 from server.repository import ModelSpec
 from server.runtimes import Runtime, RuntimeLoadError, create_runtime
@@ -68,6 +69,12 @@ def prepare_version(
             runtime = create_runtime(spec.platform, path, spec.device_pref, threads)
             runtimes.append(runtime)
             warm_up(runtime, spec, cancel)
+        if spec.precision == FP16 and runtimes[0].device == "cpu":
+            log.warning(
+                "model %s version %d is fp16, made for GPU runtimes: on the CPU it computes no "
+                "faster than fp32 (onnxruntime casts to float32; torch's half kernels are slower)",
+                spec.name, version,
+            )  # fmt: skip
         check_reference(runtimes, spec, version, settings.reference_tolerance, cancel)
         inline = inline_rows(runtimes[0], spec, cancel)
     except BaseException:
@@ -130,7 +137,11 @@ def check_reference(
     tolerance: float,
     cancel: threading.Event,
 ) -> None:
-    """Every instance must reproduce the outputs export recorded for the same inputs."""
+    """Every instance must reproduce the outputs export recorded for the same inputs.
+
+    A reduced-precision export records its precision, which must be the config's, and the
+    tolerance its outputs need; the larger of that and the server's `tolerance` applies.
+    """
     path = spec.reference_path(version)
     if not path.is_file():
         log.warning(
@@ -142,8 +153,25 @@ def check_reference(
         with np.load(path) as data:
             inputs = np.ascontiguousarray(data["inputs"], dtype=np.float32)
             expected = np.asarray(data["outputs"], dtype=np.float32)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            recorded = (
+                str(data[REFERENCE_PRECISION_KEY])
+                if REFERENCE_PRECISION_KEY in data.files
+                else FP32
+            )
+            own = (
+                float(data[REFERENCE_TOLERANCE_KEY])
+                if REFERENCE_TOLERANCE_KEY in data.files
+                else 0.0
+            )
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
         raise RuntimeLoadError(f"cannot read {REFERENCE_FILE}: {first_line(exc)}") from None
+    if not 0.0 <= own < 1.0:  # probabilities: a tolerance of 1 would check nothing
+        raise RuntimeLoadError(f"{REFERENCE_FILE} records an unusable tolerance {own:g}")
+    tolerance = max(tolerance, own)
+    if recorded != spec.precision:
+        raise RuntimeLoadError(
+            f"{REFERENCE_FILE} was exported at {recorded}, but config.pbtxt says {spec.precision}"
+        )
     if inputs.ndim != 4 or tuple(inputs.shape[1:]) != spec.input_shape or len(inputs) < 1:
         raise RuntimeLoadError(
             f"{REFERENCE_FILE} inputs have shape {list(inputs.shape)}, "

@@ -92,6 +92,7 @@ class ServedModel:
         self.num_classes = spec.num_classes
         self.max_batch_size = spec.max_batch_size
         self.training_dataset = spec.training_dataset  # "" when export recorded none
+        self.precision = spec.precision  # fp32, fp16 or int8
         self.synthetic = is_synthetic(spec)
         self.runtimes = tuple(runtimes)
         self.device = runtimes[0].device
@@ -378,6 +379,11 @@ class ModelManager:
         for version in {*states, *(str(v) for v in previous)} - {""}:
             ready = version in states and states[version].state == READY
             self._metrics.model_ready.labels(name, version).set(1 if ready else 0)
+            model = self._served.get(name, {}).get(int(version)) if ready else None
+            if model is not None:
+                self._metrics.describe_version(name, version, model.platform, model.precision)
+            else:
+                self._metrics.describe_version(name, version)
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())

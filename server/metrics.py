@@ -123,6 +123,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        # What each version is, as labels on a 1 (the "info" pattern): one series per version,
+        # where a precision label on every request metric would multiply them all. Join it in
+        # queries: `... * on (model, version) group_left (precision) imgserve_model_info`.
+        # A version that stops serving keeps its series at 0, as imgserve_model_ready does
+        # (prometheus_client's multiprocess mode cannot remove a series).
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info",
+            "1 for each model version that serves, labelled with its platform and precision.",
+            (*MODEL_LABELS, "platform", "precision"),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._described: dict[tuple[str, str], tuple[str, str]] = {}
         self.load_duration = Gauge(
             f"{PREFIX}_model_load_duration_seconds",
             "Time the last load of a model version took (load, warm-up and reference check; "
@@ -159,6 +172,19 @@ class Metrics:
         )
         self._gpu = GpuCollector()
         self.registry.register(self._gpu)
+
+    def describe_version(
+        self, model: str, version: str, platform: str = "", precision: str = ""
+    ) -> None:
+        """imgserve_model_info of a version that serves (platform and precision given: 1) or no
+        longer does (neither: its last description goes to 0)."""
+        key = (model, version)
+        previous = self._described.get(key)
+        if previous is not None and previous != (platform, precision):
+            self.model_info.labels(model, version, *previous).set(0)
+        if platform:
+            self.model_info.labels(model, version, platform, precision).set(1)
+            self._described[key] = (platform, precision)
 
     def watch_event_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Sample the task count of `loop` (the server's) every EVENT_LOOP_SAMPLE_S, from it."""

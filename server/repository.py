@@ -24,6 +24,7 @@ from modelrepo.layout import (
     list_versions,
     read_labels,
 )
+from modelrepo.precision import PrecisionError, precision_of
 from server.config import Settings
 from server.errors import ModelNotFoundError
 from wire import model_config_pb2
@@ -75,6 +76,12 @@ class ModelSpec:
         if TRAINING_DATASET_PARAMETER not in parameters:
             return ""
         return parameters[TRAINING_DATASET_PARAMETER].string_value
+
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8, as export recorded in config.pbtxt (fp32 when it recorded none).
+        read_model() has checked the value."""
+        return precision_of(self.config)
 
 
 # A filesystem's own folder at the root of a volume (ext4 creates it), never a model: on a
@@ -131,6 +138,10 @@ def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
         raise RepositoryError(f"{CONFIG_FILE} names the model {config.name!r}, its folder {name!r}")
     config.name = name
     platform = _platform(config)
+    try:
+        precision_of(config)
+    except PrecisionError as exc:
+        raise RepositoryError(f"{CONFIG_FILE} parameters: {exc}") from None
     input_shape = _check_input(config)
     num_classes = _check_output(config)
     labels = _labels(directory, config, num_classes)

@@ -148,7 +148,7 @@ def test_list_models(client: ClassifierClient, model_repository: Path) -> None:
     assert {"fashion_mnist", "fashion_mnist_ts", "cifar10"} <= set(models)
     fashion = models[MODEL]
     assert fashion.ready and fashion.version == "1" and fashion.reason == ""
-    assert fashion.input_shape == (1, 28, 28)
+    assert fashion.input_shape == (1, 28, 28) and fashion.precision == "fp32"
     assert list(fashion.labels) == read_labels(model_repository / MODEL / LABELS_FILE)
     assert models["cifar10"].input_shape == (3, 32, 32)
 
@@ -239,12 +239,12 @@ def test_cli_models(server: ServerProcess) -> None:
     done = run_cli("models", "--server", server.target)
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
-    assert rows[MODEL][1:3] == ["1", "READY"]
+    assert rows[MODEL][1:5] == ["1", "READY", "onnxruntime_onnx", "fp32"]
     assert "1x28x28" in rows[MODEL]
 
     listing = json.loads(run_cli("models", "--server", server.target, "--json").stdout)
-    states = {m["name"]: m["state"] for m in listing["models"]}
-    assert states[MODEL] == "READY"
+    states = {m["name"]: (m["state"], m["precision"]) for m in listing["models"]}
+    assert states[MODEL] == ("READY", "fp32")
 
 
 @pytest.mark.parametrize(

@@ -145,9 +145,11 @@ def test_every_option_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
                   "--skip-checksum", "--no-download"],
         "evaluate": ["--dataset", "--data-dir", "--confusion-png", "--device"],
         "export": ["--model-repository", "--name", "--format", "--max-batch-size",
-                   "--instance-count", "--max-queue-delay-us"],
+                   "--instance-count", "--max-queue-delay-us", "--precision",
+                   "--max-accuracy-drop", "--calibration-images", "--per-channel",
+                   "--int8-format"],
         "build-repository": ["--model-repository", "--data-dir", "--epochs", "--device",
-                             "--checkpoint-dir", "--force"],
+                             "--checkpoint-dir", "--force", "--precision", "--max-accuracy-drop"],
     }  # fmt: skip
     for subcommand, options in expected.items():
         with pytest.raises(SystemExit) as exited:
@@ -218,4 +220,10 @@ def test_build_repository_offline(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert layout.list_versions(tmp_path / "repo" / "cifar10") == [1]
 
     assert main([str(a) for a in args] + ["--force"]) == 0
+    assert layout.list_versions(tmp_path / "repo" / "fashion_mnist") == [1, 2]
+
+    # --precision reaches the export: an int8 version cannot join the fp32 model.
+    capsys.readouterr()
+    assert main([str(a) for a in args] + ["--force", "--precision", "int8"]) == 2
+    assert "fashion_mnist holds fp32 versions" in capsys.readouterr().err
     assert layout.list_versions(tmp_path / "repo" / "fashion_mnist") == [1, 2]

@@ -13,6 +13,7 @@ import torch
 
 from modelrepo import layout
 from modelrepo.config import load_config, write_config
+from modelrepo.precision import PRECISION_PARAMETER
 from training.checkpoint import classifier_from_checkpoint, load_checkpoint
 from training.errors import TrainingError
 from training.export import _check_parity, export_checkpoint, torchscript_deprecation_silenced
@@ -89,11 +90,13 @@ def test_round_trip_both_formats(runs: dict[str, Any], tmp_path: Path, arch: str
     assert [(g.count, g.kind) for g in config.instance_group] == [
         (2, model_config_pb2.ModelInstanceGroup.KIND_AUTO)
     ]
-    # The fixture trained on generated images: the config says so, for the server to warn.
+    # The fixture trained on generated images: the config says so, for the server to warn;
+    # and it records the precision (fp32 by default).
     assert dict(config.parameters) == {
         layout.TRAINING_DATASET_PARAMETER: model_config_pb2.ModelParameter(
             string_value=layout.SYNTHETIC_DATASET
-        )
+        ),
+        PRECISION_PARAMETER: model_config_pb2.ModelParameter(string_value="fp32"),
     }
     assert 'key: "training_dataset"' in (tmp_path / "model" / layout.CONFIG_FILE).read_text()
     assert layout.read_labels(tmp_path / "model" / layout.LABELS_FILE) == run.data.class_names
@@ -117,6 +120,8 @@ def test_round_trip_both_formats(runs: dict[str, Any], tmp_path: Path, arch: str
 
     reference = np.load(version / layout.REFERENCE_FILE)
     inputs, outputs = reference["inputs"], reference["outputs"]
+    # fp32 records its precision and no tolerance of its own: the server's setting applies.
+    assert str(reference["precision"]) == "fp32" and "tolerance" not in reference.files
     assert inputs.dtype == outputs.dtype == np.float32
     assert inputs.shape == (16, *shape) and outputs.shape == (16, 10)
     assert inputs.min() >= 0.0 and inputs.max() <= 1.0

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from modelrepo.precision import FP32, PRECISIONS
 from training import synthetic
 from training.data import DATASETS
 from training.errors import TrainingError
 from training.export import FORMATS
+from training.gate import DEFAULT_MAX_DROP
 from training.models import ARCHITECTURES
+from training.quantize import DEFAULT_CALIBRATION_IMAGES, INT8_FORMATS, PER_CHANNEL
 from training.train import DEVICES, OPTIMIZERS
 
 EXIT_USAGE = 2
@@ -35,6 +39,39 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
+
+
+def _points(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of points, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a non-negative number of percentage points (0 allows no loss), got {text}"
+        )
+    return value
+
+
+def _precision_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=FP32,
+        help="fp32 (default); fp16 for GPU runtimes (onnxruntime CUDA, TorchScript on cuda); "
+        "int8 through onnxruntime's static quantization (ONNX only). Inputs and outputs stay "
+        "float32 (the casts are inside the graph). fp16 and int8 need the checkpoint's dataset: "
+        "they are refused when their top-1 accuracy on the test split falls more than "
+        "--max-accuracy-drop below the fp32 model's",
+    )
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=_points,
+        default=DEFAULT_MAX_DROP,
+        metavar="POINTS",
+        help="fp16/int8: largest loss of top-1 test accuracy accepted, in percentage points "
+        "(default: %(default)s)",
+    )
 
 
 def _dataset_options(parser: argparse.ArgumentParser, data_dir_default: str | None) -> None:
@@ -164,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a checkpoint as a new version in a model repository",
         description="Export a checkpoint (Normalize -> network -> Softmax) as ONNX and/or "
         "TorchScript into MODEL_REPOSITORY/NAME/<next version>/, after checking that the "
-        "exported model matches PyTorch within 1e-5. Writes config.pbtxt and labels.txt.",
+        "exported model matches PyTorch within 1e-5. Writes config.pbtxt and labels.txt. "
+        "With --precision fp16 or int8 the fp32 model is converted after that check, and the "
+        "result must keep its top-1 accuracy on the test split within --max-accuracy-drop; a "
+        "refused export writes nothing.",
     )
     export.add_argument("checkpoint", type=Path, help="a best.pt or last.pt from train")
     export.add_argument(
@@ -201,7 +241,32 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--random-reference",
         action="store_true",
-        help="check parity and write reference.npz with random pixels only, not dataset images",
+        help="check parity and write reference.npz with random pixels only, not dataset images "
+        "(fp32 only)",
+    )
+    _precision_options(export)
+    export.add_argument(
+        "--calibration-images",
+        type=_positive,
+        default=DEFAULT_CALIBRATION_IMAGES,
+        metavar="N",
+        help="int8: training images (drawn with a fixed seed) whose activation ranges set the "
+        "quantization scales (default: %(default)s)",
+    )
+    export.add_argument(
+        "--per-channel",
+        choices=PER_CHANNEL,
+        default="auto",
+        help="int8: per-channel weight scales; auto quantizes both ways and keeps the one closer "
+        "to the fp32 model on the calibration images (default: %(default)s)",
+    )
+    export.add_argument(
+        "--int8-format",
+        choices=INT8_FORMATS,
+        default="qdq",
+        help="int8: QuantizeLinear/DequantizeLinear pairs (qdq: standard ONNX, read by the CPU, "
+        "CUDA and TensorRT providers) or onnxruntime's quantized operators (qoperator: CPU "
+        "provider only) (default: %(default)s)",
     )
 
     build = commands.add_parser(
@@ -230,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--force", action="store_true", help="retrain models that already have a version"
     )
+    _precision_options(build)
     _synthetic_options(build)
     return parser
 

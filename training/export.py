@@ -2,6 +2,8 @@
 
 The version is assembled in a hidden folder inside the model's folder and renamed into place
 only after the exported files match eager PyTorch, so the server never sees half a version.
+A reduced-precision export (fp16, int8) starts from the parity-checked fp32 ONNX model and
+must also pass the accuracy gate (training.gate) before anything is renamed into place.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import io
 import logging
 import os
 import shutil
+import sys
+import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +29,29 @@ from torch import nn
 
 from modelrepo import layout
 from modelrepo.config import format_config, load_config
+from modelrepo.precision import (
+    ACCURACY_PARAMETER,
+    FP16,
+    FP32_ACCURACY_PARAMETER,
+    INT8,
+    QUANTIZATION_PARAMETER,
+    REFERENCE_PRECISION_KEY,
+    REFERENCE_TOLERANCE_KEY,
+    reference_tolerance,
+)
+from training import gate
 from training.checkpoint import classifier_from_checkpoint, load_checkpoint
 from training.data import DataBundle, DatasetUnavailable, first_images, load_dataset
 from training.errors import TrainingError
-from training.model_config import build_config, platform_for
+from training.half import HalfPrecision, onnx_to_fp16
+from training.model_config import build_config, check_precision_kept, platform_for
+from training.quantize import onnx_session, quantize_int8
+from training.reduced import (
+    PrecisionOptions,
+    as_images,
+    calibration_images,
+    check_execution_paths,
+)
 
 FORMATS = ("onnx", "torchscript", "both")
 PARITY_TOLERANCE = 1e-5
@@ -47,6 +71,8 @@ def export_checkpoint(
     instance_count: int | None = None,
     max_queue_delay_us: int | None = None,
     data: DataBundle | torch.Tensor | None = None,
+    precision: PrecisionOptions | None = None,
+    progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Export a checkpoint as the next version of model `name`; returns the version folder.
@@ -55,14 +81,27 @@ def export_checkpoint(
     parity check and reference.npz; without it both use seeded random pixels.
     Serving options left None keep what an existing config.pbtxt says (an operator may have
     tuned it), else take the defaults.
+    `precision` (default fp32): fp16 or int8 need `data` as a DataBundle, whose training split
+    calibrates int8 and whose test split the accuracy gate measures. `progress`: show progress
+    bars (default: when stderr is a terminal).
     """
+    options = precision or PrecisionOptions()
     _check_options(name, fmt, max_batch_size, instance_count, max_queue_delay_us)
+    options.check(fmt)
+    if options.reduced and not isinstance(data, DataBundle):
+        raise TrainingError(
+            f"--precision {options.precision} needs the checkpoint's dataset (the test split for "
+            "the accuracy gate, the training split to calibrate int8): none is at hand (see "
+            "--data-dir; --random-reference cannot be used)"
+        )
     state = load_checkpoint(checkpoint)
     served = classifier_from_checkpoint(state, checkpoint).probabilities().eval()
     shape = tuple(int(d) for d in state["input_shape"])
     labels = list(state["class_names"])
     model_dir = Path(repository) / name
     platform = platform_for(model_dir, name, fmt, shape, labels)
+    check_precision_kept(model_dir, name, options.precision)
+    show = sys.stderr.isatty() if progress is None else progress
 
     images = _dataset_images(data, shape)
     batches = _parity_batches(shape, images)
@@ -72,20 +111,21 @@ def export_checkpoint(
     staging = model_dir / f".export-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
-        if fmt in ("onnx", "both"):
-            path = staging / layout.ONNX_FILE
-            _export_onnx(served, shape, path)
-            _check_parity("ONNX", served, _onnx_runner(path), batches)
-        if fmt in ("torchscript", "both"):
-            path = staging / layout.TORCHSCRIPT_FILE
-            runner = _export_torchscript(served, shape, path)
-            _check_parity("TorchScript", served, runner, batches)
-        with torch.inference_mode():
-            outputs = served(reference).numpy().astype(np.float32)
+        if options.reduced:
+            assert isinstance(data, DataBundle)
+            result = _export_reduced(
+                served, shape, fmt, staging, batches, reference, data, options, show, log
+            )
+        else:
+            result = _export_fp32(served, shape, fmt, staging, batches, reference)
+        extra: dict[str, Any] = {REFERENCE_PRECISION_KEY: np.array(options.precision)}
+        if result.tolerance is not None:
+            extra[REFERENCE_TOLERANCE_KEY] = np.array(result.tolerance, dtype=np.float64)
         np.savez(
             staging / layout.REFERENCE_FILE,
             inputs=reference.numpy().astype(np.float32),
-            outputs=outputs,
+            outputs=result.outputs.astype(np.float32),
+            **extra,
         )
         config_path = model_dir / layout.CONFIG_FILE
         existing = load_config(config_path) if config_path.exists() else None
@@ -99,6 +139,8 @@ def export_checkpoint(
             max_queue_delay_us,
             training_dataset=str(state.get("dataset", "")),
             base=existing,
+            precision=options.precision,
+            parameters=result.parameters,
         )
         if config != existing:
             _replace_file(config_path, format_config(config))
@@ -109,12 +151,118 @@ def export_checkpoint(
         raise
     kinds = {"onnx": "ONNX", "torchscript": "TorchScript", "both": "ONNX + TorchScript"}[fmt]
     source = "dataset images" if images is not None else "random inputs"
-    log(
-        f"exported {state['arch']} ({kinds}) to {version_dir}: matches PyTorch within "
-        f"{PARITY_TOLERANCE:g} at batch sizes {', '.join(map(str, PARITY_BATCH_SIZES))} "
-        f"on {source}"
-    )
+    if options.reduced:
+        what = f"{options.precision} {kinds}"
+        log(f"exported {state['arch']} ({what}) to {version_dir}: {result.note}")
+    else:
+        log(
+            f"exported {state['arch']} ({kinds}) to {version_dir}: matches PyTorch within "
+            f"{PARITY_TOLERANCE:g} at batch sizes {', '.join(map(str, PARITY_BATCH_SIZES))} "
+            f"on {source}"
+        )
     return version_dir
+
+
+@dataclass
+class _Exported:
+    """What the files of a staged version need written beside them."""
+
+    outputs: np.ndarray  # of the served file on the reference inputs
+    tolerance: float | None = None  # recorded in reference.npz; None: the server's default
+    parameters: dict[str, str] = field(default_factory=dict)  # for config.pbtxt
+    note: str = ""
+
+
+def _export_fp32(
+    served: nn.Module,
+    shape: tuple,
+    fmt: str,
+    staging: Path,
+    batches: list[torch.Tensor],
+    reference: torch.Tensor,
+) -> _Exported:
+    if fmt in ("onnx", "both"):
+        path = staging / layout.ONNX_FILE
+        _export_onnx(served, shape, path)
+        _check_parity("ONNX", served, _onnx_runner(path), batches)
+    if fmt in ("torchscript", "both"):
+        path = staging / layout.TORCHSCRIPT_FILE
+        runner = _export_torchscript(served, shape, path)
+        _check_parity("TorchScript", served, runner, batches)
+    with torch.inference_mode():
+        return _Exported(served(reference).numpy())
+
+
+def _export_reduced(
+    served: nn.Module,
+    shape: tuple,
+    fmt: str,
+    staging: Path,
+    batches: list[torch.Tensor],
+    reference: torch.Tensor,
+    data: DataBundle,
+    options: PrecisionOptions,
+    progress: bool,
+    log: Callable[[str], None],
+) -> _Exported:
+    """fp16/int8 files in `staging`, converted from the parity-checked fp32 ONNX model (which
+    stays outside the repository), then gated on accuracy and on reproducible outputs."""
+    precision = options.precision
+    tolerance = reference_tolerance(precision)
+    assert tolerance is not None
+    exported: dict[str, Callable[[torch.Tensor], np.ndarray]] = {}
+    # Other ways of running the same files: each must reproduce the served file's outputs.
+    paths: dict[str, Callable[[torch.Tensor], np.ndarray]] = {}
+    parameters: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="imgserve-export-") as scratch:
+        fp32_path = Path(scratch) / "fp32.onnx"
+        _export_onnx(served, shape, fp32_path)
+        _check_parity("ONNX (fp32)", served, _onnx_runner(fp32_path), batches)
+        if fmt in ("onnx", "both"):
+            path = staging / layout.ONNX_FILE
+            if precision == INT8:
+                images = (
+                    as_images(options.calibration, shape, "calibration images")
+                    if options.calibration is not None
+                    else calibration_images(data.train, options.calibration_images, shape)
+                )
+                int8 = quantize_int8(
+                    fp32_path,
+                    path,
+                    images,
+                    per_channel=options.per_channel,
+                    fmt=options.int8_format,
+                    progress=progress,
+                )
+                parameters[QUANTIZATION_PARAMETER] = int8.description
+            else:
+                onnx_to_fp16(fp32_path, path)
+            exported["ONNX"] = _onnx_runner(path)
+            paths["ONNX run unoptimised"] = _onnx_runner(path, optimized=False)
+        if fmt in ("torchscript", "both") and precision == FP16:
+            half = HalfPrecision(served)
+            path = staging / layout.TORCHSCRIPT_FILE
+            runner = _export_torchscript(half, shape, path)
+            _check_parity("TorchScript (fp16)", half, runner, batches)
+            exported["TorchScript"] = runner
+        result = gate.measure(_onnx_runner(fp32_path), exported, data, precision, progress)
+    log(result.summary(data.name))
+    gate.enforce(result, options.max_accuracy_drop, data.name)
+    served_kind = "ONNX" if "ONNX" in exported else "TorchScript"
+    outputs = np.asarray(exported[served_kind](reference))
+    paths |= {kind: run for kind, run in exported.items() if kind != served_kind}
+    spread = check_execution_paths(reference, outputs, paths, tolerance)
+    worst = result.worst
+    parameters[ACCURACY_PARAMETER] = f"{result.accuracy(worst):.4f}"
+    parameters[FP32_ACCURACY_PARAMETER] = f"{result.fp32_accuracy:.4f}"
+    note = (
+        f"top-1 accuracy {result.accuracy(worst):.2%} against fp32's {result.fp32_accuracy:.2%} "
+        f"(drop {result.drop_points(worst):.2f} points, allowed {options.max_accuracy_drop:g}); "
+        f"load-time tolerance {tolerance:g}"
+    )
+    if paths:
+        note += f", reference outputs reproduced within {spread:.2g} by {', '.join(paths)}"
+    return _Exported(outputs, tolerance, parameters, note)
 
 
 def _check_options(
@@ -195,12 +343,8 @@ def _export_onnx(module: nn.Module, shape: tuple, path: Path) -> None:
         raise TrainingError("ONNX export produced no file")
 
 
-def _onnx_runner(path: Path) -> Callable[[torch.Tensor], np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: its graph-optimisation notes are not for users
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def _onnx_runner(path: Path, optimized: bool = True) -> Callable[[torch.Tensor], np.ndarray]:
+    session = onnx_session(path, optimized)
     return lambda x: session.run([layout.OUTPUT_NAME], {layout.INPUT_NAME: x.numpy()})[0]
 
 
@@ -308,6 +452,19 @@ def reference_data(
 
 def main(args: argparse.Namespace) -> int:
     """`python -m training export`: the parsed command line -> export_checkpoint()."""
+    options = PrecisionOptions(
+        precision=args.precision,
+        max_accuracy_drop=args.max_accuracy_drop,
+        calibration_images=args.calibration_images,
+        per_channel=args.per_channel,
+        int8_format=args.int8_format,
+    )
+    options.check(args.format)
+    if options.reduced and args.random_reference:
+        raise TrainingError(
+            f"--precision {args.precision} measures accuracy on the test split: it cannot be "
+            "combined with --random-reference"
+        )
     state = load_checkpoint(args.checkpoint)
     data = (
         None
@@ -323,5 +480,6 @@ def main(args: argparse.Namespace) -> int:
         instance_count=args.instance_count,
         max_queue_delay_us=args.max_queue_delay_us,
         data=data,
+        precision=options,
     )
     return 0

@@ -3,10 +3,20 @@ settings respected (its shape, classes and platform must match; tuned serving op
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from modelrepo import layout
 from modelrepo.config import ConfigError, ModelConfig, load_config
+from modelrepo.precision import (
+    ACCURACY_PARAMETER,
+    FP32,
+    FP32_ACCURACY_PARAMETER,
+    PRECISION_PARAMETER,
+    QUANTIZATION_PARAMETER,
+    PrecisionError,
+    precision_of,
+)
 from training.errors import TrainingError
 from wire import model_config_pb2
 
@@ -29,6 +39,8 @@ def build_config(
     max_queue_delay_us: int | None,
     training_dataset: str = "",
     base: ModelConfig | None = None,
+    precision: str = FP32,
+    parameters: Mapping[str, str] | None = None,
 ) -> ModelConfig:
     """The config.pbtxt message: Triton's names, so Triton loads the same folder unchanged.
 
@@ -36,6 +48,8 @@ def build_config(
     model trained on synthetic images says so wherever it is served. With `base` (the model's
     current config) the fields export does not own, e.g. version_policy, are kept; a serving
     option left None keeps the base's value (instance groups included), else its default.
+    The precision and `parameters` (what the accuracy gate measured, how int8 was quantized)
+    go into `parameters` too, replacing what an earlier export recorded there.
     """
     config = ModelConfig()
     if base is not None:
@@ -71,6 +85,12 @@ def build_config(
         batching.max_queue_delay_microseconds = DEFAULT_QUEUE_DELAY_US
     if training_dataset:
         config.parameters[layout.TRAINING_DATASET_PARAMETER].string_value = training_dataset
+    for key in (ACCURACY_PARAMETER, FP32_ACCURACY_PARAMETER, QUANTIZATION_PARAMETER):
+        if key in config.parameters:
+            del config.parameters[key]
+    config.parameters[PRECISION_PARAMETER].string_value = precision
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
     return config
 
 
@@ -110,3 +130,21 @@ def platform_for(
             "use a --format that includes it, or another --name"
         )
     return existing.platform
+
+
+def check_precision_kept(model_dir: Path, name: str, precision: str) -> None:
+    """An existing model keeps its precision: its versions share one config.pbtxt, which says
+    what they are (a config that records none is fp32, as every earlier export was)."""
+    config_path = model_dir / layout.CONFIG_FILE
+    if not config_path.exists():
+        return
+    try:
+        current = precision_of(load_config(config_path))
+    except (ConfigError, PrecisionError) as exc:
+        raise TrainingError(f"cannot add a version to {name}: {exc}") from None
+    if current != precision:
+        stem = name.removesuffix(f"_{current}")
+        raise TrainingError(
+            f"{name} holds {current} versions, and a model's versions share one config.pbtxt: "
+            f"export --precision {precision} under another --name (e.g. {stem}_{precision})"
+        )

@@ -17,6 +17,7 @@ from training.data import DataBundle, DatasetUnavailable, load_dataset
 from training.errors import TrainingError
 from training.export import export_checkpoint
 from training.models import input_shape
+from training.reduced import PrecisionOptions
 from training.train import train
 
 
@@ -59,9 +60,15 @@ def build_repository(
     synthetic_train_size: int = synthetic.DEFAULT_TRAIN_SIZE,
     synthetic_test_size: int = synthetic.DEFAULT_TEST_SIZE,
     models: tuple[RepositoryModel, ...] = MODELS,
+    precision: PrecisionOptions | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Path | None]:
-    """Train and export each model; name -> new version folder, or None where one was kept."""
+    """Train and export each model; name -> new version folder, or None where one was kept.
+
+    `precision` (default fp32) is every model's export precision and accuracy gate.
+    """
+    options = precision or PrecisionOptions()
+    options.check("onnx")
     repo = Path(repository)
     results: dict[str, Path | None] = {}
     for model in models:
@@ -90,7 +97,9 @@ def build_repository(
             log=log,
         )
         try:
-            version = export_checkpoint(run.best, repo, model.name, "onnx", data=data, log=log)
+            version = export_checkpoint(
+                run.best, repo, model.name, "onnx", data=data, precision=options, log=log
+            )
         except TrainingError as exc:
             raise TrainingError(
                 f"{model.name}: {exc} (or delete {repo / model.name} to rebuild it from scratch)"
@@ -138,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         synthetic_train_size=args.synthetic_train_size,
         synthetic_test_size=args.synthetic_test_size,
+        precision=PrecisionOptions(args.precision, args.max_accuracy_drop),
     )
     built = [name for name, version in results.items() if version is not None]
     print(f"model repository {args.model_repository}: built {built or 'nothing new'}")

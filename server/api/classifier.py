@@ -66,6 +66,7 @@ class ClassifierServicer:
             model = served.get((state.name, state.version))
             if model is not None:
                 info.platform = model.platform
+                info.precision = model.precision
                 info.input_shape.extend(model.input_shape)
                 info.labels.extend(model.labels)
             models.append(info)
