@@ -106,7 +106,7 @@ async def serve(settings: Settings, role: WorkerRole | None = None) -> int:
     disable_created_metrics()
     metrics = Metrics()
     if role is not None and role.restart_cause is not None:
-        metrics.worker_restarts.labels(role.restart_cause).inc()
+        metrics.worker_restarts.inc()  # the supervisor logged the cause
     server = _Server(settings, metrics, role)
     try:
         return await server.run()

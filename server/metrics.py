@@ -159,9 +159,8 @@ class Metrics:
         )
         self.worker_restarts = Counter(
             f"{PREFIX}_worker_restarts",
-            "Worker processes restarted by the supervisor after they died, by cause "
-            "(the signal that killed the worker, or its exit status).",
-            ("cause",),
+            "Worker processes restarted by the supervisor after they died (the supervisor "
+            "logs each one's cause: the signal that killed it, or its exit status).",
             registry=r,
         )
         self.auth_rejections = Counter(

@@ -62,7 +62,7 @@ STOP_SLACK_S = 5.0
 
 
 def cause_of(returncode: int) -> str:
-    """A dead worker's cause as the restart metric labels it: the signal's name or exit status."""
+    """Why a worker died, for the log: the signal's name or the exit status."""
     if returncode < 0:
         try:
             return signal.Signals(-returncode).name
