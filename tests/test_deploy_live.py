@@ -60,7 +60,8 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def server(serve: Callable[..., ServerProcess]) -> ServerProcess:
-    return serve(models=list(MODELS), env={"SERVER_AUTH_TOKENS": TOKEN})
+    # Two workers: the monitoring must work on the aggregated metrics of several processes.
+    return serve("--workers", "2", models=list(MODELS), env={"SERVER_AUTH_TOKENS": TOKEN})
 
 
 class Prometheus:

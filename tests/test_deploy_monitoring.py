@@ -28,6 +28,7 @@ ON_CALL_ALERTS = {
     "ImgserveDown", "ImgserveAbsent", "ImgserveHighErrorRatio", "ImgserveHighLatencyP99",
     "ImgserveQueueTimeHigh", "ImgserveQueueBacklog", "ImgserveRequestsDropped",
     "ImgserveModelNotReady", "ImgserveGpuMemoryNearlyFull", "ImgserveAuthRejections",
+    "ImgserveWorkersRestarting",
 }  # fmt: skip
 
 
