@@ -178,23 +178,24 @@ class Batcher:
         n = images.shape[0]
         size = self.max_batch_size
         chunks = [images] if n <= size else [images[i : i + size] for i in range(0, n, size)]
-        futures = self.enqueue(chunks, deadline)
-        if len(futures) == 1:
-            return await futures[0]  # cancelling the caller cancels the future: item dropped
+        items = self.enqueue(chunks, deadline)
         try:
-            parts = [await future for future in futures]
+            if len(items) == 1:
+                return await items[0].future
+            parts = [await item.future for item in items]
         except BaseException:
-            for future in futures:
-                if not future.done():
-                    future.cancel()
-                elif not future.cancelled():
-                    future.exception()  # retrieved: one failure is reported, not several
+            # A caller that hung up (its task cancelled, and with it the awaited future)
+            # frees its queue slots at once, not when its batch forms.
+            for item in items:
+                if not item.future.done():
+                    item.future.cancel()
+                elif not item.future.cancelled():
+                    item.future.exception()  # retrieved: one failure is reported, not several
+                self._discard_if_cancelled(item)
             raise
         return np.concatenate(parts)
 
-    def enqueue(
-        self, chunks: Sequence[np.ndarray], deadline: float | None = None
-    ) -> list[asyncio.Future[np.ndarray]]:
+    def enqueue(self, chunks: Sequence[np.ndarray], deadline: float | None = None) -> list[_Item]:
         """Queue each chunk (at most max_batch_size rows) as one item, all or none.
 
         More chunks than the queue can ever hold is the request's fault (InvalidInputError);
@@ -224,21 +225,17 @@ class Batcher:
             raise ValueError(f"each chunk must have 1..{self.max_batch_size} rows")
         assert self._loop is not None
         was_empty = not self._queue
-        futures: list[asyncio.Future[np.ndarray]] = []
-        for chunk in chunks:
-            future: asyncio.Future[np.ndarray] = self._loop.create_future()
-            item = _Item(chunk, future, now, deadline)
-            future.add_done_callback(lambda _, item=item: self._discard_if_cancelled(item))
+        items = [_Item(chunk, self._loop.create_future(), now, deadline) for chunk in chunks]
+        for item in items:
             self._queue.append(item)
-            self._queued_rows += chunk.shape[0]
-            futures.append(future)
+            self._queued_rows += item.rows
         self._m_depth.set(len(self._queue))
         # A waiting worker needs waking only when its plan changes: the queue was empty (it
         # waits with no timer) or a batch is now full. Otherwise its timer for the oldest
         # request still holds, and waking it per request would cost a timer per request.
         if was_empty or self._queued_rows >= self.max_batch_size:
             self._wake()
-        return futures
+        return items
 
     # -- the batch loop --------------------------------------------------------------------
 
