@@ -12,7 +12,7 @@ PRECISION ?= fp32
 PROTOS := $(wildcard proto/wire/*.proto)
 GENERATED := $(patsubst proto/wire/%.proto,wire/%_pb2.py,$(PROTOS))
 
-.PHONY: install proto run repository test lint format bench clean help prometheus-tools docker-engine
+.PHONY: install proto run repository test lint format bench clean help test-tools docker-engine
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,28 +38,29 @@ repository: $(STAMP) proto  ## train and export the FashionMNIST and CIFAR10 mod
 run: repository  ## the main job: build the model repository, then serve it
 	$(PY) -m server --model-repository $(REPO)
 
-test: $(STAMP) proto prometheus-tools docker-engine  ## install if needed, then lint and run the whole test suite
+test: $(STAMP) proto test-tools docker-engine  ## install if needed, then lint and run the whole test suite
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 # The deployment tests run Prometheus and promtool (Debian's `prometheus` package; apt does not
-# start it). Installed when missing and we are root; otherwise those tests skip, saying why
-# (under CI=true they fail instead).
-prometheus-tools:  ## install prometheus + promtool with apt-get when missing (needs root)
-	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
-	elif [ "$$(id -u)" != 0 ]; then \
-		echo "prometheus/promtool not found and not root: the Prometheus tests will skip" \
-			"(install Debian's 'prometheus' package)"; \
-	elif ! command -v apt-get >/dev/null; then \
-		echo "prometheus/promtool not found and no apt-get: the Prometheus tests will skip"; \
+# start it); the workers benchmark's test runs h2load (Debian's `nghttp2-client`). Installed
+# when missing and we are root; otherwise those tests skip, saying why (under CI=true they
+# fail instead).
+test-tools:  ## install prometheus, promtool and h2load with apt-get when missing (needs root)
+	@missing=""; \
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="prometheus"; \
+	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "not installed (and not root with apt-get): $$missing; the tests that need them will skip"; \
 	else \
-		echo "installing prometheus and promtool with apt-get"; \
+		echo "installing with apt-get:$$missing"; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+		apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 \
 		|| { apt-get update -qq >/dev/null 2>&1 \
-			&& apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
-		|| echo "apt-get could not install prometheus: the Prometheus tests will skip"; \
+			&& apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+		|| echo "apt-get could not install$$missing: the tests that need them will skip"; \
 	fi
 
 # The container tests build the images and run them and the compose stack on a Docker engine.

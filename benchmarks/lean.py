@@ -51,6 +51,8 @@ from wire import grpc_service_pb2 as pb
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/inference.GRPCInferenceService/ModelInfer"
 SERVED, BARE = "served", "do-nothing"
+# The same server under the same concurrency over one connection: what one channel gets.
+ONE_CONNECTION = "served, 1 conn"
 RESULTS_FILE = "results.json"
 PLOT_FILE = "workers.png"
 START_TIMEOUT_S = 120.0
@@ -86,6 +88,13 @@ class Target:
     address: str
     cpu_seconds: Callable[[], float]
     codes: Callable[[], collections.Counter[str]] | None  # answers by code (served only)
+    connections: int = 0  # 0: --connections x --streams; 1: all those streams on one
+
+    def load(self, args: argparse.Namespace) -> tuple[int, int]:
+        """(connections, streams per connection) of h2load for this target."""
+        if self.connections == 1:
+            return 1, args.connections * args.streams
+        return args.connections, args.streams
 
 
 def frame(request: pb.ModelInferRequest) -> bytes:
@@ -121,11 +130,35 @@ def check_answer(address: str, request: pb.ModelInferRequest, images: int) -> No
         raise BenchError(f"{address} answered {rows.shape[0]} rows that are not probabilities")
 
 
-def run_h2load(address: str, frame_file: Path, args: argparse.Namespace) -> tuple[float, int, int]:
-    """(req/s, succeeded, failed) of one h2load run against `address`."""
+def lone_latency(address: str, request: pb.ModelInferRequest, calls: int) -> tuple[float, float]:
+    """(p50, p99) milliseconds of `calls` requests sent one at a time (concurrency 1)."""
+    with grpc.insecure_channel(address) as channel:
+        infer = channel.unary_unary(
+            PATH,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        for _ in range(20):  # warm: the connection, the server's caches
+            infer(request, timeout=30)
+        times = []
+        for _ in range(calls):
+            began = time.perf_counter()
+            infer(request, timeout=30)
+            times.append(time.perf_counter() - began)
+    p50, p99 = np.percentile(times, [50, 99])
+    return 1000 * float(p50), 1000 * float(p99)
+
+
+def run_h2load(
+    target: Target, frame_file: Path, args: argparse.Namespace
+) -> tuple[float, int, int]:
+    """(req/s, succeeded, failed) of one h2load run against `target`."""
+    address = target.address
+    connections, streams = target.load(args)
     command = [
-        "h2load", "-c", str(args.connections), "-m", str(args.streams), "-t", "1",
-        f"--duration={args.duration:g}", f"--warm-up-time={args.warmup:g}",
+        "h2load", "-c", str(connections), "-m", str(streams), "-t", "1",
+        f"--duration={round(args.duration * 1000)}ms",  # h2load takes whole units only
+        f"--warm-up-time={round(args.warmup * 1000)}ms",
         "-H", "content-type: application/grpc", "-H", "te: trailers",
         "-d", str(frame_file), f"http://{address}{PATH}",
     ]  # fmt: skip
@@ -144,7 +177,7 @@ def measure(target: Target, frame_file: Path, args: argparse.Namespace) -> Round
         args.warmup, lambda: marks.append((time.monotonic(), target.cpu_seconds()))
     )
     timer.start()
-    rate, succeeded, failed = run_h2load(target.address, frame_file, args)
+    rate, succeeded, failed = run_h2load(target, frame_file, args)
     timer.join()
     began, cpu_began = marks[0]
     elapsed, cpu = time.monotonic() - began, target.cpu_seconds() - cpu_began
@@ -227,20 +260,18 @@ def _median_rounds(rounds: Sequence[Round]) -> dict[tuple[str, int], dict[str, f
 
 def format_table(medians: dict[tuple[str, int], dict[str, float]]) -> str:
     lines = [
-        f"{'server':<12}{'workers':>8}{'req/s':>10}{'cores':>8}{'cpu ms/req':>12}"
+        f"{'server':<16}{'workers':>8}{'req/s':>10}{'cores':>8}{'cpu ms/req':>12}"
         f"{'vs 1 worker':>13}{'vs do-nothing':>15}"
     ]
     for (kind, workers), m in medians.items():
-        one = medians.get((kind, 1))
+        one = medians.get((SERVED if kind == ONE_CONNECTION else kind, 1))
         bare = medians.get((BARE, workers))
         scale = f"{m['requests_per_s'] / one['requests_per_s']:.2f}x" if one else "-"
         versus = (
-            f"{m['requests_per_s'] / bare['requests_per_s']:.2f}x"
-            if bare and kind == SERVED
-            else "-"
+            f"{m['requests_per_s'] / bare['requests_per_s']:.2f}x" if bare and kind != BARE else "-"
         )
         lines.append(
-            f"{kind:<12}{workers:>8}{m['requests_per_s']:>10.0f}{m['cpu_cores']:>8.2f}"
+            f"{kind:<16}{workers:>8}{m['requests_per_s']:>10.0f}{m['cpu_cores']:>8.2f}"
             f"{m['cpu_ms_per_request']:>12.3f}{scale:>13}{versus:>15}"
         )
     return "\n".join(lines)
@@ -253,7 +284,7 @@ def write_plot(folder: Path, medians: dict[tuple[str, int], dict[str, float]], t
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
-    for kind, style in ((SERVED, "-o"), (BARE, "--s")):
+    for kind, style in ((SERVED, "-o"), (ONE_CONNECTION, ":^"), (BARE, "--s")):
         points = sorted((w, m["requests_per_s"]) for (k, w), m in medians.items() if k == kind)
         if points:
             axes.plot(*zip(*points, strict=True), style, label=kind)
@@ -301,6 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=bounded(float, 0.5, 60), default=2.0)
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (default: 3).")
     parser.add_argument("--no-bare", action="store_true", help="Skip the do-nothing server.")
+    parser.add_argument(
+        "--lone-calls",
+        type=int,
+        default=300,
+        help="Per round, requests sent one at a time to each 1-worker server for the latency "
+        "at concurrency 1 (0: skip; default: %(default)s).",
+    )
+    parser.add_argument(
+        "--no-single-connection",
+        action="store_true",
+        help="Skip the same load over one connection (what a one-channel client gets).",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmark-results/workers"))
     add_server_args_option(parser, "the served server")
     return parser
@@ -324,15 +367,11 @@ def run(args: argparse.Namespace) -> int:
             served = stack.enter_context(
                 start_server(args.model_repository, ("--workers", str(workers), *server_args))
             )
-            targets.append(
-                Target(
-                    SERVED,
-                    workers,
-                    served.target,
-                    served.cpu_seconds,
-                    _answer_codes(served.metrics_url),
-                )  # type: ignore[arg-type]
-            )
+            codes, cpu = _answer_codes(served.metrics_url), served.cpu_seconds
+            targets.append(Target(SERVED, workers, served.target, cpu, codes))  # type: ignore[arg-type]
+            if workers > 1 and not args.no_single_connection:
+                twin = Target(ONE_CONNECTION, workers, served.target, cpu, codes, 1)  # type: ignore[arg-type]
+                targets.append(twin)
             if not args.no_bare:
                 targets.append(stack.enter_context(start_bare(workers)))
         print(
@@ -340,8 +379,17 @@ def run(args: argparse.Namespace) -> int:
             f"{args.connections} connections x {args.streams} streams, {args.images} image(s)",
             flush=True,
         )
+        lone: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
         for number in range(1, args.rounds + 1):
             for target in targets:
+                if args.lone_calls and target.workers == 1:
+                    p50, p99 = lone_latency(target.address, request, args.lone_calls)
+                    lone[target.kind].append((p50, p99))
+                    print(
+                        f"round {number}: {target.kind:<10} concurrency 1: p50 {p50:.3f} ms, "
+                        f"p99 {p99:.3f} ms",
+                        flush=True,
+                    )
                 check_answer(target.address, request, args.images)
                 one = measure(target, frame_file, args)
                 rounds.append(one)
@@ -352,6 +400,20 @@ def run(args: argparse.Namespace) -> int:
                 )
     medians = _median_rounds(rounds)
     print(format_table(medians))
+    latency = {
+        kind: {
+            "p50_ms": statistics.median(p50 for p50, _ in values),
+            "p99_ms": statistics.median(p99 for _, p99 in values),
+        }
+        for kind, values in lone.items()
+    }
+    for kind, figures in latency.items():
+        print(
+            f"concurrency 1, {kind}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms"
+        )
+    if SERVED in latency and BARE in latency:
+        extra = latency[SERVED]["p50_ms"] - latency[BARE]["p50_ms"]
+        print(f"concurrency 1: served p50 is {extra:+.3f} ms from the do-nothing server's")
     title = (
         f"{args.model}, {args.images} image(s)/request, h2load {args.connections}x{args.streams}"
     )
@@ -364,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
         "duration_s": args.duration,
         "server_args": list(server_args),
         "rounds": [asdict(r) for r in rounds],
+        "concurrency_1": latency,
         "medians": [{"server": k, "workers": w, **m} for (k, w), m in medians.items()],
     }
     (args.out / RESULTS_FILE).write_text(json.dumps(results, indent=2))

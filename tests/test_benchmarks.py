@@ -408,3 +408,41 @@ def test_bench_rejects_an_invalid_address() -> None:
     assert done.stderr.strip().splitlines()[-1] == (
         "error: invalid server address 'bad::addr::': not a valid host name"
     )
+
+
+# --- the worker sweep: python -m benchmarks workers ------------------------------------------
+
+
+def test_workers_sweep_measures_served_and_do_nothing_servers(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """One short round of 1 and 2 workers, with h2load, beside the do-nothing server."""
+    from deploy_tools import tool
+
+    tool("h2load")
+    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
+    out = tmp_path / "workers"
+    done = run_benchmarks(
+        "workers", "--model-repository", str(repo), "--model", MODEL, "--workers", "1,2",
+        "--duration", "1", "--warmup", "0.5", "--rounds", "1", "--connections", "4",
+        "--streams", "2", "--lone-calls", "20", "--out", str(out),
+        timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    medians = {(m["server"], m["workers"]): m for m in results["medians"]}
+    assert set(medians) == {
+        ("served", 1), ("served", 2), ("served, 1 conn", 2), ("do-nothing", 1), ("do-nothing", 2),
+    }  # fmt: skip
+    for figures in medians.values():
+        assert figures["requests_per_s"] > 0 and figures["cpu_ms_per_request"] > 0
+    # Server CPU counts the workers, not an idle supervisor.
+    assert medians[("served", 2)]["cpu_cores"] > 0.2
+    assert set(results["concurrency_1"]) == {"served", "do-nothing"}
+    assert (out / "workers.png").read_bytes().startswith(PNG_MAGIC)
+    assert "vs do-nothing" in done.stdout
+
+
+def test_workers_sweep_needs_a_repository() -> None:
+    done = run_benchmarks("workers", "--model", MODEL)
+    assert done.returncode == 2 and "--model-repository" in done.stderr
