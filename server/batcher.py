@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server import tracing
 from server.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -74,6 +75,7 @@ class _Item:
     enqueued: float  # time.monotonic()
     deadline: float | None  # time.monotonic() seconds
     queued: bool = True  # still in the queue (not yet taken into a batch)
+    trace: tracing.RequestTrace | None = None  # a sampled request's (tracing on only)
 
     @property
     def rows(self) -> int:
@@ -110,6 +112,8 @@ class Batcher:
         self.adaptive_delay = adaptive_delay
         self.inline_rows = inline_rows
         self._last_batch_requests = 0
+        # Tracing as it was when the model loaded (it is set up before): None while it is off.
+        self._tracing = tracing.ACTIVE
         # The bound is per instance (Settings.max_queue_size): N instances drain N times faster.
         self.capacity = max_queue_size * len(runtimes)
         self.stats = stats if stats is not None else ModelStats()
@@ -178,9 +182,13 @@ class Batcher:
         n = images.shape[0]
         size = self.max_batch_size
         chunks = [images] if n <= size else [images[i : i + size] for i in range(0, n, size)]
-        futures = self.enqueue(chunks, deadline)
+        trace = tracing.CURRENT.get() if self._tracing is not None else None
+        futures = self.enqueue(chunks, deadline, trace)
         if len(futures) == 1:
-            return await futures[0]  # cancelling the caller cancels the future: item dropped
+            result = await futures[0]  # cancelling the caller cancels the future: item dropped
+            if trace is not None:
+                trace.answered()
+            return result
         try:
             parts = [await future for future in futures]
         except BaseException:
@@ -190,15 +198,20 @@ class Batcher:
                 elif not future.cancelled():
                     future.exception()  # retrieved: one failure is reported, not several
             raise
+        if trace is not None:
+            trace.answered()
         return np.concatenate(parts)
 
     def enqueue(
-        self, chunks: Sequence[np.ndarray], deadline: float | None = None
+        self,
+        chunks: Sequence[np.ndarray],
+        deadline: float | None = None,
+        trace: tracing.RequestTrace | None = None,
     ) -> list[asyncio.Future[np.ndarray]]:
         """Queue each chunk (at most max_batch_size rows) as one item, all or none.
 
         More chunks than the queue can ever hold is the request's fault (InvalidInputError);
-        more than it holds now is QueueFullError.
+        more than it holds now is QueueFullError. `trace`: the sampled request's, if traced.
         """
         if not self.accepting:
             raise ModelUnavailableError(
@@ -227,12 +240,14 @@ class Batcher:
         futures: list[asyncio.Future[np.ndarray]] = []
         for chunk in chunks:
             future: asyncio.Future[np.ndarray] = self._loop.create_future()
-            item = _Item(chunk, future, now, deadline)
+            item = _Item(chunk, future, now, deadline, trace=trace)
             future.add_done_callback(lambda _, item=item: self._discard_if_cancelled(item))
             self._queue.append(item)
             self._queued_rows += chunk.shape[0]
             futures.append(future)
         self._m_depth.set(len(self._queue))
+        if trace is not None:
+            trace.queued(sum(chunk.shape[0] for chunk in chunks))
         # A waiting worker needs waking only when its plan changes: the queue was empty (it
         # waits with no timer) or a batch is now full. Otherwise its timer for the oldest
         # request still holds, and waking it per request would cost a timer per request.
@@ -349,6 +364,9 @@ class Batcher:
             _check_output(output, rows)
         except Exception as exc:
             self._m_failed.inc()
+            if self._tracing is not None:
+                elapsed = time.perf_counter_ns() - t0
+                self._tracing.record_batch(self.model, self.version, live, started, elapsed, exc)
             log.warning(
                 "model %s version %s: batch of %d rows failed: %s: %s",
                 self.model, self.version, rows, type(exc).__name__, exc,
@@ -356,6 +374,8 @@ class Batcher:
             self._fail(live, exc)
             return
         elapsed = time.perf_counter_ns() - t0
+        if self._tracing is not None:
+            self._tracing.record_batch(self.model, self.version, live, started, elapsed, None)
         self._m_ok.inc()
         self._m_inferences.inc(rows)
         self._m_compute.observe(elapsed / 1e9)
