@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s%(worker_tag)s %(name)s:%(request_tag)s %(message)s"
 # Libraries that would drown the server's own lines at INFO.
-_QUIET = ("grpc", "asyncio", "PIL")
+_QUIET = ("grpc", "asyncio", "PIL", "opentelemetry")
 
 # The id of the request being served in this context; None outside requests.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
