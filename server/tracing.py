@@ -19,7 +19,7 @@ sequence of key/value pairs):
                 the model version, and a link to every sampled request that rode in it
 
 A batch is shared by requests of several traces, so it belongs to none of them: it is
-recorded once, and sampled whenever any request in it is (`_LinkedOrInner`). Sampled
+recorded once, and sampled whenever any request in it is (`_ServerSampler`). Sampled
 requests also leave exemplars (server.exemplars) and put their trace id on log lines
 (server.logs.TRACE).
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -162,17 +163,19 @@ CURRENT: ContextVar[RequestTrace | None] = ContextVar("imgserve_trace", default=
 class RequestTrace:
     """The span of one sampled request and the spans of its stages."""
 
-    __slots__ = ("_decode", "_encode", "_grpc", "_parent", "_tracing", "ids", "span")
+    __slots__ = ("_decode", "_encode", "_grpc", "_tracing", "ids", "queued_ns", "span", "stages")
 
     def __init__(self, tracing: Tracing, span: Span, grpc: bool) -> None:
+        """`grpc`: the request came over gRPC (its status code is recorded as gRPC's too)."""
         from opentelemetry.trace import set_span_in_context
 
         self._tracing = tracing
         self.span = span
-        self._parent = set_span_in_context(span)  # the stage spans' parent
+        self.stages = set_span_in_context(span)  # the stage spans' parent
         self._grpc = grpc
         self._decode: Span | None = None
         self._encode: Span | None = None
+        self.queued_ns = 0  # when its images were queued (time.time_ns()): decode's end
         context = span.get_span_context()
         self.ids = (format(context.trace_id, "032x"), format(context.span_id, "016x"))
 
@@ -184,17 +187,18 @@ class RequestTrace:
         """The model that answers is known: decoding starts."""
         self.span.set_attributes({"imgserve.model.name": model, "imgserve.model.version": version})
         if self._decode is None:
-            self._decode = self._tracing.tracer.start_span("decode", self._parent)
+            self._decode = self._tracing.tracer.start_span("decode", self.stages)
 
     def queued(self, images: int) -> None:
         """The request's images went into the batcher's queue: decoding is over."""
+        self.queued_ns = time.time_ns()
         self.span.set_attribute("imgserve.images", images)
         if self._decode is not None and self._decode.is_recording():
-            self._decode.end()
+            self._decode.end(self.queued_ns)
 
     def answered(self) -> None:
         """Its rows came back from the batcher: encoding the response starts."""
-        self._encode = self._tracing.tracer.start_span("encode", self._parent)
+        self._encode = self._tracing.tracer.start_span("encode", self.stages)
 
     def finish(
         self, code: str, error: BaseException | None, model: str, version: str, duration_s: float
@@ -224,15 +228,21 @@ class RequestTrace:
             self._tracing.exemplars.record(REQUEST_METRIC, labels, duration_s, *self.ids)
 
 
-class _LinkedOrInner:
-    """A sampler: spans linked to a sampled span are sampled; the rest as `inner` says.
+class _ServerSampler:
+    """The sampler of the server's spans, for the decisions `Tracing.start_request` leaves it.
 
-    A batch's span is the root of a trace of its own, so a trace-id sampler would keep it in
-    a different 1% than the requests that link to it; this keeps it whenever one of them is.
+    - A request without a caller's trace (a root) is decided before any span is made, by the
+      root ratio alone (`Tracing.start_request`): an unsampled request then costs a random
+      draw instead of a span, and a root that reaches this sampler is one to keep.
+    - A request joined to a caller's trace (a remote parent): the configured sampler decides
+      (parent-based ones follow the caller's sampled flag).
+    - The stages of a request (a local parent) follow it.
+    - A batch's span, the root of a trace of its own, is kept when a request that links to it
+      is: a trace-id sampler would keep it in a different 1% than the requests.
     """
 
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
+    def __init__(self, configured: Any) -> None:
+        self._configured = configured
 
     def should_sample(
         self,
@@ -245,29 +255,41 @@ class _LinkedOrInner:
         trace_state: Any = None,
     ) -> Any:
         from opentelemetry.sdk.trace.sampling import Decision, SamplingResult
+        from opentelemetry.trace import get_current_span
 
-        if links and any(link.context.trace_flags.sampled for link in links):
-            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-        return self._inner.should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state
-        )
+        parent = get_current_span(parent_context).get_span_context()
+        if parent.is_valid and parent.is_remote:
+            return self._configured.should_sample(
+                parent_context, trace_id, name, kind, attributes, links, trace_state
+            )
+        if parent.is_valid:
+            keep = parent.trace_flags.sampled
+        elif links:
+            keep = any(link.context.trace_flags.sampled for link in links)
+        else:
+            keep = True
+        decision = Decision.RECORD_AND_SAMPLE if keep else Decision.DROP
+        state = parent.trace_state if parent.is_valid else None
+        return SamplingResult(decision, attributes if keep else None, state)
 
     def get_description(self) -> str:
-        return f"LinkedOr{{{self._inner.get_description()}}}"
+        return f"ImgserveServer{{{self._configured.get_description()}}}"
 
 
-def _sampler(name: str, ratio: float) -> Any:
+def _sampler(name: str, ratio: float) -> tuple[Any, float]:
+    """The provider's sampler and the root ratio (the share of callers without a trace kept)."""
     from opentelemetry.sdk.trace import sampling
 
-    samplers = {
+    configured = {
         "always_on": lambda: sampling.ALWAYS_ON,
         "always_off": lambda: sampling.ALWAYS_OFF,
         "traceidratio": lambda: sampling.TraceIdRatioBased(ratio),
         "parentbased_always_on": lambda: sampling.ParentBased(sampling.ALWAYS_ON),
         "parentbased_always_off": lambda: sampling.ParentBased(sampling.ALWAYS_OFF),
         "parentbased_traceidratio": lambda: sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
-    }
-    return _LinkedOrInner(samplers[name]())
+    }[name]()
+    root = 0.0 if name.endswith("always_off") else ratio if "ratio" in name else 1.0
+    return _ServerSampler(configured), root
 
 
 def _version() -> str:
@@ -315,10 +337,11 @@ class Tracing:
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
         self.resource = resource
+        sampler, self.root_ratio = _sampler(config.sampler, config.ratio)
         # Not on exit: the server flushes at its stop, bounded (shutdown); an exit handler
         # would wait for an unreachable collector for as long as the exporter retries.
         self.provider: TracerProvider = TracerProvider(
-            sampler=_sampler(config.sampler, config.ratio),
+            sampler=sampler,
             resource=resource,
             shutdown_on_exit=False,
         )
@@ -327,6 +350,7 @@ class Tracing:
         self.tracer: Tracer = self.provider.get_tracer("imgserve", _version())
         self.exemplars = ExemplarStore(LATENCY_BUCKETS)
         self._propagator = get_global_textmap()  # OTEL_PROPAGATORS; W3C tracecontext by default
+        self._fields = frozenset(self._propagator.fields)  # the headers it reads
         self._getter = _PairsGetter()
 
     def parent(self, carrier: Iterable[tuple[str, Any]]) -> Context:
@@ -334,20 +358,28 @@ class Tracing:
         return self._propagator.extract(carrier, getter=self._getter)
 
     def start_request(
-        self, name: str, carrier: Iterable[tuple[str, Any]], attributes: Mapping[str, Any]
+        self, name: str, carrier: Iterable[tuple[str, Any]], grpc: bool = False
     ) -> RequestTrace | None:
         """Start a request's SERVER span; None when it is not sampled (nothing more to do).
 
         Any transport can call it: gRPC passes its invocation metadata, HTTP its headers.
+        A request that carries no trace context is decided by one random draw against the
+        root ratio first, so the 99% a 1% sampler drops cost no span at all.
         """
         from opentelemetry.trace import SpanKind
 
-        span = self.tracer.start_span(
-            name, self.parent(list(carrier)), kind=SpanKind.SERVER, attributes=attributes
-        )
+        pairs = list(carrier)
+        if any(key.lower() in self._fields for key, _ in pairs):
+            parent: Context | None = self.parent(pairs)
+        else:
+            ratio = self.root_ratio
+            if ratio < 1 and (ratio <= 0 or random.random() >= ratio):
+                return None
+            parent = None
+        span = self.tracer.start_span(name, parent, kind=SpanKind.SERVER)
         if not span.is_recording():
             return None
-        return RequestTrace(self, span, attributes.get("rpc.system") == "grpc")
+        return RequestTrace(self, span, grpc)
 
     def record_batch(
         self,
@@ -390,16 +422,18 @@ class Tracing:
         for item in traced:
             trace = item.trace
             assert trace is not None
+            # Its start on the clock decode ended by; its end on the batch's (never before).
+            queued_ns = trace.queued_ns or end_ns - int((now - item.enqueued) * 1e9)
             queue = tracer.start_span(
                 "queue",
-                trace._parent,
+                trace.stages,
                 attributes={"imgserve.images": item.rows},
-                start_time=end_ns - int((now - item.enqueued) * 1e9),
+                start_time=queued_ns,
             )
-            queue.end(taken_ns)
+            queue.end(max(taken_ns, queued_ns))
             compute = tracer.start_span(
                 "compute",
-                trace._parent,
+                trace.stages,
                 attributes={**sizes, "imgserve.model.version": version},
                 links=to_batch,
                 start_time=compute_start_ns,

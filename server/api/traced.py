@@ -60,16 +60,20 @@ class TracedCall(Call):
         super().__init__(metrics, api, context)
         active = tracing.ACTIVE
         method = RPC_METHOD.get()
-        attributes = rpc_attributes(method, api) if method else {"imgserve.api": api}
         if carrier is None:
             carrier = (context.invocation_metadata() or ()) if context is not None else ()
-        request_id = REQUEST_ID.get()
-        if request_id:
-            attributes["imgserve.request_id"] = request_id
         span_name = name or method.lstrip("/") or f"{api} inference"
-        self._trace = (
-            active.start_request(span_name, carrier, attributes) if active is not None else None
+        self._trace = trace = (
+            active.start_request(span_name, carrier, grpc=bool(method))
+            if active is not None
+            else None
         )
+        if trace is not None:  # sampled: the attributes are worth building
+            attributes = rpc_attributes(method, api) if method else {"imgserve.api": api}
+            request_id = REQUEST_ID.get()
+            if request_id:
+                attributes["imgserve.request_id"] = request_id
+            trace.span.set_attributes(attributes)
 
     def bind(self, model: str, version: str = "") -> None:
         super().bind(model, version)
