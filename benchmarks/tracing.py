@@ -1,0 +1,252 @@
+"""`python -m benchmarks tracing`: what tracing costs. The same server with tracing off, on with
+a 1% sampler and on with every request sampled, side by side under the same lean load.
+
+Every configuration is started once and kept running, each tracing server sending its spans to
+an OTLP/gRPC receiver of its own in this process (it counts the spans, keeps nothing); the load
+is h2load replaying one ModelInfer request without a `traceparent`, so the server's sampler
+decides alone. Rounds interleave the configurations, each round in a rotated order, and the
+figures are medians over rounds (a noisy machine moves all of them alike). `--baseline DIR`
+adds a server run from another checkout (e.g. the code before tracing, with its generated code:
+`make proto` there) to compare "off" with. Checks as `python -m benchmarks workers` does: a
+real gRPC call before each round, and no answer but OK in the server's metrics.
+
+  python -m benchmarks tracing --model-repository model_repository --model fashion_mnist
+  python -m benchmarks tracing --model-repository R --workers 2 --rounds 7 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import statistics
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from benchmarks.common import BenchError, exit_code
+from benchmarks.compare import add_server_args_option, bounded
+from benchmarks.lean import (
+    Round,
+    Target,
+    _answer_codes,
+    _input_shape,
+    build_request,
+    check_answer,
+    frame,
+    measure,
+)
+from benchmarks.server import start_server
+
+RESULTS_FILE = "results.json"
+OFF, BASELINE = "off", "baseline"
+
+
+class SpanSink(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver on loopback that counts the spans it is sent."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self._lock = threading.Lock()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        self.endpoint = f"http://127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+        self._server.start()
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        count = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+        with self._lock:
+            self.spans += count
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def stop(self) -> None:
+        self._server.stop(0)
+
+
+@dataclass(frozen=True)
+class Setup:
+    label: str
+    args: tuple[str, ...]  # the server's tracing flags
+    sink: SpanSink | None
+    cwd: Path | None = None  # another checkout (--baseline)
+
+
+def setups(ratios: Sequence[float], baseline: Path | None) -> list[Setup]:
+    found = [Setup(OFF, (), None)]
+    for ratio in ratios:
+        sink = SpanSink()
+        sampler = ("--otel-sampler", "parentbased_always_on")
+        if ratio < 1:
+            sampler = (
+                "--otel-sampler", "parentbased_traceidratio", "--otel-sampler-ratio", f"{ratio:g}",
+            )  # fmt: skip
+        label = f"{100 * ratio:g}%"
+        found.append(Setup(label, ("--otel-endpoint", sink.endpoint, *sampler), sink))
+    if baseline is not None:
+        found.insert(0, Setup(BASELINE, (), None, baseline))
+    return found
+
+
+def _medians(rounds: Sequence[Round]) -> dict[str, dict[str, float]]:
+    by: dict[str, list[Round]] = {}
+    for one in rounds:
+        by.setdefault(one.kind, []).append(one)
+    return {
+        kind: {
+            "requests_per_s": statistics.median(r.requests_per_s for r in group),
+            "cpu_ms_per_request": statistics.median(r.cpu_ms_per_request for r in group),
+            "rounds": len(group),
+        }
+        for kind, group in by.items()
+    }
+
+
+def format_table(medians: dict[str, dict[str, float]], spans: dict[str, float]) -> str:
+    off = medians[OFF]
+    lines = [
+        f"{'tracing':<10}{'req/s':>10}{'vs off':>9}{'cpu ms/req':>12}{'vs off':>9}{'spans/req':>11}"
+    ]
+    for label, m in medians.items():
+        rate = m["requests_per_s"] / off["requests_per_s"]
+        cpu = m["cpu_ms_per_request"] / off["cpu_ms_per_request"]
+        per = spans.get(label)
+        lines.append(
+            f"{label:<10}{m['requests_per_s']:>10.0f}{rate:>9.3f}{m['cpu_ms_per_request']:>12.3f}"
+            f"{cpu:>9.3f}{'-' if per is None else f'{per:.3f}':>11}"
+        )
+    return "\n".join(lines)
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ratios like 0.01,1, got {text!r}") from None
+    if not ratios or not all(0 < r <= 1 for r in ratios):
+        raise argparse.ArgumentTypeError("each ratio must be in (0, 1]")
+    return ratios
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks tracing",
+        description=(__doc__ or "").split("\n\n  python")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--model", default="fashion_mnist", help="(default: %(default)s)")
+    parser.add_argument(
+        "--ratios",
+        type=_ratios,
+        default=[0.01, 1.0],
+        help="Sampled fractions to run beside tracing off (default: 0.01,1).",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="Worker processes (default: 1).")
+    parser.add_argument("--images", type=int, default=1, help="Images per request (default: 1).")
+    parser.add_argument("--connections", type=int, default=8, help="(default: 8)")
+    parser.add_argument("--streams", type=int, default=8, help="Per connection (default: 8).")
+    parser.add_argument("--duration", type=bounded(float, 1, 300), default=10.0)
+    parser.add_argument("--warmup", type=bounded(float, 0.5, 60), default=2.0)
+    parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds (default: 5).")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="Also serve from this checkout (its own code, same flags) as 'baseline'.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results/tracing"))
+    add_server_args_option(parser, "every started server")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if shutil.which("h2load") is None:
+        raise BenchError(
+            "h2load not found: install it (Debian/Ubuntu: apt-get install nghttp2-client)"
+        )
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        if os.environ.get(name, "").strip():
+            raise BenchError(f"unset {name}: it would turn tracing on in the 'off' server")
+    shape = _input_shape(args.model_repository, args.model)
+    request = build_request(args.model, shape, args.images)
+    args.out.mkdir(parents=True, exist_ok=True)
+    frame_file = args.out / "request.grpc"
+    frame_file.write_bytes(frame(request))
+    extra = ("--workers", str(args.workers), *shlex.split(args.server_args))
+    configured = setups(args.ratios, args.baseline)
+    rounds: list[Round] = []
+    answered: dict[str, float] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            targets: list[Target] = []
+            for setup in configured:
+                served = stack.enter_context(
+                    start_server(args.model_repository, (*extra, *setup.args), cwd=setup.cwd)
+                )
+                codes = _answer_codes(served.metrics_url)
+                targets.append(
+                    Target(setup.label, args.workers, served.target, served.cpu_seconds, codes)  # type: ignore[arg-type]
+                )
+            print(
+                f"{len(targets)} servers up ({', '.join(s.label for s in configured)}); "
+                f"{args.rounds} rounds of {args.duration:g} s, {args.connections} connections "
+                f"x {args.streams} streams, {args.images} image(s), {args.workers} worker(s)",
+                flush=True,
+            )
+            for number in range(args.rounds):
+                shift = number % len(targets)
+                for target in targets[shift:] + targets[:shift]:
+                    check_answer(target.address, request, args.images)
+                    one = measure(target, frame_file, args)
+                    rounds.append(one)
+                    print(
+                        f"round {number + 1}: {one.kind:<9} {one.requests_per_s:8.0f} req/s, "
+                        f"{one.cpu_ms_per_request:.3f} ms/req",
+                        flush=True,
+                    )
+            for target in targets:
+                assert target.codes is not None
+                answered[target.kind] = float(target.codes().get("OK", 0))
+        # The servers are stopped: each sent its last spans on the way out.
+    finally:
+        for setup in configured:
+            if setup.sink is not None:
+                setup.sink.stop()
+    spans = {
+        s.label: s.sink.spans / max(answered.get(s.label, 0), 1)
+        for s in configured
+        if s.sink is not None
+    }
+    medians = _medians(rounds)
+    print(format_table(medians, spans))
+    results = {
+        "model": args.model,
+        "workers": args.workers,
+        "images_per_request": args.images,
+        "connections": args.connections,
+        "streams": args.streams,
+        "duration_s": args.duration,
+        "server_args": list(extra),
+        "setups": [{"label": s.label, "args": list(s.args)} for s in configured],
+        "rounds": [asdict(r) for r in rounds],
+        "medians": medians,
+        "spans_per_request": spans,
+    }
+    (args.out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out / RESULTS_FILE}")
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    return exit_code(run, build_parser().parse_args(argv))
