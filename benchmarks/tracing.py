@@ -7,8 +7,9 @@ is h2load replaying one ModelInfer request without a `traceparent`, so the serve
 decides alone. Rounds interleave the configurations, each round in a rotated order, and the
 figures are medians over rounds (a noisy machine moves all of them alike). `--baseline DIR`
 adds a server run from another checkout (e.g. the code before tracing, with its generated code:
-`make proto` there) to compare "off" with. Checks as `python -m benchmarks workers` does: a
-real gRPC call before each round, and no answer but OK in the server's metrics.
+`make proto` there) to compare "off" with. The ratios to compare are paired: each round's
+figure over off's in the same round, the median over rounds. Checks as `python -m benchmarks
+workers` does: a real gRPC call before each round, no answer but OK in the server's metrics.
 
   python -m benchmarks tracing --model-repository model_repository --model fashion_mnist
   python -m benchmarks tracing --model-repository R --workers 2 --rounds 7 --duration 10
@@ -24,6 +25,7 @@ import shlex
 import shutil
 import statistics
 import threading
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass
@@ -98,6 +100,72 @@ def setups(ratios: Sequence[float], baseline: Path | None) -> list[Setup]:
     return found
 
 
+@dataclass
+class _QueueItem:
+    """A batcher queue item as Tracing.record_batch sees it."""
+
+    rows: int
+    enqueued: float
+    trace: Any
+
+
+def path_costs(repeats: int = 5) -> dict[str, float]:
+    """CPU per request of the request path's tracing code alone, in this process (no server,
+    no other load in the way): a request's metrics (`Call`) against the same with tracing
+    (`TracedCall`), unsampled and sampled (its stage spans, its batch's, and the export to a
+    receiver here: process CPU counts the exporter's thread). Medians of `repeats`, in us."""
+    from server import tracing
+    from server.api.status import Call, RequestMetrics
+    from server.api.traced import TracedCall
+    from server.metrics import Metrics
+
+    metrics = RequestMetrics(Metrics())
+    metadata = (("user-agent", "grpc-python"), ("x-request-id", "benchmark"))
+
+    def plain() -> None:
+        with Call(metrics, "kserve", None) as call:
+            call.bind("model", "1")
+
+    def traced() -> None:
+        name = "inference.GRPCInferenceService/ModelInfer"
+        with TracedCall(metrics, "kserve", None, name=name, carrier=metadata) as call:
+            call.bind("model", "1")
+            trace = tracing.CURRENT.get()
+            if trace is not None and tracing.ACTIVE is not None:  # what the batcher does
+                trace.queued(1)
+                item = _QueueItem(1, time.monotonic(), trace)
+                tracing.ACTIVE.record_batch("model", "1", [item], item.enqueued, 1000, None)
+                trace.answered()
+
+    def cpu_us(call: Any, count: int) -> float:
+        """CPU per call, the export of the spans they made included (flushed at the end)."""
+        began = time.process_time()
+        for _ in range(count):
+            call()
+        if tracing.ACTIVE is not None:
+            tracing.ACTIVE.provider.force_flush()
+        return (time.process_time() - began) / count * 1e6
+
+    sink = SpanSink()
+    costs: dict[str, float] = {}
+    try:
+        # Sampled: few enough that their spans fit the batch processor's queue (2048).
+        for label, ratio, count in (("unsampled", 0.0, 20000), ("sampled", 1.0, 300)):
+            config = tracing.TracingConfig(
+                endpoint=sink.endpoint, sampler="parentbased_traceidratio", ratio=ratio
+            )
+            tracing.ACTIVE = tracing.Tracing(config, None)
+            try:
+                pairs = [(cpu_us(plain, count), cpu_us(traced, count)) for _ in range(repeats)]
+            finally:
+                tracing.uninstall(10)
+            costs["call_us"] = round(statistics.median(p[0] for p in pairs), 2)
+            costs[f"{label}_adds_us"] = round(statistics.median(p[1] - p[0] for p in pairs), 2)
+    finally:
+        sink.stop()
+    return costs
+
+
 def _medians(rounds: Sequence[Round]) -> dict[str, dict[str, float]]:
     by: dict[str, list[Round]] = {}
     for one in rounds:
@@ -112,18 +180,38 @@ def _medians(rounds: Sequence[Round]) -> dict[str, dict[str, float]]:
     }
 
 
-def format_table(medians: dict[str, dict[str, float]], spans: dict[str, float]) -> str:
-    off = medians[OFF]
+def paired_ratios(rounds: Sequence[Sequence[Round]]) -> dict[str, dict[str, float]]:
+    """Per configuration, the median over rounds of its figure / off's in the same round:
+    a round's measurements are seconds apart, so a shared machine's drift cancels in them."""
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for one_round in rounds:
+        off = next(r for r in one_round if r.kind == OFF)
+        for r in one_round:
+            found = ratios.setdefault(r.kind, {"requests_per_s": [], "cpu_ms_per_request": []})
+            found["requests_per_s"].append(r.requests_per_s / off.requests_per_s)
+            found["cpu_ms_per_request"].append(r.cpu_ms_per_request / off.cpu_ms_per_request)
+    return {
+        kind: {name: round(statistics.median(values), 3) for name, values in found.items()}
+        for kind, found in ratios.items()
+    }
+
+
+def format_table(
+    medians: dict[str, dict[str, float]],
+    paired: dict[str, dict[str, float]],
+    spans: dict[str, float],
+) -> str:
+    """Medians, and the paired ratios to off (the figures to compare: see paired_ratios)."""
     lines = [
-        f"{'tracing':<10}{'req/s':>10}{'vs off':>9}{'cpu ms/req':>12}{'vs off':>9}{'spans/req':>11}"
+        f"{'tracing':<10}{'req/s':>9}{'cpu ms/req':>12}{'req/s vs off':>14}"
+        f"{'cpu vs off':>12}{'spans/req':>11}"
     ]
     for label, m in medians.items():
-        rate = m["requests_per_s"] / off["requests_per_s"]
-        cpu = m["cpu_ms_per_request"] / off["cpu_ms_per_request"]
         per = spans.get(label)
         lines.append(
-            f"{label:<10}{m['requests_per_s']:>10.0f}{rate:>9.3f}{m['cpu_ms_per_request']:>12.3f}"
-            f"{cpu:>9.3f}{'-' if per is None else f'{per:.3f}':>11}"
+            f"{label:<10}{m['requests_per_s']:>9.0f}{m['cpu_ms_per_request']:>12.3f}"
+            f"{paired[label]['requests_per_s']:>14.3f}{paired[label]['cpu_ms_per_request']:>12.3f}"
+            f"{'-' if per is None else f'{per:.3f}':>11}"
         )
     return "\n".join(lines)
 
@@ -184,8 +272,15 @@ def run(args: argparse.Namespace) -> int:
     frame_file = args.out / "request.grpc"
     frame_file.write_bytes(frame(request))
     extra = ("--workers", str(args.workers), *shlex.split(args.server_args))
+    costs = path_costs()
+    print(
+        f"tracing code alone, in-process: a request's metrics {costs['call_us']:.1f} us of CPU; "
+        f"tracing adds {costs['unsampled_adds_us']:.1f} us unsampled, "
+        f"{costs['sampled_adds_us']:.0f} us sampled",
+        flush=True,
+    )
     configured = setups(args.ratios, args.baseline)
-    rounds: list[Round] = []
+    rounds: list[list[Round]] = []
     answered: dict[str, float] = {}
     try:
         with contextlib.ExitStack() as stack:
@@ -206,10 +301,11 @@ def run(args: argparse.Namespace) -> int:
             )
             for number in range(args.rounds):
                 shift = number % len(targets)
+                rounds.append([])
                 for target in targets[shift:] + targets[:shift]:
                     check_answer(target.address, request, args.images)
                     one = measure(target, frame_file, args)
-                    rounds.append(one)
+                    rounds[-1].append(one)
                     print(
                         f"round {number + 1}: {one.kind:<9} {one.requests_per_s:8.0f} req/s, "
                         f"{one.cpu_ms_per_request:.3f} ms/req",
@@ -228,8 +324,9 @@ def run(args: argparse.Namespace) -> int:
         for s in configured
         if s.sink is not None
     }
-    medians = _medians(rounds)
-    print(format_table(medians, spans))
+    medians = _medians([r for one_round in rounds for r in one_round])
+    paired = paired_ratios(rounds)
+    print(format_table(medians, paired, spans))
     results = {
         "model": args.model,
         "workers": args.workers,
@@ -239,9 +336,11 @@ def run(args: argparse.Namespace) -> int:
         "duration_s": args.duration,
         "server_args": list(extra),
         "setups": [{"label": s.label, "args": list(s.args)} for s in configured],
-        "rounds": [asdict(r) for r in rounds],
+        "rounds": [[asdict(r) for r in one_round] for one_round in rounds],
         "medians": medians,
+        "paired_ratios_to_off": paired,
         "spans_per_request": spans,
+        "in_process_us": costs,
     }
     (args.out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out / RESULTS_FILE}")
