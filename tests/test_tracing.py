@@ -538,16 +538,13 @@ def test_a_stopping_server_sends_its_last_spans(held: tuple[ServerProcess, OtlpR
     assert received >= {c.trace_id for c in callers}
 
 
-def test_a_bad_tracing_setting_stops_the_start_with_a_reason(
-    serve: Callable[..., ServerProcess],
-) -> None:
+def test_a_bad_tracing_setting_stops_the_start_with_a_reason(tmp_path: Path) -> None:
     env = {
         **BLANK_OTEL,
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
         "OTEL_TRACES_SAMPLER": "sometimes",
     }
-    server = ServerProcess(Path("."), "--workers", "1", env=env, until_started=False)
-    server.command[server.command.index("--model-repository") + 1] = str(Path(__file__).parent)
+    server = ServerProcess(tmp_path, "--workers", "1", env=env, until_started=False)
     with pytest.raises(AssertionError, match="exited"):
         server.start(timeout=60)
     assert server.wait(10) == 1
