@@ -1,12 +1,18 @@
 """`python -m benchmarks [options]` runs the suite; `python -m benchmarks compare ...` the
 side-by-side load generator; `python -m benchmarks workers ...` the worker-count sweep with a
-lean load generator; `python -m benchmarks precision ...` fp32 against fp16/int8."""
+lean load generator; `python -m benchmarks precision ...` fp32 against fp16/int8;
+`python -m benchmarks tracing ...` tracing off against sampled at 1% and 100%."""
 
 import sys
 
-from benchmarks import compare, lean, precision, suite
+from benchmarks import compare, lean, precision, suite, tracing
 
-SUBCOMMANDS = {"compare": compare.main, "workers": lean.main, "precision": precision.main}
+SUBCOMMANDS = {
+    "compare": compare.main,
+    "workers": lean.main,
+    "precision": precision.main,
+    "tracing": tracing.main,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import json
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -359,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     frame_file = args.out / "request.grpc"
     frame_file.write_bytes(frame(request))
-    server_args = tuple(args.server_args)
+    server_args = tuple(shlex.split(args.server_args))
     rounds: list[Round] = []
     with contextlib.ExitStack() as stack:
         targets: list[Target] = []

@@ -89,8 +89,12 @@ def _dial(host: str, port: int) -> str:
 
 
 @contextmanager
-def start_server(repository: Path, extra_args: Sequence[str]) -> Iterator[ServerProcess]:
+def start_server(
+    repository: Path, extra_args: Sequence[str], cwd: Path | None = None
+) -> Iterator[ServerProcess]:
     """Run the server until the block ends, then stop it (SIGTERM, then SIGKILL if it hangs).
+
+    `cwd`: run the server of another checkout (its `server` package); default this one's.
 
     Yields once the server logged that start-up finished; raises BenchError at once if it
     exits before that, or after SERVER_START_TIMEOUT_S if it never gets there.
@@ -103,7 +107,7 @@ def start_server(repository: Path, extra_args: Sequence[str]) -> Iterator[Server
     ]  # fmt: skip
     process = subprocess.Popen(
         command,
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

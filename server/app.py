@@ -20,19 +20,22 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import disable_created_metrics
 
-from server import security
+from server import security, tracing
 from server.api import classifier, inference, status
 from server.api.common import ApiState
 from server.api.health import Health, enable_reflection
+from server.api.traced import RpcNames
 from server.cluster import Cluster
 from server.config import Settings
 from server.control import LocalWorker, RemoteWorker, serve_control, socket_path
+from server.exemplars import Exemplar
 from server.loading import SYNTHETIC_WARNING
 from server.manager import ModelManager
 from server.metrics import Metrics
@@ -48,6 +51,8 @@ REFUSE_BEFORE_STOP_S = 0.25
 # The least any step of the stop waits, even once the grace period is spent: the batchers'
 # accepted work usually ends within it, so a grace period of 0 still closes the models.
 MIN_STOP_STEP_S = 0.05
+# How long a scrape waits for the workers' exemplars before it is served without them.
+EXEMPLARS_TIMEOUT_S = 3.0
 # Logged once start-up has finished (models loaded or failed): scripts and tests wait for it.
 STARTED = "startup complete"
 API_SERVICES = (inference.WIRE_SERVICE, "imgserve.classifier.v1.Classifier")
@@ -101,6 +106,10 @@ async def serve(settings: Settings, role: WorkerRole | None = None) -> int:
         )
     if role is not None:  # the ports the supervisor reserved: every worker shares them
         settings = replace(settings, grpc_port=role.grpc_port, metrics_port=role.metrics_port)
+    try:  # before the models load: their batchers see whether tracing is on
+        tracing.install(tracing.config_from(settings), role.index if role else None)
+    except tracing.TracingConfigError as exc:
+        raise StartupError(f"tracing: {exc}") from None
     # `*_created` series double the metrics page and no dashboard reads them. The switch is
     # process-wide, so it belongs to the process that serves, not to each Metrics().
     disable_created_metrics()
@@ -112,6 +121,7 @@ async def serve(settings: Settings, role: WorkerRole | None = None) -> int:
         return await server.run()
     finally:
         server.close_metrics()
+        tracing.uninstall()  # sends the last spans (bounded: tracing.FLUSH_TIMEOUT_S)
 
 
 class _Server:
@@ -197,10 +207,14 @@ class _Server:
     async def _open(self, server: grpc.aio.Server, guard: security.Security) -> None:
         """Bind the client ports (gRPC and metrics) and start answering on them."""
         settings, role = self.settings, self.role
+        exemplars = None
+        if tracing.ACTIVE is not None:
+            exemplars = _exemplar_fetcher(self.state.cluster, asyncio.get_running_loop())
         try:
             self.httpd, _, metrics_port = self.metrics.serve_http(
-                settings.host, settings.metrics_port, reuse_port=role is not None
-            )
+                settings.host, settings.metrics_port, reuse_port=role is not None,
+                exemplars=exemplars,
+            )  # fmt: skip
         except OSError as exc:
             where = hostport(settings.host, settings.metrics_port)
             raise StartupError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
@@ -252,7 +266,10 @@ class _Server:
         # A worker joins the SO_REUSEPORT group of the port the supervisor reserved; a lone
         # server refuses to share its port (Linux would let a second server bind it silently).
         reuse = (("grpc.so_reuseport", 1 if self.role is not None else 0),)
-        server = grpc.aio.server(options=(*reuse, *limits), interceptors=guard.interceptors)
+        interceptors = guard.interceptors
+        if tracing.ACTIVE is not None:  # the traced calls name their spans after the RPC
+            interceptors = (*interceptors, RpcNames())
+        server = grpc.aio.server(options=(*reuse, *limits), interceptors=interceptors)
         server.add_generic_rpc_handlers(
             [
                 *inference.handlers(
@@ -314,6 +331,25 @@ class _Server:
             "" if self.state.ready else " (NOT ready: see the models' states)",
         )  # fmt: skip
         role.notify(WORKER_STARTED, served=len(served), ready=self.state.ready, example=example)
+
+
+def _exemplar_fetcher(
+    cluster: Cluster, loop: asyncio.AbstractEventLoop
+) -> Callable[[], list[Exemplar]]:
+    """What the /metrics thread calls for every worker's exemplars: asked on the event loop
+    (the control channel lives there); a scrape never waits past EXEMPLARS_TIMEOUT_S."""
+
+    def fetch() -> list[Exemplar]:
+        future = asyncio.run_coroutine_threadsafe(cluster.exemplars(), loop)
+        try:
+            return future.result(EXEMPLARS_TIMEOUT_S)
+        except TimeoutError:
+            future.cancel()
+            log.warning("exemplars not gathered within %gs: scrape served without them",
+                        EXEMPLARS_TIMEOUT_S)  # fmt: skip
+            return []
+
+    return fetch
 
 
 def _supervisor_gone(stop: asyncio.Event) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server import tracing
 from server.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -74,6 +75,7 @@ class _Item:
     enqueued: float  # time.monotonic()
     deadline: float | None  # time.monotonic() seconds
     queued: bool = True  # still in the queue (not yet taken into a batch)
+    trace: tracing.RequestTrace | None = None  # a sampled request's (tracing on only)
 
     @property
     def rows(self) -> int:
@@ -110,6 +112,8 @@ class Batcher:
         self.adaptive_delay = adaptive_delay
         self.inline_rows = inline_rows
         self._last_batch_requests = 0
+        # Tracing as it was when the model loaded (it is set up before): None while it is off.
+        self._tracing = tracing.ACTIVE
         # The bound is per instance (Settings.max_queue_size): N instances drain N times faster.
         self.capacity = max_queue_size * len(runtimes)
         self.stats = stats if stats is not None else ModelStats()
@@ -178,10 +182,14 @@ class Batcher:
         n = images.shape[0]
         size = self.max_batch_size
         chunks = [images] if n <= size else [images[i : i + size] for i in range(0, n, size)]
-        items = self.enqueue(chunks, deadline)
+        trace = tracing.CURRENT.get() if self._tracing is not None else None
+        items = self.enqueue(chunks, deadline, trace)
         try:
             if len(items) == 1:
-                return await items[0].future
+                result = await items[0].future
+                if trace is not None:
+                    trace.answered()
+                return result
             parts = [await item.future for item in items]
         except BaseException:
             # A caller that hung up (its task cancelled, and with it the awaited future)
@@ -193,13 +201,20 @@ class Batcher:
                     item.future.exception()  # retrieved: one failure is reported, not several
                 self._discard_if_cancelled(item)
             raise
+        if trace is not None:
+            trace.answered()
         return np.concatenate(parts)
 
-    def enqueue(self, chunks: Sequence[np.ndarray], deadline: float | None = None) -> list[_Item]:
+    def enqueue(
+        self,
+        chunks: Sequence[np.ndarray],
+        deadline: float | None = None,
+        trace: tracing.RequestTrace | None = None,
+    ) -> list[_Item]:
         """Queue each chunk (at most max_batch_size rows) as one item, all or none.
 
         More chunks than the queue can ever hold is the request's fault (InvalidInputError);
-        more than it holds now is QueueFullError.
+        more than it holds now is QueueFullError. `trace`: the sampled request's, if traced.
         """
         if not self.accepting:
             raise ModelUnavailableError(
@@ -225,11 +240,15 @@ class Batcher:
             raise ValueError(f"each chunk must have 1..{self.max_batch_size} rows")
         assert self._loop is not None
         was_empty = not self._queue
-        items = [_Item(chunk, self._loop.create_future(), now, deadline) for chunk in chunks]
+        items = [
+            _Item(chunk, self._loop.create_future(), now, deadline, trace=trace) for chunk in chunks
+        ]
         for item in items:
             self._queue.append(item)
             self._queued_rows += item.rows
         self._m_depth.set(len(self._queue))
+        if trace is not None:
+            trace.queued(sum(chunk.shape[0] for chunk in chunks))
         # A waiting worker needs waking only when its plan changes: the queue was empty (it
         # waits with no timer) or a batch is now full. Otherwise its timer for the oldest
         # request still holds, and waking it per request would cost a timer per request.
@@ -346,6 +365,9 @@ class Batcher:
             _check_output(output, rows)
         except Exception as exc:
             self._m_failed.inc()
+            if self._tracing is not None:
+                elapsed = time.perf_counter_ns() - t0
+                self._tracing.record_batch(self.model, self.version, live, started, elapsed, exc)
             log.warning(
                 "model %s version %s: batch of %d rows failed: %s: %s",
                 self.model, self.version, rows, type(exc).__name__, exc,
@@ -353,6 +375,8 @@ class Batcher:
             self._fail(live, exc)
             return
         elapsed = time.perf_counter_ns() - t0
+        if self._tracing is not None:
+            self._tracing.record_batch(self.model, self.version, live, started, elapsed, None)
         self._m_ok.inc()
         self._m_inferences.inc(rows)
         self._m_compute.observe(elapsed / 1e9)

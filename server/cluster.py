@@ -12,6 +12,7 @@ through the same code.
   not ready.
 - Model states: READY where every worker with bound ports serves the version; otherwise the
   states of the first worker that does not.
+- Exemplars (tracing on): every answering worker's, for the worker answering a scrape.
 - Statistics: the sum of every answering worker's share. A worker that died took its share
   with it (the Prometheus counters keep theirs: server.metrics).
 - Load and unload: every worker or none. Under a lock that spans the workers (flock on a file
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 
 from server.control import LocalWorker, RemoteWorker, WorkerGone
 from server.errors import ModelNotFoundError, ModelUnavailableError
+from server.exemplars import Exemplar
 from server.manager import READY, ModelState
 from server.statistics import merge
 from wire import control_pb2 as pb
@@ -150,6 +152,16 @@ class Cluster:
             elif not isinstance(answer, WorkerGone | ModelNotFoundError | ModelUnavailableError):
                 raise answer
         return merge(shares)
+
+    async def exemplars(self) -> list[Exemplar]:
+        """Every answering worker's exemplars (server.exemplars merges them per bucket)."""
+        found = await self.local.exemplars()
+        for answer in await self._each_peer(lambda w: w.exemplars()):
+            if isinstance(answer, list):
+                found.extend(answer)
+            elif not isinstance(answer, WorkerGone):
+                raise answer
+        return found
 
     # -- changing what it serves ---------------------------------------------------------
 

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "SERVER_"
+# The samplers OTEL_TRACES_SAMPLER names (server.tracing builds them).
+OTEL_SAMPLERS = (
+    "always_on", "always_off", "traceidratio",
+    "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,13 @@ class Settings:
     # Bearer tokens: from a file (with scopes) and from SERVER_AUTH_TOKENS (admin scope).
     auth_tokens_file: Path | None = None
     auth_tokens: tuple[str, ...] = field(default_factory=tuple, repr=False)
+    # OpenTelemetry tracing (server.tracing): on once an OTLP endpoint is set, here or in
+    # OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT. Unset fields fall back to their OTEL_* variables.
+    otel_endpoint: str = ""
+    otel_sampler: str = ""
+    otel_sampler_ratio: float | None = None
+    otel_service_name: str = ""
+    otel_resource_attributes: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,34 @@ _FLAGS = (
     _Flag("tls_key", Path, "PEM private key of --tls-cert."),
     _Flag("tls_client_ca", Path, "PEM CA bundle: require client certificates it signed (mTLS)."),
     _Flag("auth_tokens_file", Path, "Bearer tokens, one per line: TOKEN [infer|admin]."),
+    _Flag(
+        "otel_endpoint",
+        str,
+        "OTLP/gRPC endpoint to send traces to (e.g. http://collector:4317); setting it turns "
+        "tracing on (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT).",
+    ),
+    _Flag(
+        "otel_sampler",
+        str,
+        "Trace sampler (default: OTEL_TRACES_SAMPLER, else parentbased_always_on).",
+        OTEL_SAMPLERS,
+    ),
+    _Flag(
+        "otel_sampler_ratio",
+        float,
+        "Fraction of traces the *traceidratio samplers keep, 0..1 (default: "
+        "OTEL_TRACES_SAMPLER_ARG, else 1).",
+    ),
+    _Flag(
+        "otel_service_name",
+        str,
+        "service.name of the traces (default: OTEL_SERVICE_NAME, else imgserve).",
+    ),
+    _Flag(
+        "otel_resource_attributes",
+        str,
+        "Resource attributes key=value,... added to OTEL_RESOURCE_ATTRIBUTES (these win).",
+    ),
 )
 # Comma-separated admin tokens; environment only, so they never show in the process list.
 AUTH_TOKENS_ENV = ENV_PREFIX + "AUTH_TOKENS"
@@ -215,3 +255,6 @@ def _validate(parser: argparse.ArgumentParser, settings: Settings) -> None:
         parser.error("grace-period-s cannot be negative")
     if not 1 <= settings.max_message_bytes <= MAX_MESSAGE_BYTES:
         parser.error(f"max-message-bytes must be between 1 and {MAX_MESSAGE_BYTES}")
+    ratio = settings.otel_sampler_ratio
+    if ratio is not None and not 0 <= ratio <= 1:
+        parser.error("otel-sampler-ratio must be between 0 and 1")

@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from server import errors
+from server import errors, tracing
 from server.api.status import code_of
+from server.exemplars import Exemplar
 from server.manager import PreparedLoad
 from server.statistics import local_statistics
 from wire import control_pb2 as pb
@@ -126,6 +127,10 @@ class LocalWorker:
         if self.on_peer_change is not None:
             await self.on_peer_change()
 
+    async def exemplars(self) -> list[Exemplar]:
+        active = tracing.ACTIVE
+        return active.exemplars.snapshot() if active is not None else []
+
     def _take(self, name: str) -> PreparedLoad:
         entry = self._prepared.pop(name, None)
         if entry is None:
@@ -202,6 +207,23 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         await self._worker.changed()
         return pb.ChangedResponse()
 
+    @_answers
+    async def Exemplars(self, request: pb.ExemplarsRequest, context: Any) -> pb.ExemplarsResponse:
+        found = await self._worker.exemplars()
+        return pb.ExemplarsResponse(exemplars=[_exemplar_message(e) for e in found])
+
+
+def _exemplar_message(e: Exemplar) -> pb.Exemplar:
+    return pb.Exemplar(
+        metric=e.metric, labels=dict(e.labels), le=e.le, value=e.value,
+        timestamp=e.timestamp, trace_id=e.trace_id, span_id=e.span_id,
+    )  # fmt: skip
+
+
+def _exemplar(m: pb.Exemplar) -> Exemplar:
+    labels = tuple(sorted(m.labels.items()))
+    return Exemplar(m.metric, labels, m.le, m.value, m.timestamp, m.trace_id, m.span_id)
+
 
 async def serve_control(worker: LocalWorker, path: Path) -> grpc.aio.Server:
     """Start the control channel of `worker` on the Unix socket `path` (replacing a stale one)."""
@@ -256,6 +278,10 @@ class RemoteWorker:
 
     async def changed(self) -> None:
         await self._call(self._stub.Changed, pb.ChangedRequest(), STATUS_TIMEOUT_S)
+
+    async def exemplars(self) -> list[Exemplar]:
+        response = await self._call(self._stub.Exemplars, pb.ExemplarsRequest(), STATUS_TIMEOUT_S)
+        return [_exemplar(m) for m in response.exemplars]
 
     async def close(self) -> None:
         await self._channel.close()

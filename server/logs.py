@@ -5,6 +5,9 @@ server.api.status from the caller's `x-request-id` metadata or generated): the i
 context variable, so the batcher's tasks and threads spawned for the request inherit it, and
 a filter on the handler copies it onto each record for both formats.
 
+With tracing on (server.tracing), the lines of a sampled request also carry its trace id
+(`trace_id`, and `span_id` in JSON: the request's span), so a log line leads to its trace.
+
 With several worker processes, every line of a worker names it (`worker`: its index), so
 lines of workers sharing one stream can be told apart.
 """
@@ -21,10 +24,12 @@ from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s%(worker_tag)s %(name)s:%(request_tag)s %(message)s"
 # Libraries that would drown the server's own lines at INFO.
-_QUIET = ("grpc", "asyncio", "PIL")
+_QUIET = ("grpc", "asyncio", "PIL", "opentelemetry")
 
 # The id of the request being served in this context; None outside requests.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# (trace id, span id) of the sampled request being served in this context, as hex; else None.
+TRACE: ContextVar[tuple[str, str] | None] = ContextVar("trace", default=None)
 # A caller's id is kept only if it is this short and printable ASCII: it goes into log lines
 # and response metadata, so control characters or megabytes of it must not.
 MAX_REQUEST_ID_LENGTH = 128
@@ -55,7 +60,8 @@ def valid_request_id(value: str | bytes | None) -> str | None:
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds `request_id` (None outside requests) and `request_tag` (" [ID]" or "") to records,
+    """Adds `request_id` (None outside requests), `trace_id` and `span_id` (None unless the
+    request is traced) and `request_tag` (" [ID]", " [ID trace=TRACE_ID]" or "") to records,
     and `worker` (the worker's index, None in a lone server) and `worker_tag` (" wN" or "")."""
 
     def __init__(self, worker: int | None = None) -> None:
@@ -66,7 +72,12 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         request_id = getattr(record, "request_id", None) or REQUEST_ID.get()
         record.request_id = request_id
-        record.request_tag = f" [{request_id}]" if request_id else ""
+        trace = TRACE.get()
+        record.trace_id, record.span_id = trace if trace is not None else (None, None)
+        if trace is not None:
+            record.request_tag = f" [{request_id} trace={trace[0]}]"
+        else:
+            record.request_tag = f" [{request_id}]" if request_id else ""
         record.worker = self.worker
         record.worker_tag = self.worker_tag
         return True
@@ -74,7 +85,8 @@ class RequestIdFilter(logging.Filter):
 
 class JsonFormatter(logging.Formatter):
     """{"time", "level", "logger", "message"}, plus "worker" in a worker process,
-    "request_id" inside a request and "exception" (the traceback) when there is one."""
+    "request_id" inside a request, "trace_id" and "span_id" inside a traced one, and
+    "exception" (the traceback) when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -89,6 +101,10 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None)
         if request_id:
             entry["request_id"] = request_id
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id:
+            entry["trace_id"] = trace_id
+            entry["span_id"] = getattr(record, "span_id", None)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

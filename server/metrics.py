@@ -16,7 +16,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from threading import Thread
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from server.exemplars import Exemplar, exemplar_app
 
 log = logging.getLogger(__name__)
 
@@ -204,17 +206,24 @@ class Metrics:
         return registry
 
     def serve_http(
-        self, host: str, port: int, *, reuse_port: bool = False
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        exemplars: Callable[[], Iterable[Exemplar]] | None = None,
     ) -> tuple[WSGIServer, Thread, int]:
         """Serve /metrics in a thread; returns the server, its thread and the bound port.
 
         Port 0 picks one. `reuse_port`: join the SO_REUSEPORT group the supervisor made, so
-        every worker answers the same port.
+        every worker answers the same port. `exemplars`: where OpenMetrics scrapes get the
+        histograms' exemplars from (tracing on: server.exemplars).
         """
         server_class = _ReusePortServer if reuse_port else _Server
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         server_class = type("MetricsServer", (server_class,), {"address_family": family[0][0]})
-        app = make_wsgi_app(self.exposition_registry())
+        registry = self.exposition_registry()
+        app = make_wsgi_app(registry) if exemplars is None else exemplar_app(registry, exemplars)
         httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         thread = Thread(target=httpd.serve_forever, name="metrics http", daemon=True)
         thread.start()

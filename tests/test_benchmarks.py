@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -446,3 +447,30 @@ def test_workers_sweep_measures_served_and_do_nothing_servers(
 def test_workers_sweep_needs_a_repository() -> None:
     done = run_benchmarks("workers", "--model", MODEL)
     assert done.returncode == 2 and "--model-repository" in done.stderr
+
+
+def test_tracing_overhead_run_serves_off_and_sampled_side_by_side(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """`python -m benchmarks tracing`: off, 1% and 100% sampled servers, the sampled ones
+    sending their spans to the tool's receiver (spans per request tell the sampling apart)."""
+    if shutil.which("h2load") is None:
+        pytest.skip("h2load not installed (Debian: nghttp2-client)")
+    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
+    out = tmp_path / "tracing"
+    done = run_benchmarks(
+        "tracing", "--model-repository", str(repo), "--model", MODEL, "--rounds", "1",
+        "--duration", "1", "--warmup", "1", "--connections", "2", "--streams", "2",
+        "--out", str(out), timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "results.json").read_text())
+    assert [s["label"] for s in report["setups"]] == ["off", "1%", "100%"]
+    assert set(report["medians"]) == {"off", "1%", "100%"}
+    for figures in report["medians"].values():
+        assert figures["requests_per_s"] > 0 and figures["cpu_ms_per_request"] > 0
+    assert report["paired_ratios_to_off"]["off"] == {"requests_per_s": 1, "cpu_ms_per_request": 1}
+    spans = report["spans_per_request"]
+    assert spans["100%"] >= 5  # request, decode, queue, compute, encode (+ shared batches)
+    assert spans["1%"] < 1
+    assert "req/s vs off" in done.stdout

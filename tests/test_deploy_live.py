@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,9 @@ class Prometheus:
     """A real Prometheus on 127.0.0.1, storing into a temporary folder, in its own process
     group so that stop() ends it and anything it started."""
 
-    def __init__(self, binary: str, workdir: Path, metrics_target: str) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, metrics_target: str, flags: Sequence[str] = ()
+    ) -> None:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
@@ -81,6 +83,7 @@ class Prometheus:
         self.storage = workdir / "data"
         self.log = workdir / "prometheus.log"
         self.binary = binary
+        self.flags = tuple(flags)  # more command-line flags (e.g. --enable-feature=...)
         self.url = ""
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -98,6 +101,7 @@ class Prometheus:
                     f"--web.listen-address=127.0.0.1:{port}",
                     "--storage.tsdb.retention.time=1h",
                     "--log.level=warn",
+                    *self.flags,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

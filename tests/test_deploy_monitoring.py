@@ -181,3 +181,26 @@ def test_expressions_are_collected_from_rules_dashboard_and_adapter() -> None:
     assert any(w.startswith("prometheus-adapter ") for w in wheres)
     for expression in all_expressions():
         assert "$" not in expression.promql and "<<" not in expression.promql, expression
+
+
+def test_dashboard_leads_from_slow_latency_buckets_to_their_traces() -> None:
+    """Exemplars (server tracing on) on the request and queue latency panels, the datasource
+    linking their `trace_id` (the label the server's exemplars carry) to a trace UI, and a
+    compose Prometheus that stores exemplars."""
+    exprs = " ".join(
+        target["expr"]
+        for panel in dashboard_panels()
+        for target in panel["targets"]
+        if target.get("exemplar")
+    )
+    assert "imgserve_request_duration_seconds_bucket" in exprs
+    assert "imgserve_queue_duration_seconds_bucket" in exprs
+    (source,) = yaml_document(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")[
+        "datasources"
+    ]
+    (destination,) = source["jsonData"]["exemplarTraceIdDestinations"]
+    assert destination["name"] == "trace_id"
+    assert destination["url"].endswith("$${__value.raw}")  # `$$`: a literal `$` to Grafana
+    compose: dict[str, Any] = yaml_document(DEPLOY / "docker-compose.yml")
+    assert "--enable-feature=exemplar-storage" in compose["services"]["prometheus"]["command"]
+    assert "IMGSERVE_TRACE_URL" in compose["services"]["grafana"]["environment"]

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf import descriptor, message, message_factory
 
+from server import tracing
 from server.api.status import Call, RequestMetrics
+from server.api.traced import TracedCall
 from server.errors import InvalidInputError, ModelUnavailableError
 from server.metrics import Metrics
 
@@ -47,6 +49,8 @@ class ApiState:
         self.request_metrics = RequestMetrics(self.metrics)
 
     def call(self, api: str, context: grpc.aio.ServicerContext | None) -> Call:
+        if tracing.ACTIVE is not None:  # all that tracing costs while it is off
+            return TracedCall(self.request_metrics, api, context)
         return Call(self.request_metrics, api, context)
 
     def resolve(self, name: str, version: str, call: Call) -> ServedModel:

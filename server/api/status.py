@@ -175,6 +175,15 @@ def deadline_of(context: grpc.aio.ServicerContext | None) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def outcome(exc: BaseException, context: grpc.aio.ServicerContext | None) -> str:
+    """The status code's name a request that raised `exc` is counted under."""
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining() if context is not None else None
+        expired = remaining is not None and remaining <= 0
+        return "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+    return code_of(exc).name
+
+
 class RequestMetrics:
     """The request metrics' children per label set, looked up once per label set.
 
@@ -247,14 +256,7 @@ class Call:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None:
-            code = "OK"
-        elif isinstance(exc, asyncio.CancelledError):
-            remaining = self._context.time_remaining() if self._context is not None else None
-            expired = remaining is not None and remaining <= 0
-            code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
-        else:
-            code = code_of(exc).name
+        code = "OK" if exc is None else outcome(exc, self._context)
         m = self._metrics
         m.count(self.model, self.version, self._api, code).inc()
         m.duration(self.model, self.version).observe(time.perf_counter() - self._started)
