@@ -1,10 +1,12 @@
-"""What both APIs share: model resolution (with draining), streaming fan-out, registration."""
+"""What the APIs share: model resolution (with draining), request statistics, streaming
+fan-out, registration."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,6 +20,7 @@ from server.metrics import Metrics
 if TYPE_CHECKING:
     from server.cluster import Cluster
     from server.manager import ModelManager, ServedModel
+    from server.modelstats import Timing
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,18 @@ class ApiState:
     def ready(self) -> bool:
         """This worker's readiness (the server's is cluster.view().ready)."""
         return self.manager.all_ready and not self.draining
+
+
+@contextlib.contextmanager
+def recorded(served: ServedModel, timing: Timing) -> Iterator[None]:
+    """Count the request in `served`'s statistics: a success once the block ends (the
+    answer encoded), a failure if it raises; a cancelled request is neither."""
+    try:
+        yield
+    except Exception:
+        served.stats.failed(timing)
+        raise
+    served.stats.succeeded(timing)
 
 
 class Undecodable:
