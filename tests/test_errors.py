@@ -180,7 +180,7 @@ def _no_data(request: pb.ModelInferRequest) -> None:
         (_truncate, "shape [1,1,28,28] of FP32 needs 3136 bytes, got 3132"),
         (_second_input, "expected exactly one input named 'input'"),
         (_unknown_output, "unknown output 'logits': this model has one output, 'probabilities'"),
-        (_bad_class_count, "'classification' must be an integer class count >= 1"),
+        (_bad_class_count, "'classification' must be an int64 class count >= 1"),
         (_no_data, "needs 784 values in contents.fp32_contents"),
     ],
 )
