@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 import grpc
 
 from server.api.common import ApiState, answer_concurrently, generic_handler
-from server.api.health import Health
 from server.api.kserve import KServe
 from server.api.status import deadline_of, describe, guarded
 from wire import grpc_service_pb2 as pb
@@ -23,9 +22,9 @@ Context = grpc.aio.ServicerContext
 
 
 class InferenceServicer:
-    def __init__(self, state: ApiState, health: Health, model_control: bool = False) -> None:
+    def __init__(self, state: ApiState, kserve: KServe) -> None:
         self._state = state
-        self._kserve = KServe(state, health, model_control)
+        self._kserve = kserve
 
     # --- health and metadata ---
 
