@@ -277,9 +277,14 @@ class Batcher:
                 self._fail(items, exc)
 
     async def _next_batch(self) -> list[_Item] | None:
-        """Wait until a batch is due and take it; None once closing with nothing queued."""
+        """Wait until a batch is due and take it; None once closing with nothing queued.
+
+        While it waits, requests whose queue-policy timeout passes are rejected (or delayed)
+        as it passes, not when the batch forms.
+        """
         queue = self._queue
         while True:
+            self._expire()
             if not queue:
                 if self._closing:
                     return None
@@ -289,23 +294,33 @@ class Batcher:
                 adaptive = self.adaptive_delay and len(queue) < 2 and self._last_batch_requests < 2
                 oldest = queue.oldest()
                 assert oldest is not None
-                remaining = oldest + self.max_queue_delay_s - time.monotonic()
+                now = time.monotonic()
+                remaining = oldest + self.max_queue_delay_s - now
                 if not adaptive and remaining > 0:  # adaptive: no companion is coming
-                    await self._wait(remaining)
+                    expiry = queue.next_expiry()
+                    await self._wait(remaining if expiry is None else min(remaining, expiry - now))
                     continue
             items = self._take()
             if items:
                 return items
 
-    def _take(self) -> list[_Item]:
-        """The next batch; requests whose queue-policy timeout passed are rejected on the way."""
-        items, rejected = self._queue.take(self.max_batch_size, time.monotonic())
-        for item in rejected:
+    def _expire(self) -> None:
+        self._reject(self._queue.expire(time.monotonic()))
+
+    def _reject(self, items: list[_Item]) -> None:
+        for item in items:
             self._m_deadline.inc()
             if not item.future.done():
                 item.future.set_exception(
                     DeadlineExceededError("the request's timeout passed while it was queued")
                 )
+        if items:
+            self._m_depth.set(len(self._queue))
+
+    def _take(self) -> list[_Item]:
+        """The next batch; requests whose queue-policy timeout passed are rejected on the way."""
+        items, rejected = self._queue.take(self.max_batch_size, time.monotonic())
+        self._reject(rejected)
         self._last_batch_requests = len(items)
         self._m_depth.set(len(self._queue))
         return items

@@ -63,11 +63,12 @@ def _check_datatype(datatype: str, what: str) -> np.dtype:
 
 def _from_bytes(data: bytes, dtype: np.dtype, shape: Sequence[int], what: str) -> np.ndarray:
     """Zero-copy view of little-endian bytes; the length must match the shape exactly."""
-    expected = math.prod(shape) * dtype.itemsize
+    count = math.prod(shape)
+    expected = count * dtype.itemsize
     if len(data) != expected:
         raise InvalidInputError(
-            f"{what}: shape {_shape_text(shape)} of {dtype_name(dtype)} needs {expected} bytes, "
-            f"got {len(data)}"
+            f"{what}: shape {_shape_text(shape)} of {dtype_name(dtype)} needs {expected} bytes "
+            f"({count} values), got {len(data)}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 

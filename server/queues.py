@@ -108,6 +108,7 @@ class PriorityQueue(Generic[Item]):
             self._levels[level] = _Level(schedule.policy(level))
         self._order = sorted(self._levels)  # highest priority (lowest number) first
         self._size = 0
+        self._expiring = 0  # items in time with a timeout: expire() has work only when > 0
         self.rows = 0
 
     def __len__(self) -> int:
@@ -140,6 +141,7 @@ class PriorityQueue(Generic[Item]):
             item.queued = True
             self._size += 1
             self.rows += item.rows
+            self._expiring += item.expires is not None
 
     def oldest(self) -> float | None:
         """When the request that has waited longest was queued (None when empty)."""
@@ -154,9 +156,42 @@ class PriorityQueue(Generic[Item]):
     def remove(self, item: Item) -> None:
         """Take out a queued item (its caller went away)."""
         level = self._levels[item.level]
-        queue = level.items if item in level.items else level.delayed
-        queue.remove(item)
+        if item in level.items:
+            level.items.remove(item)
+            self._expiring -= item.expires is not None
+        else:
+            level.delayed.remove(item)
         self._forget(item)
+
+    def next_expiry(self) -> float | None:
+        """The earliest timeout of the requests still in time (None: none has one)."""
+        if not self._expiring:
+            return None
+        return min(
+            (i.expires for level in self._levels.values() for i in level.items if i.expires),
+            default=None,
+        )
+
+    def expire(self, now: float) -> list[Item]:
+        """Apply the policies to every request whose timeout passed: returns those rejected
+        (taken out), moves those of DELAY levels behind their level's requests in time."""
+        rejected: list[Item] = []
+        if not self._expiring:
+            return rejected
+        for state in self._levels.values():
+            kept: deque[Item] = deque()
+            for item in state.items:
+                if item.expires is None or now < item.expires:
+                    kept.append(item)
+                    continue
+                self._expiring -= 1
+                if state.policy.delay:
+                    state.delayed.append(item)
+                else:
+                    self._forget(item)
+                    rejected.append(item)
+            state.items = kept
+        return rejected
 
     def take(self, max_rows: int, now: float) -> tuple[list[Item], list[Item]]:
         """(the next batch, requests rejected because their timeout passed).
@@ -174,6 +209,7 @@ class PriorityQueue(Generic[Item]):
                     item = queue[0]
                     if queue is state.items and item.expires is not None and now >= item.expires:
                         queue.popleft()
+                        self._expiring -= 1
                         if state.policy.delay:
                             state.delayed.append(item)
                         else:
@@ -183,6 +219,8 @@ class PriorityQueue(Generic[Item]):
                     if batch and rows + item.rows > max_rows:
                         return batch, rejected
                     queue.popleft()
+                    if queue is state.items:
+                        self._expiring -= item.expires is not None
                     self._forget(item)
                     batch.append(item)
                     rows += item.rows

@@ -112,6 +112,21 @@ def test_delayed_requests_wait_for_their_level_but_not_for_lower_levels() -> Non
     assert _names(queue.take(max_rows=1, now=2.0)[0]) == ["lower"]
 
 
+def test_expire_applies_the_policies_without_forming_a_batch() -> None:
+    schedule = SchedulePolicy(
+        levels=2, default_level=2, default=QueuePolicy(delay=True), per_level={1: QueuePolicy()}
+    )
+    queue = _queue(schedule)
+    assert queue.next_expiry() is None and queue.expire(5.0) == []
+    queue.push([Item("h", 1, expires=2.0), Item("h-late", 1, expires=1.0), Item("h-none", 1)])
+    queue.push([Item("l-late", 2, expires=1.5), Item("l", 2, expires=3.0)])
+    assert queue.next_expiry() == 1.0
+    assert _names(queue.expire(1.8)) == ["h-late"]  # REJECT at level 1; level 2 DELAYs
+    assert queue.next_expiry() == 2.0 and len(queue) == 4
+    assert _names(queue.take(10, now=1.8)[0]) == ["h", "h-none", "l", "l-late"]
+    assert queue.next_expiry() is None and not queue
+
+
 @pytest.mark.parametrize(
     ("policy", "requested", "expected"),
     [

@@ -18,7 +18,6 @@ request: the whole body is one batch-1 input of the model's datatype, answered i
 from __future__ import annotations
 
 import json
-import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -199,7 +198,8 @@ def _input(
 def _json_data(data: Any, name: str, datatype: str, shape: Sequence[int]) -> bytes:
     """JSON `data` (nested or flat, row-major) as the datatype's little-endian bytes.
 
-    Datatypes this server does not take are left for the protocol's check to refuse.
+    Datatypes this server does not take are left for the protocol's check to refuse, and so
+    is a count of values that does not match the shape.
     """
     dtype, kinds = INPUT_DTYPES.get(datatype), _ACCEPTED_KINDS.get(datatype)
     if dtype is None or kinds is None:
@@ -213,11 +213,7 @@ def _json_data(data: Any, name: str, datatype: str, shape: Sequence[int]) -> byt
     if values.dtype.kind not in kinds or (values.ndim == 0 and values.size == 1):
         expected = "integers 0..255" if datatype == "UINT8" else "numbers"
         raise InvalidInputError(f"input {name!r}: 'data' must be a list of {expected}")
-    count = math.prod(shape)
-    if values.size != count:
-        raise InvalidInputError(
-            f"input {name!r}: shape {list(shape)} needs {count} values in 'data', got {values.size}"
-        )
+    # Whether the count of values fits the shape is the protocol's check, after the shape's.
     if datatype == "UINT8" and values.size and (values.min() < 0 or values.max() > 255):
         raise InvalidInputError(f"input {name!r}: UINT8 values must be 0..255")
     return values.astype(dtype).tobytes()

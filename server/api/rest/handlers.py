@@ -104,7 +104,11 @@ class Handlers:
         if not isinstance(ready, bool):
             raise InvalidInputError("'ready' must be a boolean")
         index = await self._kserve.repository_index(ready)
-        return json_response([to_json(entry) for entry in index.models])
+        # As Triton writes it: a field that is empty (no version, no reason) is left out.
+        entries = [
+            {key: value for key, value in to_json(entry).items() if value} for entry in index.models
+        ]
+        return json_response(entries)
 
     async def load(self, request: web.Request) -> web.Response:
         parameters = (await _json_body(request)).get("parameters") or {}
