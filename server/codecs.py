@@ -100,6 +100,9 @@ class Schedule:
 # extension_parameters.md); any other is the caller's and travels unread.
 _SEQUENCE_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
 RESERVED_PREFIX = "triton_"
+# The one `triton_` name a request may carry (decoupled models: an empty last response). One
+# response answers each request here, so it changes nothing; perf_analyzer sends it.
+EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 _PARAM_KINDS = ("int64_param", "bool_param", "string_param", "double_param")
 
 
@@ -107,8 +110,8 @@ def request_schedule(request: grpc_service_pb2.ModelInferRequest) -> Schedule:
     """The request's `priority` and `timeout`, its parameters checked as Triton checks them:
     `priority` an int64 >= 0 or a uint64, `timeout` an int64 in microseconds (0 or less: none),
     `sequence_*` the types the sequence extension gives them (a sequence is refused
-    UNIMPLEMENTED: the models are stateless), no `triton_` names, and every other parameter an
-    int64, bool, string or double."""
+    UNIMPLEMENTED: the models are stateless), no `triton_` names but Triton's one allowed
+    (a bool), and every other parameter an int64, bool, string or double."""
     priority = timeout_us = 0
     for key, param in request.parameters.items():
         kind = param.WhichOneof("parameter_choice")
@@ -133,7 +136,7 @@ def request_schedule(request: grpc_service_pb2.ModelInferRequest) -> Schedule:
                 raise UnsupportedError(
                     "sequence batching is not supported: the models are stateless"
                 )
-        elif key in _SEQUENCE_PARAMS:
+        elif key in _SEQUENCE_PARAMS or key == EMPTY_FINAL_RESPONSE:
             if kind != "bool_param":
                 raise InvalidInputError(f"parameter {key!r} must be a bool")
         elif key.startswith(RESERVED_PREFIX):
