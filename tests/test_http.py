@@ -197,6 +197,32 @@ def test_uint8_and_classification_match_grpc(
     assert first[2] in labels
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_and_answers(
+    http: httpclient.InferenceServerClient, server: ServerProcess, algorithm: str
+) -> None:
+    images = _images("fashion_mnist", 3, seed=4)
+    result = http.infer(
+        "fashion_mnist",
+        [_http_input(images)],
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,
+    )
+    expected = _reference(server, "fashion_mnist", images)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+    body = _json_body_of(images)
+    status, headers, _ = _post(
+        server, "/v2/models/fashion_mnist/infer", body, headers={"Accept-Encoding": algorithm}
+    )
+    assert status == 200 and headers["Content-Encoding"] == algorithm
+
+
+def _json_body_of(images: np.ndarray) -> dict[str, Any]:
+    shape = list(images.shape)
+    tensor = {"name": "input", "datatype": "FP32", "shape": shape, "data": images.tolist()}
+    return {"inputs": [tensor]}
+
+
 def test_raw_binary_request_without_a_json_header(server: ServerProcess) -> None:
     """Triton's raw binary request: Inference-Header-Content-Length 0, the body one image."""
     image = _images("fashion_mnist", 1, seed=9)

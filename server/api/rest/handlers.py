@@ -136,10 +136,12 @@ class Handlers:
 
             def render(response: pb.ModelInferResponse) -> web.Response:
                 data, header = codec.encode_infer(response, decoded)
-                if header is None:
-                    return web.Response(body=data, content_type=codec.JSON_TYPE)
-                answer = web.Response(body=data, content_type=codec.BINARY_TYPE)
-                answer.headers[codec.HEADER_LENGTH] = str(header)
+                kind = codec.JSON_TYPE if header is None else codec.BINARY_TYPE
+                answer = web.Response(body=data, content_type=kind)
+                if header is not None:
+                    answer.headers[codec.HEADER_LENGTH] = str(header)
+                if request.headers.get("Accept-Encoding"):
+                    answer.enable_compression()  # gzip or deflate, as the client accepts
                 return answer
 
             return await self._kserve.infer(
