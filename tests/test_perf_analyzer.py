@@ -51,12 +51,14 @@ def test_perf_analyzer_measures_the_server(
     perf_analyzer: Path, server: ServerProcess, protocol: str, model: str, batch: int
 ) -> None:
     url = server.target if protocol == "grpc" else server.http_target
+    # Any measurement counts as stable (-s 1000): this checks that perf_analyzer works against
+    # the server, not how fast it is on a machine busy with other tests.
     done = subprocess.run(
         [
             str(perf_analyzer), "-m", model, "-i", protocol, "-u", url, "-b", str(batch),
             "--concurrency-range", "1:4:3", "--measurement-mode", "count_windows",
-            "--measurement-request-count", "100", "--stability-percentage", "100",
-            "--max-trials", "6",
+            "--measurement-request-count", "100", "--stability-percentage", "1000",
+            "--max-trials", "10",
         ],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
