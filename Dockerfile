@@ -80,6 +80,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     SERVER_MODEL_REPOSITORY=/models \
     SERVER_HOST=0.0.0.0 \
+    SERVER_HTTP_PORT=8000 \
     SERVER_GRPC_PORT=8001 \
     SERVER_METRICS_PORT=8002 \
     SERVER_LOG_FORMAT=json \
@@ -96,7 +97,7 @@ COPY --from=proto /src/wire/ wire/
 COPY modelrepo/ modelrepo/
 COPY server/ server/
 USER 10001:10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-m", "server.healthcheck", "--timeout", "4"]
 CMD ["python", "-m", "server"]
@@ -111,6 +112,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     SERVER_MODEL_REPOSITORY=/models \
     SERVER_HOST=0.0.0.0 \
+    SERVER_HTTP_PORT=8000 \
     SERVER_GRPC_PORT=8001 \
     SERVER_METRICS_PORT=8002 \
     SERVER_LOG_FORMAT=json \
@@ -125,7 +127,7 @@ COPY --from=proto /src/wire/ wire/
 COPY modelrepo/ modelrepo/
 COPY server/ server/
 USER 10001:10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # A real gRPC health check: grpc.health.v1 Check for "" (SERVING once every model is ready),
 # on SERVER_HOST (localhost for 0.0.0.0) and SERVER_GRPC_PORT. With TLS on (SERVER_TLS_CERT) it
 # needs SERVER_HEALTHCHECK_TLS_CA, plus SERVER_HEALTHCHECK_TLS_CERT/_KEY under mutual TLS.

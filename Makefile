@@ -12,7 +12,7 @@ PRECISION ?= fp32
 PROTOS := $(wildcard proto/wire/*.proto)
 GENERATED := $(patsubst proto/wire/%.proto,wire/%_pb2.py,$(PROTOS))
 
-.PHONY: install proto run repository test lint format bench clean help test-tools docker-engine
+.PHONY: install proto run repository test lint format bench clean help test-tools docker-engine perf-analyzer
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,7 +38,7 @@ repository: $(STAMP) proto  ## train and export the FashionMNIST and CIFAR10 mod
 run: repository  ## the main job: build the model repository, then serve it
 	$(PY) -m server --model-repository $(REPO)
 
-test: $(STAMP) proto test-tools docker-engine  ## install if needed, then lint and run the whole test suite
+test: $(STAMP) proto test-tools docker-engine perf-analyzer  ## install if needed, then lint and run the whole test suite
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
@@ -69,6 +69,13 @@ test-tools:  ## install prometheus, promtool and h2load with apt-get when missin
 # the container tests skip, saying why (under CI=true they fail instead).
 docker-engine:  ## prepare a Docker engine and the base images for the container tests
 	@deploy/ci/prepare-docker.sh || echo "no Docker engine prepared: the container tests will skip"
+
+# Triton's load generator, run by tests/test_perf_analyzer.py against the server over gRPC and
+# HTTP: its binary from PyPI needs a newer glibc than Debian bookworm's, so it runs under Debian
+# trixie's loader and libraries, unpacked into $(VENV)/perf-analyzer (the system is untouched).
+perf-analyzer: $(STAMP)  ## fetch perf_analyzer into .venv/perf-analyzer (run it: .venv/perf-analyzer/perf_analyzer)
+	@deploy/ci/prepare-perf-analyzer.sh $(VENV)/perf-analyzer >/dev/null \
+		|| echo "perf_analyzer could not be prepared: its tests will skip"
 
 lint: $(STAMP)  ## ruff check and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -102,7 +102,7 @@ def start_server(
     command = [
         sys.executable, "-m", "server",
         "--model-repository", str(repository),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
         *extra_args,
     ]  # fmt: skip
     process = subprocess.Popen(

@@ -1,13 +1,14 @@
-"""Assembles the server: metrics HTTP, the gRPC server and its services, signals, draining.
+"""Assembles the server: metrics HTTP, the gRPC server and its services, the HTTP/REST API,
+signals, draining.
 
-Start order: the gRPC port is bound and answering before models load, so liveness
-(ServerLive, health "" NOT_SERVING) answers during a long load and orchestrators can tell
-"starting" from "dead"; ServerReady and health turn true once every model asked for is ready.
-Shutdown (SIGTERM/SIGINT): health NOT_SERVING and ServerReady false at once, new inference
-answers UNAVAILABLE, the gRPC server stops taking RPCs and gives those in flight what is left
-of grace_period_s to finish, then the batchers finish their accepted work and the runtimes
-close within what is left of it after that: the whole stop fits in the grace period.
-A load in progress is abandoned at its next step. A second signal exits at once.
+Start order: the gRPC and HTTP ports are bound and answering before models load, so liveness
+(ServerLive, health "" NOT_SERVING, GET /v2/health/live) answers during a long load and
+orchestrators can tell "starting" from "dead"; readiness turns true once every model asked
+for is ready. Shutdown (SIGTERM/SIGINT): health NOT_SERVING and readiness false at once, new
+inference answers UNAVAILABLE, the gRPC and HTTP servers stop taking calls and give those in
+flight what is left of grace_period_s to finish, then the batchers finish their accepted work
+and the runtimes close within what is left of it after that: the whole stop fits in the grace
+period. A load in progress is abandoned at its next step. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from server import security, tracing
 from server.api import classifier, inference, status
 from server.api.common import ApiState
 from server.api.health import Health, enable_reflection
+from server.api.kserve import KServe
+from server.api.rest.app import RestServer
 from server.api.traced import RpcNames
 from server.cluster import Cluster
 from server.config import Settings
@@ -56,14 +59,16 @@ EXEMPLARS_TIMEOUT_S = 3.0
 # Logged once start-up has finished (models loaded or failed): scripts and tests wait for it.
 STARTED = "startup complete"
 API_SERVICES = (inference.WIRE_SERVICE, "imgserve.classifier.v1.Classifier")
-# Logged once the ports are bound: "serving on grpc HOST:PORT metrics http://HOST:PORT/metrics; ..."
-# Scripts read the ports chosen for port 0 from it with parse_listening().
+# Logged once the ports are bound: "serving on grpc HOST:PORT metrics http://HOST:PORT/metrics
+# rest http://HOST:PORT; ..." ("rest off" with --disable-http, "https" with TLS). Scripts read
+# the ports chosen for port 0 from it with parse_listening() and parse_rest_port().
 LISTENING_PREFIX = "serving on grpc "
 _LISTENING = re.compile(
     re.escape(LISTENING_PREFIX)
     + r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^\s:\[\]]+)):(?P<grpc>\d+)"
     + r" metrics http://(?:\[[^\]]*\]|[^\s:\[\]]+):(?P<metrics>\d+)/metrics"
 )
+_REST = re.compile(r" rest (?:https?://(?:\[[^\]]*\]|[^\s:\[\]/]+):(?P<port>\d+)|off)")
 
 
 NULL_COMPUTE_WARNING = (
@@ -79,6 +84,26 @@ class StartupError(Exception):
 def hostport(host: str, port: int) -> str:
     """HOST:PORT with an IPv6 host in brackets, as gRPC dials it and the server logs it."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listening_line(grpc_at: str, metrics_at: str, rest_url: str) -> str:
+    """The start of the LISTENING line (rest_url "" when HTTP is off)."""
+    rest = rest_url or "off"
+    return f"{LISTENING_PREFIX}{grpc_at} metrics http://{metrics_at}/metrics rest {rest}"
+
+
+def http_url(settings: Settings, port: int) -> str:
+    """The HTTP/REST API's address as the log shows it (https with TLS)."""
+    scheme = "https" if settings.tls_cert is not None else "http"
+    return f"{scheme}://{hostport(settings.host, port)}"
+
+
+def parse_rest_port(line: str) -> int | None:
+    """The HTTP/REST port of a LISTENING line: 0 when HTTP is off, None for another line."""
+    if parse_listening(line) is None:
+        return None
+    match = _REST.search(line)
+    return None if match is None else int(match["port"] or 0)
 
 
 def parse_listening(line: str) -> tuple[str, int, int] | None:
@@ -105,7 +130,13 @@ async def serve(settings: Settings, role: WorkerRole | None = None) -> int:
             f"`python -m training build-repository --model-repository {repository}`"
         )
     if role is not None:  # the ports the supervisor reserved: every worker shares them
-        settings = replace(settings, grpc_port=role.grpc_port, metrics_port=role.metrics_port)
+        settings = replace(
+            settings,
+            grpc_port=role.grpc_port,
+            metrics_port=role.metrics_port,
+            http_port=role.http_port,
+            disable_http=settings.disable_http or not role.http_port,
+        )
     try:  # before the models load: their batchers see whether tracing is on
         tracing.install(tracing.config_from(settings), role.index if role else None)
     except tracing.TracingConfigError as exc:
@@ -147,7 +178,9 @@ class _Server:
         self.state.cluster = Cluster(self.local, peers, lock)
         self.health = Health(self.state, API_SERVICES)
         self.local.on_peer_change = self.health.refresh
+        self.kserve = KServe(self.state, self.health, settings.enable_model_control)
         self.httpd: WSGIServer | None = None
+        self.rest: RestServer | None = None
         self.grpc_at = ""
 
     def close_metrics(self) -> None:
@@ -162,6 +195,16 @@ class _Server:
         except security.SecurityConfigError as exc:
             raise StartupError(str(exc)) from None
         server = self._grpc_server(guard)
+        if not settings.disable_http:
+            # In-flight HTTP calls get the grace period less the moment new calls are refused.
+            grace = settings.grace_period_s
+            self.rest = RestServer(
+                self.state,
+                self.kserve,
+                guard,
+                max_body_bytes=settings.max_message_bytes,
+                shutdown_timeout=max(grace - min(REFUSE_BEFORE_STOP_S, grace / 4), MIN_STOP_STEP_S),
+            )
         self.metrics.watch_event_loop(asyncio.get_running_loop())
         stop = asyncio.Event()
         _on_signals(stop)
@@ -225,17 +268,34 @@ class _Server:
             raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
         if not grpc_port:
             raise StartupError(f"cannot listen for gRPC on {address} (is the port in use?)")
+        rest_url = await self._open_rest()
         await server.start()
         self.local.accepting = True
         self.grpc_at = hostport(settings.host, grpc_port)
         metrics_at = hostport(settings.host, metrics_port)
         if role is None:
             log.info(
-                "%s%s metrics http://%s/metrics; loading models from %s",
-                LISTENING_PREFIX, self.grpc_at, metrics_at, settings.model_repository,
+                "%s; loading models from %s",
+                listening_line(self.grpc_at, metrics_at, rest_url), settings.model_repository,
             )  # fmt: skip
         else:
             role.notify(BOUND)
+
+    async def _open_rest(self) -> str:
+        """Bind and start the HTTP/REST port; its URL ("" when it is off)."""
+        settings = self.settings
+        if self.rest is None:
+            return ""
+        try:
+            port = await self.rest.start(
+                settings.host, settings.http_port, reuse_port=self.role is not None
+            )
+        except OSError as exc:
+            where = hostport(settings.host, settings.http_port)
+            raise StartupError(
+                f"cannot listen for HTTP on {where}: {exc.strerror or exc}"
+            ) from None
+        return http_url(settings, port)
 
     async def _start(self, server: grpc.aio.Server, guard: security.Security) -> None:
         """Load the models; a restarted worker loads what the others serve, then opens."""
@@ -272,11 +332,7 @@ class _Server:
         server = grpc.aio.server(options=(*reuse, *limits), interceptors=interceptors)
         server.add_generic_rpc_handlers(
             [
-                *inference.handlers(
-                    inference.InferenceServicer(
-                        self.state, self.health, settings.enable_model_control
-                    )
-                ),
+                *inference.handlers(inference.InferenceServicer(self.state, self.kserve)),
                 classifier.handler(classifier.ClassifierServicer(self.state)),
             ]
         )
@@ -305,7 +361,10 @@ class _Server:
         # taken and refused with UNAVAILABLE, so callers under load learn to go elsewhere.
         if self.local.accepting:  # a restarted worker stopped while loading never opened
             await asyncio.sleep(min(REFUSE_BEFORE_STOP_S, grace / 4))
-            await server.stop(left())
+            stopping = [server.stop(left())]
+            if self.rest is not None:
+                stopping.append(self.rest.stop())
+            await asyncio.gather(*stopping)
         if closing is None:
             closing = asyncio.ensure_future(manager.close())
         try:

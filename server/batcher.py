@@ -16,10 +16,13 @@ waited max_queue_delay (measured with time.monotonic, waiting on a wake-up futur
 timer: no polling), or at shutdown. With adaptive_delay (--adaptive-batch-delay) a lone
 request does not wait for the delay unless the previous batch held several requests: at low
 load waiting only adds latency, under load the queue holds several and batches form as
-before. Requests are taken in arrival order; a request that
-does not fit into the room left in a batch starts the next one (requests are never split
-across batches, except that `submit` cuts a request larger than max_batch_size into
-chunks of at most max_batch_size rows, each its own queue item, and reassembles them).
+before. Requests are taken by priority level, then in arrival order (server.queues: Triton's
+priority levels and queue policies); a request that does not fit into the room left in a
+batch starts the next one (requests are never split across batches, except that `submit`
+cuts a request larger than max_batch_size into chunks of at most max_batch_size rows, each
+its own queue item, and reassembles them). Each batch is timed for the statistics extension
+(server.modelstats): its assembly, its run and its split, into the batch size's counts and
+into the timing of each request in it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,26 +44,11 @@ from server.errors import (
     QueueFullError,
 )
 from server.metrics import Metrics
+from server.modelstats import ModelStats, Timing
+from server.queues import PriorityQueue, SchedulePolicy
 from server.runtimes.base import Runtime
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelStats:
-    """Per loaded version; feeds the KServe ModelStatistics RPC."""
-
-    inference_count: int = 0  # images inferred
-    execution_count: int = 0  # batches executed
-    success_count: int = 0  # requests answered OK
-    success_ns: int = 0  # total ns from infer() entry to result
-    fail_count: int = 0
-    fail_ns: int = 0
-    queue_count: int = 0  # per queue item: time queued before its batch started
-    queue_ns: int = 0
-    compute_count: int = 0  # per batch: runtime time
-    compute_ns: int = 0
-    last_inference_ms: int = 0  # wall-clock ms since epoch of the last answered request
 
 
 class BatchError(RuntimeError):
@@ -73,8 +60,12 @@ class _Item:
     images: np.ndarray  # float32 (rows, C, H, W)
     future: asyncio.Future[np.ndarray]
     enqueued: float  # time.monotonic()
-    deadline: float | None  # time.monotonic() seconds
-    queued: bool = True  # still in the queue (not yet taken into a batch)
+    deadline: float | None  # time.monotonic() seconds: the caller's own (gRPC's deadline)
+    expires: float | None  # time.monotonic() seconds: the queue policy's timeout
+    level: int  # priority level (server.queues)
+    timing: Timing | None  # the request's clock, shared by its chunks
+    share: float  # this chunk's share of the request's rows
+    queued: bool = False  # in the queue (not yet taken into a batch)
     trace: tracing.RequestTrace | None = None  # a sampled request's (tracing on only)
 
     @property
@@ -98,6 +89,7 @@ class Batcher:
         stats: ModelStats | None = None,
         adaptive_delay: bool = False,
         inline_rows: int = 0,
+        schedule: SchedulePolicy | None = None,
     ) -> None:
         if not runtimes:
             raise ValueError("a batcher needs at least one runtime instance")
@@ -111,15 +103,16 @@ class Batcher:
         # (evidence of concurrent load, where waiting pays); see _next_batch.
         self.adaptive_delay = adaptive_delay
         self.inline_rows = inline_rows
-        self._last_batch_requests = 0
         # Tracing as it was when the model loaded (it is set up before): None while it is off.
         self._tracing = tracing.ACTIVE
+        self._last_batch_requests = 0
         # The bound is per instance (Settings.max_queue_size): N instances drain N times faster.
         self.capacity = max_queue_size * len(runtimes)
         self.stats = stats if stats is not None else ModelStats()
         self._runtimes = list(runtimes)
-        self._queue: deque[_Item] = deque()
-        self._queued_rows = 0
+        self._queue: PriorityQueue[_Item] = PriorityQueue(
+            schedule or SchedulePolicy(), self.capacity
+        )
         self._waiters: set[asyncio.Future[None]] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._executors: list[ThreadPoolExecutor] = []
@@ -171,19 +164,35 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def schedule(self) -> SchedulePolicy:
+        return self._queue.schedule
+
     # -- the caller's side -----------------------------------------------------------------
 
-    async def submit(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def submit(
+        self,
+        images: np.ndarray,
+        deadline: float | None = None,
+        *,
+        priority: int = 0,
+        timeout_us: int = 0,
+        timing: Timing | None = None,
+    ) -> np.ndarray:
         """Queue float32 (N, C, H, W) images; returns (N, classes), row i answering image i.
 
-        A request larger than max_batch_size becomes several queue items, answered whole.
-        If the caller is cancelled, its queued items are dropped before compute.
+        `priority` and `timeout_us` are the request's schedule-policy parameters (0: the
+        model's defaults); `timing` collects its queue and compute times. A request larger
+        than max_batch_size becomes several queue items, answered whole. If the caller is
+        cancelled, its queued items are dropped before compute.
         """
         n = images.shape[0]
         size = self.max_batch_size
         chunks = [images] if n <= size else [images[i : i + size] for i in range(0, n, size)]
         trace = tracing.CURRENT.get() if self._tracing is not None else None
-        items = self.enqueue(chunks, deadline, trace)
+        items = self.enqueue(
+            chunks, deadline, priority=priority, timeout_us=timeout_us, timing=timing, trace=trace
+        )
         try:
             if len(items) == 1:
                 result = await items[0].future
@@ -209,28 +218,35 @@ class Batcher:
         self,
         chunks: Sequence[np.ndarray],
         deadline: float | None = None,
+        *,
+        priority: int = 0,
+        timeout_us: int = 0,
+        timing: Timing | None = None,
         trace: tracing.RequestTrace | None = None,
     ) -> list[_Item]:
         """Queue each chunk (at most max_batch_size rows) as one item, all or none.
 
         More chunks than the queue can ever hold is the request's fault (InvalidInputError);
-        more than it holds now is QueueFullError. `trace`: the sampled request's, if traced.
+        more than it holds now is QueueFullError.
         """
         if not self.accepting:
             raise ModelUnavailableError(
                 f"model {self.model!r} version {self.version} is not accepting requests"
             )
-        if len(chunks) > self.capacity:  # "retry later" would never come true
+        queue = self._queue
+        level = queue.schedule.level_of(priority)
+        if len(chunks) > queue.limit(level):  # "retry later" would never come true
             rows = sum(chunk.shape[0] for chunk in chunks)
             raise InvalidInputError(
                 f"request of {rows} images is too large for this server's queue: model "
                 f"{self.model!r} version {self.version} takes at most "
-                f"{self.capacity * self.max_batch_size} images per request"
+                f"{queue.limit(level) * self.max_batch_size} images per request"
             )
-        if len(self._queue) + len(chunks) > self.capacity:
+        if len(chunks) > queue.free(level):
+            where = f" at priority level {level}" if level else ""
             raise QueueFullError(
-                f"model {self.model!r} version {self.version}: queue full "
-                f"({len(self._queue)} requests waiting); retry later"
+                f"model {self.model!r} version {self.version}: queue full{where} "
+                f"({len(queue)} requests waiting); retry later"
             )
         now = time.monotonic()
         if deadline is not None and deadline <= now:
@@ -239,20 +255,32 @@ class Batcher:
         if any(chunk.shape[0] > self.max_batch_size or chunk.shape[0] < 1 for chunk in chunks):
             raise ValueError(f"each chunk must have 1..{self.max_batch_size} rows")
         assert self._loop is not None
-        was_empty = not self._queue
+        timeout = queue.timeout_s(level, timeout_us)
+        expires = None if timeout is None else now + timeout
+        was_empty = not queue
+        total = sum(chunk.shape[0] for chunk in chunks)
         items = [
-            _Item(chunk, self._loop.create_future(), now, deadline, trace=trace) for chunk in chunks
+            _Item(
+                chunk,
+                self._loop.create_future(),
+                now,
+                deadline,
+                expires,
+                level,
+                timing,
+                chunk.shape[0] / total,
+                trace=trace,
+            )
+            for chunk in chunks
         ]
-        for item in items:
-            self._queue.append(item)
-            self._queued_rows += item.rows
-        self._m_depth.set(len(self._queue))
+        queue.push(items)
+        self._m_depth.set(len(queue))
         if trace is not None:
-            trace.queued(sum(chunk.shape[0] for chunk in chunks))
+            trace.queued(total)
         # A waiting worker needs waking only when its plan changes: the queue was empty (it
         # waits with no timer) or a batch is now full. Otherwise its timer for the oldest
         # request still holds, and waking it per request would cost a timer per request.
-        if was_empty or self._queued_rows >= self.max_batch_size:
+        if was_empty or queue.rows >= self.max_batch_size:
             self._wake()
         return items
 
@@ -270,34 +298,50 @@ class Batcher:
                 self._fail(items, exc)
 
     async def _next_batch(self) -> list[_Item] | None:
-        """Wait until a batch is due and take it; None once closing with nothing queued."""
+        """Wait until a batch is due and take it; None once closing with nothing queued.
+
+        While it waits, requests whose queue-policy timeout passes are rejected (or delayed)
+        as it passes, not when the batch forms.
+        """
+        queue = self._queue
         while True:
-            if not self._queue:
+            self._expire()
+            if not queue:
                 if self._closing:
                     return None
                 await self._wait(None)
                 continue
-            if self._closing or self._queued_rows >= self.max_batch_size:
-                return self._take()
-            if self.adaptive_delay and len(self._queue) < 2 and self._last_batch_requests < 2:
-                return self._take()  # nothing suggests a companion is coming: do not wait
-            remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
-            if remaining <= 0:
-                return self._take()
-            await self._wait(remaining)
+            if not (self._closing or queue.rows >= self.max_batch_size):
+                adaptive = self.adaptive_delay and len(queue) < 2 and self._last_batch_requests < 2
+                oldest = queue.oldest()
+                assert oldest is not None
+                now = time.monotonic()
+                remaining = oldest + self.max_queue_delay_s - now
+                if not adaptive and remaining > 0:  # adaptive: no companion is coming
+                    expiry = queue.next_expiry()
+                    await self._wait(remaining if expiry is None else min(remaining, expiry - now))
+                    continue
+            items = self._take()
+            if items:
+                return items
+
+    def _expire(self) -> None:
+        self._reject(self._queue.expire(time.monotonic()))
+
+    def _reject(self, items: list[_Item]) -> None:
+        for item in items:
+            self._m_deadline.inc()
+            if not item.future.done():
+                item.future.set_exception(
+                    DeadlineExceededError("the request's timeout passed while it was queued")
+                )
+        if items:
+            self._m_depth.set(len(self._queue))
 
     def _take(self) -> list[_Item]:
-        items: list[_Item] = []
-        rows = 0
-        while self._queue:
-            item = self._queue[0]
-            if items and rows + item.rows > self.max_batch_size:
-                break  # it starts the next batch
-            self._queue.popleft()
-            item.queued = False
-            items.append(item)
-            rows += item.rows
-        self._queued_rows -= rows
+        """The next batch; requests whose queue-policy timeout passed are rejected on the way."""
+        items, rejected = self._queue.take(self.max_batch_size, time.monotonic())
+        self._reject(rejected)
         self._last_batch_requests = len(items)
         self._m_depth.set(len(self._queue))
         return items
@@ -306,8 +350,6 @@ class Batcher:
         """A caller that hung up frees its queue slot at once, not when its batch forms."""
         if item.queued and item.future.cancelled():
             self._queue.remove(item)
-            item.queued = False
-            self._queued_rows -= item.rows
             self._m_cancelled.inc()
             self._m_depth.set(len(self._queue))
 
@@ -346,17 +388,15 @@ class Batcher:
                 live.append(item)
         if not live:
             return
-        stats = self.stats
-        for item in live:
-            waited = started - item.enqueued
+        waits = [started - item.enqueued for item in live]
+        for waited in waits:
             self._m_queue.observe(waited)
-            stats.queue_count += 1
-            stats.queue_ns += int(waited * 1e9)
         rows = sum(item.rows for item in live)
+        t0 = time.perf_counter_ns()
         batch = live[0].images if len(live) == 1 else np.concatenate([i.images for i in live])
+        t1 = time.perf_counter_ns()
         self._m_batch_size.observe(rows)
         assert self._loop is not None
-        t0 = time.perf_counter_ns()
         try:
             if rows <= self.inline_rows:
                 output = runtime.run(batch)
@@ -366,7 +406,7 @@ class Batcher:
         except Exception as exc:
             self._m_failed.inc()
             if self._tracing is not None:
-                elapsed = time.perf_counter_ns() - t0
+                elapsed = time.perf_counter_ns() - t1
                 self._tracing.record_batch(self.model, self.version, live, started, elapsed, exc)
             log.warning(
                 "model %s version %s: batch of %d rows failed: %s: %s",
@@ -374,21 +414,26 @@ class Batcher:
             )  # fmt: skip
             self._fail(live, exc)
             return
-        elapsed = time.perf_counter_ns() - t0
+        t2 = time.perf_counter_ns()
         if self._tracing is not None:
-            self._tracing.record_batch(self.model, self.version, live, started, elapsed, None)
-        self._m_ok.inc()
-        self._m_inferences.inc(rows)
-        self._m_compute.observe(elapsed / 1e9)
-        stats.execution_count += 1
-        stats.inference_count += rows
-        stats.compute_count += 1
-        stats.compute_ns += elapsed
+            self._tracing.record_batch(self.model, self.version, live, started, t2 - t1, None)
         offset = 0
         for item in live:
             if not item.future.done():  # cancelled callers are skipped, never set twice
                 item.future.set_result(output[offset : offset + item.rows])
             offset += item.rows
+        t3 = time.perf_counter_ns()
+        self._m_ok.inc()
+        self._m_inferences.inc(rows)
+        self._m_compute.observe((t2 - t1) / 1e9)
+        assembly, infer, split = t1 - t0, t2 - t1, t3 - t2
+        decoding = 0
+        for item, waited in zip(live, waits, strict=True):
+            timing = item.timing
+            if timing is not None:
+                decoding += int(timing.decode_ns * item.share)
+                timing.ran(rows, item.share, int(waited * 1e9), assembly, infer, split)
+        self.stats.batch(rows, assembly + decoding, infer, split)
 
     @staticmethod
     def _fail(items: list[_Item], exc: BaseException) -> None:

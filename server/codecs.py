@@ -63,11 +63,12 @@ def _check_datatype(datatype: str, what: str) -> np.dtype:
 
 def _from_bytes(data: bytes, dtype: np.dtype, shape: Sequence[int], what: str) -> np.ndarray:
     """Zero-copy view of little-endian bytes; the length must match the shape exactly."""
-    expected = math.prod(shape) * dtype.itemsize
+    count = math.prod(shape)
+    expected = count * dtype.itemsize
     if len(data) != expected:
         raise InvalidInputError(
-            f"{what}: shape {_shape_text(shape)} of {dtype_name(dtype)} needs {expected} bytes, "
-            f"got {len(data)}"
+            f"{what}: shape {_shape_text(shape)} of {dtype_name(dtype)} needs {expected} bytes "
+            f"({count} values), got {len(data)}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
@@ -85,6 +86,66 @@ class InferInputs:
 
     images: np.ndarray
     raw: bool
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A request's schedule-policy parameters (0: the model's defaults; server.queues)."""
+
+    priority: int = 0
+    timeout_us: int = 0
+
+
+# Parameters with a meaning of their own (Triton's reserved names, docs/protocol/
+# extension_parameters.md); any other is the caller's and travels unread.
+_SEQUENCE_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
+RESERVED_PREFIX = "triton_"
+# The one `triton_` name a request may carry (decoupled models: an empty last response). One
+# response answers each request here, so it changes nothing; perf_analyzer sends it.
+EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
+_PARAM_KINDS = ("int64_param", "bool_param", "string_param", "double_param")
+
+
+def request_schedule(request: grpc_service_pb2.ModelInferRequest) -> Schedule:
+    """The request's `priority` and `timeout`, its parameters checked as Triton checks them:
+    `priority` an int64 >= 0 or a uint64, `timeout` an int64 in microseconds (0 or less: none),
+    `sequence_*` the types the sequence extension gives them (a sequence is refused
+    UNIMPLEMENTED: the models are stateless), no `triton_` names but Triton's one allowed
+    (a bool), and every other parameter an int64, bool, string or double."""
+    priority = timeout_us = 0
+    for key, param in request.parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        if key == "priority":
+            if kind == "int64_param" and param.int64_param >= 0:
+                priority = param.int64_param
+            elif kind == "uint64_param":
+                priority = param.uint64_param
+            else:
+                raise InvalidInputError(
+                    "parameter 'priority' must be an int64 >= 0 or a uint64 (1 is the highest "
+                    "priority level, 0 the model's default)"
+                )
+        elif key == "timeout":
+            if kind != "int64_param":
+                raise InvalidInputError("parameter 'timeout' must be an int64, in microseconds")
+            timeout_us = max(param.int64_param, 0)
+        elif key == "sequence_id":
+            if kind not in ("int64_param", "string_param"):
+                raise InvalidInputError("parameter 'sequence_id' must be an int64 or a string")
+            if param.int64_param or param.string_param:
+                raise UnsupportedError(
+                    "sequence batching is not supported: the models are stateless"
+                )
+        elif key in _SEQUENCE_PARAMS or key == EMPTY_FINAL_RESPONSE:
+            if kind != "bool_param":
+                raise InvalidInputError(f"parameter {key!r} must be a bool")
+        elif key.startswith(RESERVED_PREFIX):
+            raise InvalidInputError(
+                f"parameter {key!r}: names starting with {RESERVED_PREFIX!r} are reserved"
+            )
+        elif kind not in _PARAM_KINDS:
+            raise InvalidInputError(f"parameter {key!r} must be an int64, bool, string or double")
+    return Schedule(priority, timeout_us)
 
 
 @dataclass(frozen=True)
@@ -114,6 +175,7 @@ def decode_infer_inputs(
         raise InvalidInputError(
             f"{what}: expected shape {expected_batch(input_shape)}, got {_shape_text(shape)}"
         )
+    _check_contents(tensor, request)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise InvalidInputError(
@@ -140,6 +202,27 @@ def decode_infer_inputs(
     return InferInputs(to_unit_float(pixels.reshape(shape)), raw=False)
 
 
+def _check_contents(
+    tensor: grpc_service_pb2.ModelInferRequest.InferInputTensor,
+    request: grpc_service_pb2.ModelInferRequest,
+) -> None:
+    """The protocol's MUST NOTs: typed contents beside raw_input_contents, or typed contents
+    in a field other than the datatype's."""
+    if not tensor.HasField("contents"):
+        return
+    if request.raw_input_contents:
+        raise InvalidInputError(
+            f"input {tensor.name!r}: contents must not be set when raw_input_contents is used"
+        )
+    expected = _CONTENTS_FIELD[tensor.datatype]
+    for field, values in tensor.contents.ListFields():
+        if field.name != expected and len(values):
+            raise InvalidInputError(
+                f"input {tensor.name!r}: {tensor.datatype} data goes in contents.{expected}, "
+                f"not contents.{field.name}"
+            )
+
+
 def requested_outputs(
     request: grpc_service_pb2.ModelInferRequest, num_classes: int
 ) -> list[RequestedOutput]:
@@ -147,6 +230,9 @@ def requested_outputs(
     if not request.outputs:
         return [RequestedOutput(OUTPUT_NAME)]
     outputs = []
+    names = [tensor.name for tensor in request.outputs]
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"output {OUTPUT_NAME!r} is requested more than once")
     for tensor in request.outputs:
         if tensor.name != OUTPUT_NAME:
             raise InvalidInputError(
@@ -157,12 +243,12 @@ def requested_outputs(
         count = 0
         if CLASSIFICATION_PARAM in tensor.parameters:
             param = tensor.parameters[CLASSIFICATION_PARAM]
-            kind = param.WhichOneof("parameter_choice")
-            count = int(getattr(param, kind)) if kind in ("int64_param", "uint64_param") else 0
+            if param.WhichOneof("parameter_choice") == "int64_param":
+                count = param.int64_param
             if count < 1:
                 raise InvalidInputError(
                     f"output {OUTPUT_NAME!r}: parameter {CLASSIFICATION_PARAM!r} must be an "
-                    "integer class count >= 1"
+                    "int64 class count >= 1"
                 )
         outputs.append(RequestedOutput(tensor.name, min(count, num_classes)))
     return outputs

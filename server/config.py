@@ -22,6 +22,9 @@ class Settings:
     host: str = "0.0.0.0"
     grpc_port: int = 8001
     metrics_port: int = 8002
+    # HTTP/REST KServe v2 beside gRPC, in the same processes; 0 picks a port like the others.
+    http_port: int = 8000
+    disable_http: bool = False
     device: str = "auto"
     log_format: str = "text"
     log_level: str = "info"
@@ -45,9 +48,11 @@ class Settings:
     enable_model_control: bool = False
     # Benchmarking only: every model answers uniform probabilities without computing.
     null_compute: bool = False
-    # gRPC message limit, both ways; 64 MiB fits a batch of 1024 CIFAR10 images in FP32.
+    # gRPC message limit, both ways, and HTTP request body limit; 64 MiB fits a batch of 1024
+    # CIFAR10 images in FP32.
     max_message_bytes: int = 64 * 1024 * 1024
-    # TLS for the gRPC port (PEM files); a client CA makes client certificates required.
+    # TLS for the gRPC and HTTP ports (PEM files); a client CA makes client certificates
+    # required.
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -73,8 +78,10 @@ class _Flag:
 
 _FLAGS = (
     _Flag("model_repository", Path, "Triton-layout model repository to serve (required)."),
-    _Flag("host", str, "Address to bind the gRPC and metrics servers to."),
+    _Flag("host", str, "Address to bind the gRPC, HTTP/REST and metrics servers to."),
     _Flag("grpc_port", int, "gRPC port (KServe v2, native API, health, reflection); 0 picks one."),
+    _Flag("http_port", int, "HTTP/REST port (KServe v2, as Triton serves it); 0 picks one."),
+    _Flag("disable_http", bool, "Serve no HTTP/REST port (gRPC and metrics only)."),
     _Flag("metrics_port", int, "HTTP port of the Prometheus /metrics endpoint; 0 picks one."),
     _Flag("device", str, "Where models run: auto uses a GPU when usable.", ("auto", "cpu", "cuda")),
     _Flag("log_format", str, "Log line format.", ("text", "json")),
@@ -100,8 +107,8 @@ _FLAGS = (
     _Flag("grace_period_s", float, "Seconds to finish accepted requests after SIGTERM/SIGINT."),
     _Flag("enable_model_control", bool, "Allow RepositoryModelLoad/Unload (default: refused)."),
     _Flag("null_compute", bool, "Benchmarking only: answer uniform probabilities, no compute."),
-    _Flag("max_message_bytes", int, "Largest gRPC message received or sent, in bytes."),
-    _Flag("tls_cert", Path, "PEM certificate chain of the gRPC port: serve TLS (with --tls-key)."),
+    _Flag("max_message_bytes", int, "Largest gRPC message or HTTP request body, in bytes."),
+    _Flag("tls_cert", Path, "PEM certificate chain: serve TLS on gRPC and HTTP (with --tls-key)."),
     _Flag("tls_key", Path, "PEM private key of --tls-cert."),
     _Flag("tls_client_ca", Path, "PEM CA bundle: require client certificates it signed (mTLS)."),
     _Flag("auth_tokens_file", Path, "Bearer tokens, one per line: TOKEN [infer|admin]."),
@@ -243,7 +250,7 @@ def parse_settings(
 
 
 def _validate(parser: argparse.ArgumentParser, settings: Settings) -> None:
-    for name in ("grpc_port", "metrics_port"):
+    for name in ("grpc_port", "http_port", "metrics_port"):
         if not 0 <= getattr(settings, name) <= 65535:
             parser.error(f"{name.replace('_', '-')} must be between 0 and 65535")
     for f in fields(settings):

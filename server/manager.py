@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modelrepo.config import ModelConfig
-from server.batcher import Batcher, ModelStats
+from server.batcher import Batcher
 from server.config import Settings
 from server.errors import InvalidInputError, ModelNotFoundError, ModelUnavailableError
 from server.loading import (
@@ -30,6 +30,7 @@ from server.loading import (
     prepare_version,
 )
 from server.metrics import Metrics
+from server.modelstats import ModelStats, Timing
 from server.repository import ModelSpec, RepositoryError, model_names, read_model
 
 __all__ = ["ModelManager", "ModelState", "ModelStats", "PreparedLoad", "ServedModel"]
@@ -108,6 +109,7 @@ class ServedModel:
             stats=self.stats,
             adaptive_delay=settings.adaptive_batch_delay,
             inline_rows=loaded.inline_rows,
+            schedule=spec.schedule,
         )
         self.inline_rows = loaded.inline_rows
 
@@ -121,25 +123,43 @@ class ServedModel:
     def start(self) -> None:
         self._batcher.start()
 
-    async def infer(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """images: float32 (N, C, H, W) in [0, 1]; deadline: time.monotonic() seconds or None.
+    async def infer(
+        self,
+        images: np.ndarray,
+        deadline: float | None = None,
+        *,
+        priority: int = 0,
+        timeout_us: int = 0,
+        timing: Timing | None = None,
+    ) -> np.ndarray:
+        """images: float32 (N, C, H, W) in [0, 1]; deadline: time.monotonic() seconds or None;
+        priority and timeout_us: the schedule-policy parameters (0: the model's defaults).
 
         Returns float32 (N, num_classes), row i answering image i. Raises QueueFullError,
         DeadlineExceededError, ModelUnavailableError, or the runtime's exception for the batch.
+
+        With `timing` the caller encodes the answer and records the request itself
+        (`stats.succeeded` or `stats.failed`, see server.api.common.record); without, the
+        request is recorded here, as answered once its rows are back.
         """
-        started = time.perf_counter_ns()
-        stats = self.stats
+        own = timing is None
+        clock = Timing() if timing is None else timing
+        if own:
+            clock.decoded()
         try:
-            result = await self._batcher.submit(self._checked(images), deadline)
+            result = await self._batcher.submit(
+                self._checked(images), deadline, priority=priority, timeout_us=timeout_us,
+                timing=clock,
+            )  # fmt: skip
         except asyncio.CancelledError:
             raise
         except Exception:
-            stats.fail_count += 1
-            stats.fail_ns += time.perf_counter_ns() - started
+            if own:
+                self.stats.failed(clock)
             raise
-        stats.success_count += 1
-        stats.success_ns += time.perf_counter_ns() - started
-        stats.last_inference_ms = int(time.time() * 1000)
+        clock.answered = time.perf_counter_ns()
+        if own:
+            self.stats.succeeded(clock)
         return result
 
     def _checked(self, images: np.ndarray) -> np.ndarray:

@@ -54,7 +54,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}_requests",
-            "Inference requests answered, by model, version, API and gRPC status code.",
+            "Inference requests answered, by model, version, API (kserve, http, native) and "
+            "gRPC status code (HTTP requests too: server.api.status maps them to HTTP statuses).",
             (*MODEL_LABELS, "api", "code"),
             registry=r,
         )
@@ -167,7 +168,8 @@ class Metrics:
         )
         self.auth_rejections = Counter(
             f"{PREFIX}_auth_rejections",
-            "gRPC calls refused by token authentication (UNAUTHENTICATED, PERMISSION_DENIED).",
+            "Calls (gRPC or HTTP) refused by token authentication (UNAUTHENTICATED, "
+            "PERMISSION_DENIED).",
             ("code",),
             registry=r,
         )

@@ -27,6 +27,7 @@ from modelrepo.layout import (
 from modelrepo.precision import PrecisionError, precision_of
 from server.config import Settings
 from server.errors import ModelNotFoundError
+from server.queues import QueuePolicy, SchedulePolicy
 from wire import model_config_pb2
 
 # Triton's backend names, accepted where a config names a backend instead of a platform.
@@ -53,6 +54,7 @@ class ModelSpec:
     num_classes: int
     max_batch_size: int
     max_queue_delay_us: int
+    schedule: SchedulePolicy  # dynamic_batching's priority levels and queue policies
     instance_count: int
     device_pref: str  # "auto" | "cpu" | "cuda"
     versions: tuple[int, ...]  # versions to load, ascending
@@ -153,6 +155,7 @@ def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
     if config.dynamic_batching.max_queue_delay_microseconds == 0:
         # proto3 cannot tell 0 from unset: 0 means "the server's default".
         config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    schedule = schedule_policy(config.dynamic_batching)
     groups = list(config.instance_group)
     if any(g.count < 0 for g in groups):
         raise RepositoryError("instance_group count cannot be negative")
@@ -172,10 +175,53 @@ def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
         num_classes=num_classes,
         max_batch_size=config.max_batch_size,
         max_queue_delay_us=config.dynamic_batching.max_queue_delay_microseconds,
+        schedule=schedule,
         instance_count=instance_count,
         device_pref="cpu" if cpu_only else settings.device,
         versions=tuple(versions),
         missing_versions=tuple(missing),
+    )
+
+
+def schedule_policy(batching: model_config_pb2.ModelDynamicBatching) -> SchedulePolicy:
+    """Triton's schedule policy of `dynamic_batching`, checked as Triton checks it.
+
+    Without `default_queue_policy` the `timeout` parameter keeps its meaning here (override
+    allowed, server.queues); a policy that is given is read as Triton reads it.
+    """
+    levels = batching.priority_levels
+    default_level = batching.default_priority_level
+    if levels and not 1 <= default_level <= levels:
+        raise RepositoryError(
+            f"dynamic_batching default_priority_level {default_level} must be in "
+            f"[1, priority_levels {levels}]"
+        )
+    if not levels and default_level:
+        raise RepositoryError("dynamic_batching default_priority_level needs priority_levels")
+    for level in batching.priority_queue_policy:
+        if not 1 <= level <= levels:
+            raise RepositoryError(
+                f"dynamic_batching priority_queue_policy level {level} must be in "
+                f"[1, priority_levels {levels}]"
+            )
+    default = (
+        _queue_policy(batching.default_queue_policy)
+        if batching.HasField("default_queue_policy")
+        else QueuePolicy()
+    )
+    per_level = {
+        int(level): _queue_policy(policy)
+        for level, policy in batching.priority_queue_policy.items()
+    }
+    return SchedulePolicy(int(levels), int(default_level), default, per_level)
+
+
+def _queue_policy(policy: model_config_pb2.ModelQueuePolicy) -> QueuePolicy:
+    return QueuePolicy(
+        max_queue_size=policy.max_queue_size,
+        default_timeout_us=policy.default_timeout_microseconds,
+        allow_timeout_override=policy.allow_timeout_override,
+        delay=policy.timeout_action == model_config_pb2.ModelQueuePolicy.DELAY,
     )
 
 

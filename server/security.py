@@ -1,13 +1,16 @@
-"""Who may call the gRPC port: TLS (optionally mutual) credentials and bearer tokens.
+"""Who may call the gRPC and HTTP/REST ports: TLS (optionally mutual) and bearer tokens.
 
 Everything is read and checked once at start: a missing file, a certificate without its key,
 a key that does not match, or a malformed tokens file stops the server with a one-line
-reason instead of failing every handshake or call later.
+reason instead of failing every handshake or call later. Both ports take the same
+certificates and the same tokens with the same scopes.
 
-Tokens are checked by a server interceptor. Probes stay open (grpc.health.v1, reflection,
-and the KServe ServerLive/ServerReady, which orchestrators and load balancers call without
-credentials); repository calls (index, load, unload) need an admin token; every other
-method needs an infer or admin token. Refusals say nothing about which token or why.
+Tokens are checked by a server interceptor on gRPC and by a middleware on HTTP
+(server.api.rest). Probes stay open (grpc.health.v1, reflection, and the KServe
+ServerLive/ServerReady, GET /v2/health/live and /v2/health/ready, which orchestrators and
+load balancers call without credentials); repository calls (index, load, unload) need an
+admin token; every other call needs an infer or admin token. Refusals say nothing about
+which token or why.
 """
 
 from __future__ import annotations
@@ -74,6 +77,18 @@ def required_scope(method: str) -> Scope | None:
     return Scope.ADMIN if method in ADMIN_METHODS else Scope.INFER
 
 
+# The HTTP/REST equivalents: the health probes are open, the repository extension is admin's.
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+ADMIN_PATH_PREFIX = "/v2/repository/"
+
+
+def required_http_scope(path: str) -> Scope | None:
+    """The scope an HTTP/REST path needs; None when open."""
+    if path in OPEN_PATHS:
+        return None
+    return Scope.ADMIN if path.startswith(ADMIN_PATH_PREFIX) else Scope.INFER
+
+
 # --- TLS ---
 
 
@@ -110,8 +125,8 @@ def _check_key_pair(cert: Path, key: Path) -> None:
         raise SecurityConfigError(f"--tls-key {key} {reason}") from None
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials of the gRPC port, None for plain TCP; raises SecurityConfigError."""
+def _check_tls_files(settings: Settings) -> bool:
+    """Check the TLS settings and files; whether TLS is on. Raises SecurityConfigError."""
     cert, key, client_ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
     if cert is None and key is None:
         if client_ca is not None:
@@ -119,19 +134,46 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
                 "--tls-client-ca needs --tls-cert and --tls-key: "
                 "client certificates are only checked over TLS"
             )
-        return None
+        return False
     if cert is None or key is None:
         given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key", "--tls-cert")
         raise SecurityConfigError(f"{given} needs {missing}: TLS takes a certificate and its key")
-    chain, private_key = _read("--tls-cert", cert), _read("--tls-key", key)
-    _check_certificates("--tls-cert", cert, chain)
+    _check_certificates("--tls-cert", cert, _read("--tls-cert", cert))
+    _read("--tls-key", key)
     _check_key_pair(cert, key)
-    roots = None
     if client_ca is not None:
-        roots = _read("--tls-client-ca", client_ca)
-        _check_certificates("--tls-client-ca", client_ca, roots)
+        _check_certificates("--tls-client-ca", client_ca, _read("--tls-client-ca", client_ca))
+    return True
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The HTTP port's TLS: the gRPC port's certificate, key and client CAs; None for plain
+    TCP. Raises SecurityConfigError."""
+    if not _check_tls_files(settings):
+        return None
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca is not None:
+        context.load_verify_locations(cafile=str(settings.tls_client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials of the gRPC port, None for plain TCP; raises SecurityConfigError."""
+    if not _check_tls_files(settings):
+        return None
+    cert, key, client_ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
+    assert cert is not None and key is not None
+    roots = None if client_ca is None else _read("--tls-client-ca", client_ca)
     return grpc.ssl_server_credentials(
-        [(private_key, chain)], root_certificates=roots, require_client_auth=roots is not None
+        [(_read("--tls-key", key), _read("--tls-cert", cert))],
+        root_certificates=roots,
+        require_client_auth=roots is not None,
     )
 
 
@@ -205,6 +247,10 @@ class TokenAuthenticator(grpc.aio.ServerInterceptor):
         for code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             rejections.labels(code.name)  # both series exist from the start, at 0
 
+    def refused(self, code: grpc.StatusCode) -> None:
+        """Count a refusal (either transport)."""
+        self._rejections.labels(code.name).inc()
+
     def scope_of(self, token: str | None) -> Scope | None:
         """The scope of `token`; compares it with every known token, whatever matches."""
         if token is None:
@@ -229,7 +275,7 @@ class TokenAuthenticator(grpc.aio.ServerInterceptor):
             code, message = grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE
         else:
             return handler
-        self._rejections.labels(code.name).inc()
+        self.refused(code)
         return _refusal(handler, details.method, code, message)
 
 
@@ -264,10 +310,13 @@ def _refusal(
 
 @dataclass(frozen=True)
 class Security:
-    """What start-up needs: the port's credentials and the interceptors of the server."""
+    """What start-up needs: the gRPC port's credentials and interceptors, the HTTP port's TLS
+    context and the token check both use."""
 
     credentials: grpc.ServerCredentials | None
     interceptors: tuple[grpc.aio.ServerInterceptor, ...]
+    ssl_context: ssl.SSLContext | None = None
+    tokens: TokenAuthenticator | None = None
 
     def add_port(self, server: grpc.aio.Server, address: str) -> int:
         if self.credentials is None:
@@ -278,16 +327,19 @@ class Security:
 def load(settings: Settings, rejections: Counter) -> Security:
     """Read and check the TLS files and tokens; logs what protects the port."""
     credentials = server_credentials(settings)
+    context = None if settings.disable_http else ssl_context(settings)
     tokens = load_tokens(settings)
-    interceptors = (TokenAuthenticator(tokens, rejections),) if tokens else ()
+    authenticator = TokenAuthenticator(tokens, rejections) if tokens else None
+    interceptors = (authenticator,) if authenticator is not None else ()
     transport = "plain TCP"
     if credentials is not None:
         transport = "TLS, client certificates required" if settings.tls_client_ca else "TLS"
     auth = f"{len(tokens)} bearer token(s)" if tokens else "no authentication"
-    log.info("gRPC port security: %s, %s", transport, auth)
+    ports = "gRPC port" if settings.disable_http else "gRPC and HTTP ports"
+    log.info("%s security: %s, %s", ports, transport, auth)
     if tokens and credentials is None:
         log.warning(
             "bearer tokens travel in clear text without TLS: anyone on the network path can "
             "read and reuse them; serve TLS with --tls-cert and --tls-key"
         )
-    return Security(credentials, interceptors)
+    return Security(credentials, interceptors, context, authenticator)

@@ -1,7 +1,8 @@
 """KServe statistics (the statistics extension): one worker's share, and the sum of shares.
 
-Each worker counts what it served; with several workers the one asked sums every worker's
-share (server.cluster), so ModelStatistics answers for the whole server.
+Each worker counts what it served (server.modelstats says what each figure measures); with
+several workers the one asked sums every worker's share (server.cluster), batch_stats by
+batch size, so ModelStatistics answers for the whole server.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
+from server.modelstats import Duration
 from wire import grpc_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -38,7 +40,6 @@ def local_statistics(manager: ModelManager, name: str, version: str) -> list[pb.
 
 def _statistics(served: ServedModel) -> pb.ModelStatistics:
     s = served.stats
-    duration = pb.StatisticDuration
     return pb.ModelStatistics(
         name=served.name,
         version=str(served.version),
@@ -46,12 +47,29 @@ def _statistics(served: ServedModel) -> pb.ModelStatistics:
         inference_count=s.inference_count,
         execution_count=s.execution_count,
         inference_stats=pb.InferStatistics(
-            success=duration(count=s.success_count, ns=s.success_ns),
-            fail=duration(count=s.fail_count, ns=s.fail_ns),
-            queue=duration(count=s.queue_count, ns=s.queue_ns),
-            compute_infer=duration(count=s.compute_count, ns=s.compute_ns),
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
+            compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
+            cache_hit=pb.StatisticDuration(),
+            cache_miss=pb.StatisticDuration(),
         ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(batch.compute_input),
+                compute_infer=_duration(batch.compute_infer),
+                compute_output=_duration(batch.compute_output),
+            )
+            for size, batch in sorted(s.batches.items())
+        ],
     )
+
+
+def _duration(duration: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=duration.count, ns=duration.ns)
 
 
 def merge(shares: Iterable[Sequence[pb.ModelStatistics]]) -> list[pb.ModelStatistics]:
@@ -66,6 +84,8 @@ def merge(shares: Iterable[Sequence[pb.ModelStatistics]]) -> list[pb.ModelStatis
                 total.CopyFrom(stats)
             else:
                 _add(total, stats)
+    for total in totals.values():
+        total.batch_stats.sort(key=lambda entry: entry.batch_size)
     return [totals[key] for key in sorted(totals, key=_order)]
 
 

@@ -10,7 +10,8 @@ it: clients that want several cores open several channels.
 
 The supervisor owns the workers' lifecycle and nothing else: it never answers a call, loads a
 model or touches a metric. It
-- reserves the ports: it binds, and never listens on, a SO_REUSEPORT socket per port, so that
+- reserves the ports (gRPC, metrics and, unless --disable-http, HTTP/REST): it binds, and
+  never listens on, a SO_REUSEPORT socket per port, so that
   port 0 becomes one port for every worker and the ports stay the server's while a worker
   restarts; a port that another program holds is refused before any worker starts;
 - makes a private run folder (mode 0700) for the workers' control sockets, the model-control
@@ -41,13 +42,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from server.app import LISTENING_PREFIX, StartupError, hostport, started_line
+from server.app import StartupError, hostport, http_url, listening_line, started_line
 from server.config import Settings
 from server.metrics import MULTIPROCESS_ENV
+from server.sockets import bind_tcp
 from server.worker import BOUND, ROLE_ENV, WorkerRole
 from server.worker import STARTED as WORKER_STARTED
 
@@ -76,32 +79,23 @@ def reserve_port(host: str, port: int, what: str) -> socket.socket:
 
     Raises StartupError when another program already holds the port.
     """
-    where = hostport(host, port)
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        if port:  # without SO_REUSEPORT: fails if anyone holds it, even another such group
+            bind_tcp(host, port, reuse_port=False).close()
+        return bind_tcp(host, port, reuse_port=True)
     except OSError as exc:
-        raise StartupError(f"cannot listen for {what} on {where}: {exc.strerror or exc}") from None
+        where = hostport(host, port)
+        reason = exc.strerror or str(exc)
+        raise StartupError(f"cannot listen for {what} on {where}: {reason}") from None
 
-    def bound(reuse_port: bool) -> socket.socket:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and host in ("::", "[::]"):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # as gRPC binds
-            sock.bind(address)
-        except OSError as exc:
-            sock.close()
-            reason = exc.strerror or str(exc)
-            raise StartupError(f"cannot listen for {what} on {where}: {reason}") from None
-        return sock
 
-    if port:  # without SO_REUSEPORT: fails if anyone holds it, even another such group
-        bound(reuse_port=False).close()
-    return bound(reuse_port=True)
+@dataclass(frozen=True)
+class _Ports:
+    """The ports the supervisor reserved, which every worker serves (http 0: off)."""
+
+    grpc: int
+    metrics: int
+    http: int
 
 
 class Supervisor:
@@ -119,35 +113,42 @@ class Supervisor:
         self._whole = False
         self._grpc_at = ""
         self._metrics_at = ""
+        self._http_url = ""
 
     async def run(self) -> int:
         settings = self.settings
-        grpc_socket = reserve_port(settings.host, settings.grpc_port, "gRPC")
+        wanted = [("gRPC", settings.grpc_port), ("metrics", settings.metrics_port)]
+        if not settings.disable_http:
+            wanted.append(("HTTP", settings.http_port))
+        sockets: list[socket.socket] = []
         try:
-            metrics_socket = reserve_port(settings.host, settings.metrics_port, "metrics")
+            for what, port in wanted:
+                sockets.append(reserve_port(settings.host, port, what))
         except StartupError:
-            grpc_socket.close()
+            for sock in sockets:
+                sock.close()
             raise
-        grpc_port, metrics_port = grpc_socket.getsockname()[1], metrics_socket.getsockname()[1]
+        grpc_port, metrics_port, *http = (sock.getsockname()[1] for sock in sockets)
+        ports = _Ports(grpc_port, metrics_port, http[0] if http else 0)
         self._grpc_at = hostport(settings.host, grpc_port)
         self._metrics_at = hostport(settings.host, metrics_port)
+        self._http_url = http_url(settings, ports.http) if ports.http else ""
         run_dir = Path(tempfile.mkdtemp(prefix="imgserve-"))  # mode 0700
         (run_dir / "metrics").mkdir()
         try:
             self._on_signals()
             log.info(
-                "starting %d workers on grpc %s and metrics %s",
-                self.count, self._grpc_at, self._metrics_at,
+                "starting %d workers on grpc %s, http %s and metrics %s",
+                self.count, self._grpc_at, self._http_url or "(off)", self._metrics_at,
             )  # fmt: skip
             keepers = [
-                asyncio.create_task(self._keep(i, run_dir, grpc_port, metrics_port))
-                for i in range(self.count)
+                asyncio.create_task(self._keep(i, run_dir, ports)) for i in range(self.count)
             ]
             await self._stop.wait()
             statuses = await self._wait_for(keepers)
         finally:
-            grpc_socket.close()
-            metrics_socket.close()
+            for sock in sockets:
+                sock.close()
             shutil.rmtree(run_dir, ignore_errors=True)
         if self._failed:
             return 1
@@ -166,13 +167,13 @@ class Supervisor:
 
     # -- one worker, kept running --------------------------------------------------------
 
-    async def _keep(self, index: int, run_dir: Path, grpc_port: int, metrics_port: int) -> int:
+    async def _keep(self, index: int, run_dir: Path, ports: _Ports) -> int:
         """Run worker `index` until the server stops, restarting it when it dies."""
         cause: str | None = None
         failures = 0
         while True:
             began = time.monotonic()
-            returncode = await self._run_once(index, run_dir, grpc_port, metrics_port, cause)
+            returncode = await self._run_once(index, run_dir, ports, cause)
             if self._stopping:
                 return returncode
             cause = cause_of(returncode)
@@ -193,20 +194,19 @@ class Supervisor:
                 continue
             return returncode
 
-    async def _run_once(
-        self, index: int, run_dir: Path, grpc_port: int, metrics_port: int, cause: str | None
-    ) -> int:
+    async def _run_once(self, index: int, run_dir: Path, ports: _Ports, cause: str | None) -> int:
         notify_r, notify_w = os.pipe()
         lifeline_r, lifeline_w = os.pipe()
         role = WorkerRole(
             index=index,
             count=self.count,
             run_dir=str(run_dir),
-            grpc_port=grpc_port,
-            metrics_port=metrics_port,
+            grpc_port=ports.grpc,
+            metrics_port=ports.metrics,
             notify_fd=notify_w,
             lifeline_fd=lifeline_r,
             restart_cause=cause,
+            http_port=ports.http,
         )
         env = {**os.environ, ROLE_ENV: role.to_env(), MULTIPROCESS_ENV: str(run_dir / "metrics")}
         try:
@@ -252,8 +252,8 @@ class Supervisor:
         if kind == BOUND and not self._bound:
             self._bound = True
             log.info(
-                "%s%s metrics http://%s/metrics; %d workers loading models from %s",
-                LISTENING_PREFIX, self._grpc_at, self._metrics_at, self.count,
+                "%s; %d workers loading models from %s",
+                listening_line(self._grpc_at, self._metrics_at, self._http_url), self.count,
                 self.settings.model_repository,
             )  # fmt: skip
         elif kind == WORKER_STARTED:

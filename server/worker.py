@@ -38,6 +38,7 @@ class WorkerRole:
     lifeline_fd: int
     # Why the previous worker of this index died; None in the first start.
     restart_cause: str | None = None
+    http_port: int = 0  # 0: HTTP/REST is off
 
     @property
     def restarted(self) -> bool:

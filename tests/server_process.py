@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modelrepo.config import load_config, write_config
 from modelrepo.layout import CONFIG_FILE
-from server.app import STARTED, hostport, parse_listening
+from server.app import STARTED, hostport, parse_listening, parse_rest_port
 from wire import classifier_pb2, grpc_service_pb2
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ class ServerProcess:
         self.command = [
             sys.executable, "-m", "server",
             "--model-repository", str(repository),
-            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
             "--grace-period-s", str(grace_period_s),
             *workers,
             *args,
@@ -63,6 +63,7 @@ class ServerProcess:
         self.host = "127.0.0.1"
         self.grpc_port = 0
         self.metrics_port = 0
+        self.http_port = 0  # 0 until started, and with --disable-http
         self.process: subprocess.Popen[str] | None = None
         self._lines: list[str] = []
         self._changed = threading.Condition()
@@ -84,8 +85,8 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         try:
-            self.host, self.grpc_port, self.metrics_port = self.wait_for_line(
-                parse_listening, "the ports it listens on", timeout
+            (self.host, self.grpc_port, self.metrics_port), self.http_port = self.wait_for_line(
+                _ports, "the ports it listens on", timeout
             )
             if self.until_started:
                 self.wait_for(re.compile(re.escape(STARTED)), timeout)
@@ -191,6 +192,16 @@ class ServerProcess:
         return hostport(self.host, self.grpc_port)
 
     @property
+    def http_url(self) -> str:
+        """The HTTP/REST API's base URL (plain HTTP; TLS tests build their own)."""
+        return f"http://{hostport(self.host, self.http_port)}"
+
+    @property
+    def http_target(self) -> str:
+        """HOST:PORT of the HTTP/REST API, as tritonclient.http takes it."""
+        return hostport(self.host, self.http_port)
+
+    @property
     def metrics_url(self) -> str:
         return f"http://{hostport(self.host, self.metrics_port)}/metrics"
 
@@ -212,6 +223,12 @@ class ServerProcess:
             for (sample, sample_labels), value in self.metrics().items()
             if sample == name and wanted <= set(sample_labels)
         )
+
+
+def _ports(line: str) -> tuple[tuple[str, int, int], int] | None:
+    """((host, gRPC port, metrics port), HTTP port) of the server's LISTENING line."""
+    found, rest = parse_listening(line), parse_rest_port(line)
+    return None if found is None or rest is None else (found, rest)
 
 
 class ServerGroup:

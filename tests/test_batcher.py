@@ -20,6 +20,8 @@ from server.errors import (
     QueueFullError,
 )
 from server.metrics import Metrics
+from server.modelstats import Timing
+from server.queues import QueuePolicy, SchedulePolicy
 from server.runtimes import Runtime, create_runtime
 
 MODEL, VERSION = "fashion_mnist", "1"
@@ -76,6 +78,7 @@ def make_batcher(
     max_batch_size: int = 64,
     delay_s: float = 0.005,
     max_queue_size: int = 1024,
+    schedule: SchedulePolicy | None = None,
 ) -> Batcher:
     batcher = Batcher(
         runtimes if isinstance(runtimes, list) else [runtimes],
@@ -85,6 +88,7 @@ def make_batcher(
         max_queue_delay_s=delay_s,
         max_queue_size=max_queue_size,
         metrics=metrics,
+        schedule=schedule,
     )
     batcher.start()
     return batcher
@@ -415,3 +419,100 @@ def test_idle_batcher_does_not_poll(runtime: Runtime) -> None:
         loop.close()
     assert polled >= 20  # the count sees polling (about 100 wake-ups when idle otherwise)
     assert idle <= 5, idle  # the sleep's own timer (2 wake-ups); a 100 ms poller would be 10
+
+
+def test_high_priority_requests_overtake_queued_low_priority_ones(runtime: Runtime) -> None:
+    """One instance, one image per batch, 30 ms per batch: the order answers come back in is
+    the order the queue hands them out."""
+    metrics = Metrics()
+    slow = Slow(runtime, 0.03)
+    schedule = SchedulePolicy(levels=2, default_level=2)
+
+    async def main() -> list[str]:
+        batcher = make_batcher(slow, metrics, max_batch_size=1, delay_s=0.0, schedule=schedule)
+        done: list[str] = []
+
+        async def ask(name: str, priority: int) -> None:
+            await batcher.submit(images(1), priority=priority)
+            done.append(name)
+
+        low = [asyncio.ensure_future(ask(f"low{i}", 0)) for i in range(5)]
+        await asyncio.sleep(0.01)  # low0 is computing, low1..4 wait
+        high = [asyncio.ensure_future(ask(f"high{i}", 1)) for i in range(2)]
+        await asyncio.gather(*low, *high)
+        await batcher.close()
+        return done
+
+    done = asyncio.run(main())
+    assert done == ["low0", "high0", "high1", "low1", "low2", "low3", "low4"]
+
+
+def test_a_full_priority_level_refuses_while_others_still_take_requests(runtime: Runtime) -> None:
+    metrics = Metrics()
+    schedule = SchedulePolicy(levels=2, default_level=2, default=QueuePolicy(max_queue_size=1))
+
+    async def main() -> None:
+        batcher = make_batcher(runtime, metrics, delay_s=30.0, schedule=schedule)
+        queued = [asyncio.ensure_future(batcher.submit(images(1), priority=p)) for p in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="priority level 2"):
+            await batcher.submit(images(1), priority=2)
+        with pytest.raises(InvalidInputError, match="at most 64 images"):
+            await batcher.submit(images(65), priority=2)  # two chunks never fit level 2
+        await batcher.close()
+        await asyncio.gather(*queued)
+
+    asyncio.run(main())
+
+
+def test_a_timeout_passing_in_the_queue_rejects_the_request(runtime: Runtime) -> None:
+    metrics = Metrics()
+    slow = Slow(runtime, 0.1)
+
+    async def main() -> None:
+        batcher = make_batcher(slow, metrics, max_batch_size=1, delay_s=0.0)
+        first = asyncio.ensure_future(batcher.submit(images(1)))
+        await asyncio.sleep(0.01)  # computing for 100 ms
+        with pytest.raises(DeadlineExceededError, match="timeout passed while it was queued"):
+            await batcher.submit(images(1), timeout_us=20_000)
+        await first
+        await batcher.close()
+
+    asyncio.run(main())
+    assert slow.batches == 1  # the expired request never ran
+    assert sample(metrics, "requests_dropped_total", reason="deadline") == 1
+
+
+def test_batches_are_timed_per_batch_size_and_per_request(runtime: Runtime) -> None:
+    metrics = Metrics()
+
+    async def main() -> tuple[Batcher, list[Timing]]:
+        batcher = make_batcher(Slow(runtime, 0.02), metrics, max_batch_size=4, delay_s=0.0)
+        timings = [Timing() for _ in range(4)]
+        for timing in timings:
+            timing.decoded()
+        first = asyncio.ensure_future(batcher.submit(images(1), timing=timings[0]))
+        await asyncio.sleep(0.005)  # computing alone; the next three queue behind it
+        await asyncio.gather(
+            first, *(batcher.submit(images(1), timing=timings[i]) for i in (1, 2, 3))
+        )
+        big = Timing()
+        await batcher.submit(images(6), timing=big)  # chunks of 4 and 2
+        await batcher.close()
+        return batcher, [*timings, big]
+
+    batcher, timings = asyncio.run(main())
+    stats = batcher.stats
+    assert sorted(stats.batches) == [1, 2, 3, 4]
+    assert [stats.batches[size].compute_infer.count for size in (1, 2, 3, 4)] == [1, 1, 1, 1]
+    for batch in stats.batches.values():
+        counts = {batch.compute_input.count, batch.compute_infer.count, batch.compute_output.count}
+        assert counts == {1}
+        assert batch.compute_infer.ns >= 15_000_000  # the runtime's 20 ms
+        assert batch.compute_input.ns > 0 and batch.compute_output.ns > 0  # measured
+    assert (stats.execution_count, stats.inference_count) == (4, 10)
+    assert timings[0].batches == [(1, 1.0)]
+    assert [t.batches for t in timings[1:4]] == [[(3, 1.0)]] * 3
+    assert timings[1].queue_ns >= 10_000_000  # waited behind the first batch
+    assert timings[4].batches == [(4, 4 / 6), (2, 2 / 6)]  # one request, two batches
+    assert timings[4].infer_ns >= 2 * 15_000_000

@@ -4,7 +4,8 @@
   repository into a named volume; the servers below serve that volume.
 - The server image, run as the README runs it (read-only root filesystem, /tmp in memory, the
   repository read-only): it runs as a non-root user, becomes healthy by its own HEALTHCHECK,
-  answers tritonclient with the reference outputs the export wrote, serves /metrics, and on
+  answers tritonclient (gRPC, and HTTP on its HTTP port) with the reference outputs the export
+  wrote, serves /metrics, and on
   `docker stop` (Docker's default timeout) finishes with exit code 0 while answering requests.
   Its size is reported and kept down.
 - The server image run with the Deployment's container settings (user and group, read-only
@@ -49,6 +50,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as httpclient
 from deploy_tools import (
     DEPLOY,
     ROOT,
@@ -426,7 +428,8 @@ def server(docker: Docker, server_image: Image, repository: str) -> Iterator[Con
     docker(
         "run", "--detach", "--name", container.name, "--read-only", "--tmpfs", "/tmp",
         "--volume", f"{repository}:/models:ro",
-        "--publish", "127.0.0.1::8001", "--publish", "127.0.0.1::8002", server_image.tag,
+        "--publish", "127.0.0.1::8000", "--publish", "127.0.0.1::8001",
+        "--publish", "127.0.0.1::8002", server_image.tag,
     )  # fmt: skip
     try:
         healthy = container.wait_healthy(timeout=180)
@@ -444,6 +447,17 @@ def infer(target: str, model: str, images: np.ndarray) -> np.ndarray:
         wanted = [triton.InferRequestedOutput(OUTPUT_NAME)]
         result = client.infer(model, [given], outputs=wanted, client_timeout=30)
         return result.as_numpy(OUTPUT_NAME)
+    finally:
+        client.close()
+
+
+def infer_http(address: str, model: str, images: np.ndarray) -> np.ndarray:
+    """The same call over HTTP/REST, with tritonclient.http."""
+    client = httpclient.InferenceServerClient(address)
+    try:
+        given = httpclient.InferInput(INPUT_NAME, list(images.shape), "FP32")
+        given.set_data_from_numpy(images.astype(np.float32))
+        return client.infer(model, [given]).as_numpy(OUTPUT_NAME)
     finally:
         client.close()
 
@@ -504,6 +518,7 @@ def test_server_answers_tritonclient_with_the_reference_outputs(
     assert inputs.shape[1:] == SHAPES[model] and len(inputs) == len(expected)
     answered = infer(server.address(8001), model, inputs)
     np.testing.assert_allclose(answered, expected, atol=1e-4)
+    np.testing.assert_allclose(infer_http(server.address(8000), model, inputs), answered, atol=1e-6)
 
 
 def test_server_serves_metrics(server: Container) -> None:
@@ -663,6 +678,7 @@ def test_deployment_serves_on_its_declared_ports(
     ports = {port["name"]: port["containerPort"] for port in spec["ports"]}
     settings = config_map("imgserve-config")
     assert ports == {
+        "http": int(settings["SERVER_HTTP_PORT"]),
         "grpc": int(settings["SERVER_GRPC_PORT"]),
         "metrics": int(settings["SERVER_METRICS_PORT"]),
     }
@@ -675,6 +691,10 @@ def test_deployment_serves_on_its_declared_ports(
             kube_server.address(ports["grpc"]), model, np.zeros((1, *SHAPES[model]))
         )
         assert probabilities.shape == (1, 10)
+        over_http = infer_http(
+            kube_server.address(ports["http"]), model, np.zeros((1, *SHAPES[model]))
+        )
+        np.testing.assert_allclose(over_http, probabilities, atol=1e-6)
     assert "imgserve_model_ready" in metrics(kube_server.address(ports["metrics"]))
 
 
@@ -760,7 +780,8 @@ def stack(
         f"services:\n"
         f"  trainer:\n    image: {trainer_image.tag}\n"
         f"  server:\n    image: {server_image.tag}\n"
-        f"    ports: !override\n      - 127.0.0.1::8001\n      - 127.0.0.1::8002\n"
+        f"    ports: !override\n      - 127.0.0.1::8000\n      - 127.0.0.1::8001\n"
+        f"      - 127.0.0.1::8002\n"
         f"  prometheus:\n    ports: !override\n      - 127.0.0.1::9090\n"
     )
     files = [COMPOSE, override]
@@ -795,6 +816,8 @@ def test_compose_trains_then_serves_the_trained_repository(stack: Stack, docker:
         probabilities = infer(server.address(8001), model, np.zeros((3, *SHAPES[model])))
         assert probabilities.shape == (3, 10)
         np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+        over_http = infer_http(server.address(8000), model, np.zeros((3, *SHAPES[model])))
+        np.testing.assert_allclose(over_http, probabilities, atol=1e-6)
 
 
 def test_compose_prometheus_scrapes_the_server_and_evaluates_the_alert_rules(

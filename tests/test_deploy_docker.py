@@ -110,7 +110,7 @@ def test_server_images_run_the_server_as_a_non_root_user(dockerfile: Any, target
     steps = stage(dockerfile, target)
     users = [rest for keyword, rest in steps if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
-    assert ("EXPOSE", "8001 8002") in steps
+    assert ("EXPOSE", "8000 8001 8002") in steps
     env = " ".join(rest for keyword, rest in steps if keyword == "ENV")
     assert "SERVER_MODEL_REPOSITORY=/models" in env
     cmd = [json.loads(rest) for keyword, rest in steps if keyword == "CMD"]
@@ -228,13 +228,14 @@ def test_compose_stack_is_valid_and_wired() -> None:
     models = [v for v in server["volumes"] if v["source"] == "models"]
     assert models and models[0]["target"] == "/models" and models[0]["read_only"]
     assert server["environment"]["SERVER_MODEL_REPOSITORY"] == "/models"
-    assert {p["target"] for p in server["ports"]} == {8001, 8002}
+    assert {p["target"] for p in server["ports"]} == {8000, 8001, 8002}
+    assert server["environment"]["SERVER_HTTP_PORT"] == "8000"
 
 
 def test_compose_publishes_ports_on_loopback_only() -> None:
     services = compose_config(COMPOSE)["services"]
     published = [(name, p) for name, s in services.items() for p in s.get("ports", [])]
-    assert {p["target"] for _, p in published} == {8001, 8002, 9090, 3000}
+    assert {p["target"] for _, p in published} == {8000, 8001, 8002, 9090, 3000}
     for name, port in published:
         assert port["host_ip"] == "127.0.0.1", (name, port)
 

@@ -118,10 +118,11 @@ def test_ports_and_probes_agree_with_the_settings(base: Any) -> None:
     server = container(base["Deployment"], "server")
     assert server["envFrom"] == [{"configMapRef": {"name": base["ConfigMap"]["metadata"]["name"]}}]
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert ports == {"grpc": int(settings["SERVER_GRPC_PORT"]), "metrics": 8002}
+    assert ports == {"http": 8000, "grpc": int(settings["SERVER_GRPC_PORT"]), "metrics": 8002}
     assert ports["metrics"] == int(settings["SERVER_METRICS_PORT"])
+    assert ports["http"] == int(settings["SERVER_HTTP_PORT"])
     service_ports = {p["name"]: p for p in base["Service"]["spec"]["ports"]}
-    assert set(service_ports) == {"grpc", "metrics"}
+    assert set(service_ports) == {"http", "grpc", "metrics"}
     for name, port in service_ports.items():
         assert port["targetPort"] == name and port["port"] == ports[name]
     for probe in ("startupProbe", "readinessProbe"):
@@ -404,6 +405,36 @@ def test_kserve_runtimes_serve_grpc_v2_with_the_formats_their_image_runs(
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "servingruntime-container"},
+        "spec": {"containers": spec["containers"]},
+    }
+    validate(tmp_path, {"Pod": pod})
+
+
+def test_the_http_runtime_routes_v2_to_the_http_port(tmp_path: Path) -> None:
+    """KServe routes one port per predictor: HTTP/REST has a runtime of its own, the CPU
+    runtime's image and settings with `v2` on the HTTP port."""
+    grpc_runtime = yaml_document(KSERVE / "servingruntime.yaml")["spec"]
+    runtime = yaml_document(KSERVE / "servingruntime-http.yaml")
+    assert runtime["kind"] == "ServingRuntime" and runtime["metadata"]["name"] == "imgserve-http"
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["v2"]
+    assert spec["supportedModelFormats"] == grpc_runtime["supportedModelFormats"]
+    (server,), (grpc_server,) = spec["containers"], grpc_runtime["containers"]
+    assert server["image"] == grpc_server["image"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    grpc_env = {e["name"]: e["value"] for e in grpc_server["env"]}
+    assert {k: v for k, v in grpc_env.items() if k != "SERVER_GRPC_PORT"}.items() <= env.items()
+    (port,) = server["ports"]
+    assert port["name"] == "http1" and port["containerPort"] == int(env["SERVER_HTTP_PORT"])
+    probe = server["readinessProbe"]["httpGet"]
+    assert probe == {"path": "/v2/health/ready", "port": port["containerPort"]}
+    check_probe_patience(server)
+    assert server["resources"] == grpc_server["resources"]
+    assert server["securityContext"] == grpc_server["securityContext"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "servingruntime-http-container"},
         "spec": {"containers": spec["containers"]},
     }
     validate(tmp_path, {"Pod": pod})

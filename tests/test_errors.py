@@ -177,10 +177,10 @@ def _no_data(request: pb.ModelInferRequest) -> None:
         (_rename_input, "expected exactly one input named 'input' of shape [N,1,28,28] (N>=1)"),
         (_reshape, "input 'input': expected shape [N,1,28,28] (N>=1), got [2,3,28,28]"),
         (_retype, "expected datatype FP32 (pixels in [0,1]) or UINT8 (0..255), got 'INT32'"),
-        (_truncate, "shape [1,1,28,28] of FP32 needs 3136 bytes, got 3132"),
+        (_truncate, "shape [1,1,28,28] of FP32 needs 3136 bytes (784 values), got 3132"),
         (_second_input, "expected exactly one input named 'input'"),
         (_unknown_output, "unknown output 'logits': this model has one output, 'probabilities'"),
-        (_bad_class_count, "'classification' must be an integer class count >= 1"),
+        (_bad_class_count, "'classification' must be an int64 class count >= 1"),
         (_no_data, "needs 784 values in contents.fp32_contents"),
     ],
 )

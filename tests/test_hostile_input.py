@@ -192,7 +192,7 @@ def _mutate_infer(draw: st.DrawFn, request: pb.ModelInferRequest, which: int) ->
             tensor.contents.uint_contents[:] = [draw(st.integers(256, 2**32 - 1))] * math.prod(
                 tensor.shape
             )
-        case 10 if tensor is not None:  # raw and typed at once: raw wins, typed is ignored
+        case 10 if tensor is not None:  # raw and typed at once: the protocol forbids it
             tensor.contents.fp32_contents.extend(draw(st.lists(FLOATS, max_size=4)))
         case 11:
             request.raw_input_contents.append(draw(st.binary(max_size=8)))
@@ -258,7 +258,9 @@ def _kserve_expectation(request: pb.ModelInferRequest) -> tuple[str, np.ndarray 
         return "invalid", None
     dtype = np.dtype("<f4") if tensor.datatype == "FP32" else np.dtype("u1")
     count = math.prod(shape)
-    if request.raw_input_contents:  # raw wins over typed contents
+    if request.raw_input_contents and tensor.HasField("contents"):
+        return "invalid", None  # contents MUST NOT be set beside raw_input_contents
+    if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             return "invalid", None
         raw = request.raw_input_contents[0]
@@ -274,6 +276,8 @@ def _kserve_expectation(request: pb.ModelInferRequest) -> tuple[str, np.ndarray 
         if len(values) != count or (tensor.datatype == "UINT8" and any(v > 255 for v in values)):
             return "invalid", None
         pixels = np.array(values, dtype).reshape(shape)
+    if len({output.name for output in request.outputs}) != len(request.outputs):
+        return "invalid", None  # an output asked for twice
     for output in request.outputs:
         if output.name != "probabilities":
             return "invalid", None

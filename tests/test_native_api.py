@@ -183,7 +183,7 @@ def test_bad_images_are_invalid_argument(stub: classifier_pb2_grpc.ClassifierStu
         "expected shape [1,28,28] (C,H,W), got [3,28,28]": [
             pb.Image(tensor=pb.Tensor(shape=[3, 28, 28], datatype="UINT8", data=bytes(2352)))
         ],
-        "needs 784 bytes, got 10": [
+        "needs 784 bytes (784 values), got 10": [
             pb.Image(tensor=pb.Tensor(shape=[1, 28, 28], datatype="UINT8", data=bytes(10)))
         ],
         "expected at least one image": [],

@@ -125,7 +125,7 @@ def test_server_exits_with_the_reason(pki: Pki, tmp_path: Path) -> None:
     The files are checked before any model loads, so an empty repository folder will do.
     """
     argv = ["--model-repository", str(tmp_path), "--host", "127.0.0.1"]
-    argv += ["--metrics-port", "0"]
+    argv += ["--metrics-port", "0", "--http-port", "0"]
     argv += ["--grpc-port", "0", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.ca)]
     done = subprocess.run(
         [sys.executable, "-m", "server", *argv],

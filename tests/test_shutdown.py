@@ -170,17 +170,20 @@ def _run_server(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_port_in_use_is_a_clear_error(repository: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("what", ["gRPC", "HTTP"])
+def test_port_in_use_is_a_clear_error(repository: Path, what: str, workers: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
+        port = str(taken.getsockname()[1])
+        ports = {"gRPC": "0", "HTTP": "0", what: port}
         result = _run_server(
-            "--model-repository", str(repository), "--host", "127.0.0.1",
-            "--grpc-port", str(port), "--metrics-port", "0",
+            "--model-repository", str(repository), "--host", "127.0.0.1", "--workers", workers,
+            "--grpc-port", ports["gRPC"], "--http-port", ports["HTTP"], "--metrics-port", "0",
         )  # fmt: skip
     assert result.returncode == 1
-    assert f"cannot listen for gRPC on 127.0.0.1:{port}" in result.stderr
+    assert f"cannot listen for {what} on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -21,7 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_process import ServerProcess, copy_repository, set_batching
 
 from modelrepo.layout import CONFIG_FILE, INPUT_NAME
-from server.app import LISTENING_PREFIX, STARTED, hostport, parse_listening
+from server.app import (
+    LISTENING_PREFIX,
+    STARTED,
+    hostport,
+    listening_line,
+    parse_listening,
+    parse_rest_port,
+)
 from wire import grpc_service_pb2 as pb
 
 KSERVE = "/inference.GRPCInferenceService"
@@ -86,6 +93,16 @@ def test_listening_line_parser_reads_text_and_json_lines() -> None:
         "",
     ):
         assert parse_listening(other) is None
+        assert parse_rest_port(other) is None
+
+
+def test_listening_line_names_the_http_port_or_says_it_is_off() -> None:
+    line = listening_line("127.0.0.1:1", "127.0.0.1:2", "https://127.0.0.1:3")
+    assert parse_listening(line) == ("127.0.0.1", 1, 2) and parse_rest_port(line) == 3
+    off = listening_line("[::]:1", "[::]:2", "") + "; loading models from /srv/models"
+    assert parse_listening(off) == ("::", 1, 2) and parse_rest_port(off) == 0
+    v6 = listening_line("[::1]:1", "[::1]:2", "http://[::1]:8000") + "; 2 workers loading"
+    assert parse_rest_port(v6) == 8000
 
 
 # -- a bad config costs only its model -------------------------------------------------------

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from server import codecs
-from server.api.common import ApiState, answer_concurrently, generic_handler
+from server.api.common import ApiState, answer_concurrently, generic_handler, recorded
 from server.api.status import Call, deadline_of, describe, guarded
+from server.modelstats import Timing
 from wire import classifier_pb2 as pb
 
 if TYPE_CHECKING:
@@ -75,16 +76,26 @@ class ClassifierServicer:
     async def _classify(
         self, request: pb.ClassifyRequest, deadline: float | None, call: Call
     ) -> pb.ClassifyResponse:
-        served, images = await self._decode(request, call)
-        probabilities = await served.infer(images, deadline)
-        response = pb.ClassifyResponse(
-            model=served.name, version=str(served.version), id=request.id
-        )
-        codecs.add_classifications(response.results, probabilities, served.labels, request.top_k)
-        return response
+        timing = Timing()
+        served = self._state.resolve(request.model, request.version, call)
+        try:
+            served, images = await self._decode(request, served, call)
+        except Exception:  # images that cannot be decoded: a failed request of the model
+            served.stats.failed(timing)
+            raise
+        with recorded(served, timing):
+            timing.decoded()
+            probabilities = await served.infer(images, deadline, timing=timing)
+            response = pb.ClassifyResponse(
+                model=served.name, version=str(served.version), id=request.id
+            )
+            codecs.add_classifications(
+                response.results, probabilities, served.labels, request.top_k
+            )
+            return response
 
     async def _decode(
-        self, request: pb.ClassifyRequest, call: Call
+        self, request: pb.ClassifyRequest, served: ServedModel, call: Call
     ) -> tuple[ServedModel, np.ndarray]:
         """The version to ask and the request's images decoded for its input shape.
 
@@ -93,7 +104,6 @@ class ClassifierServicer:
         again afterwards, so the version serving by then answers instead of a refusal.
         """
         resolve = self._state.resolve
-        served = resolve(request.model, request.version, call)
         if codecs.decode_cost(request.images) <= DECODE_INLINE_COST:
             return served, codecs.decode_images(request.images, served.input_shape)
         images = await asyncio.to_thread(codecs.decode_images, request.images, served.input_shape)

@@ -1,10 +1,12 @@
-"""What both APIs share: model resolution (with draining), streaming fan-out, registration."""
+"""What the APIs share: model resolution (with draining), request statistics, streaming
+fan-out, registration."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +22,7 @@ from server.metrics import Metrics
 if TYPE_CHECKING:
     from server.cluster import Cluster
     from server.manager import ModelManager, ServedModel
+    from server.modelstats import Timing
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +51,18 @@ class ApiState:
     def __post_init__(self) -> None:
         self.request_metrics = RequestMetrics(self.metrics)
 
-    def call(self, api: str, context: grpc.aio.ServicerContext | None) -> Call:
+    def call(
+        self,
+        api: str,
+        context: grpc.aio.ServicerContext | None,
+        *,
+        name: str = "",
+        carrier: Iterable[tuple[str, Any]] | None = None,
+    ) -> Call:
+        """The request's metrics (and, with tracing on, its span: `name` and `carrier`, the
+        headers holding the caller's trace context, for transports other than gRPC)."""
         if tracing.ACTIVE is not None:  # all that tracing costs while it is off
-            return TracedCall(self.request_metrics, api, context)
+            return TracedCall(self.request_metrics, api, context, name=name, carrier=carrier)
         return Call(self.request_metrics, api, context)
 
     def resolve(self, name: str, version: str, call: Call) -> ServedModel:
@@ -71,6 +83,18 @@ class ApiState:
     def ready(self) -> bool:
         """This worker's readiness (the server's is cluster.view().ready)."""
         return self.manager.all_ready and not self.draining
+
+
+@contextlib.contextmanager
+def recorded(served: ServedModel, timing: Timing) -> Iterator[None]:
+    """Count the request in `served`'s statistics: a success once the block ends (the
+    answer encoded), a failure if it raises; a cancelled request is neither."""
+    try:
+        yield
+    except Exception:
+        served.stats.failed(timing)
+        raise
+    served.stats.succeeded(timing)
 
 
 class Undecodable:

@@ -1,4 +1,8 @@
-"""The one table from core exceptions to gRPC status codes, and the wrappers that apply it.
+"""The one table from core exceptions to status codes, and the wrappers that apply it.
+
+Core exceptions map to gRPC status codes; the HTTP/REST API answers the same code as its
+HTTP status (HTTP_STATUS: Triton's for the codes Triton has, the usual gRPC-to-HTTP mapping
+for the others), so both transports report an error alike.
 
 Servicer methods raise the core's exceptions (server.errors) and never build a status
 themselves: `guarded` turns an exception into the mapped status, and anything unexpected
@@ -50,6 +54,20 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
     ModelControlDisabledError: grpc.StatusCode.FAILED_PRECONDITION,
 }
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
 _LOGGED = "_imgserve_logged"
 INTERNAL_MESSAGE = "internal error while serving the request (details are in the server log)"
 REQUEST_ID_KEY = "x-request-id"
@@ -96,23 +114,36 @@ def request_id_of(context: grpc.aio.ServicerContext) -> str:
     """The caller's `x-request-id` when it is usable, else a new id (the caller's is logged)."""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY:
-            request_id = valid_request_id(value)
-            if request_id is not None:
-                return request_id
-            replacement = new_request_id()
-            log.debug(
-                "x-request-id %.64r is not 1..128 printable ASCII characters; using %s",
-                value, replacement,
-            )  # fmt: skip
-            return replacement
+            return choose_request_id(value)
     return new_request_id()
+
+
+def choose_request_id(value: str | bytes | None) -> str:
+    """The caller's id when it is usable, else a new one (the unusable one is logged)."""
+    if value is None:
+        return new_request_id()
+    request_id = valid_request_id(value)
+    if request_id is not None:
+        return request_id
+    replacement = new_request_id()
+    log.debug(
+        "x-request-id %.64r is not 1..128 printable ASCII characters; using %s",
+        value, replacement,
+    )  # fmt: skip
+    return replacement
+
+
+def answer_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    """What every answer carries besides its payload: its request id, and with several
+    workers the worker that gave it."""
+    return ((REQUEST_ID_KEY, request_id), *_worker_metadata)
 
 
 def _start(context: grpc.aio.ServicerContext) -> None:
     """Name the request in this task's log lines; its status will tell the caller its id."""
     request_id = request_id_of(context)
     REQUEST_ID.set(request_id)  # the RPC's own task: nothing to reset afterwards
-    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id), *_worker_metadata))
+    context.set_trailing_metadata(answer_metadata(request_id))
 
 
 def guarded(method: F) -> F:

@@ -1,0 +1,180 @@
+"""The KServe v2 / Open Inference Protocol operations, whichever transport carried the call.
+
+Both the gRPC servicer (server.api.inference) and the HTTP/REST one (server.api.rest) convert
+their wire format to and from the protocol's messages (wire.grpc_service_pb2, the protocol's
+own schema) and call these, so the two answer alike: same validation, same statistics, same
+errors (the core's exceptions; each transport maps them with server.api.status).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import metadata
+from typing import TypeVar
+
+from modelrepo.layout import INPUT_NAME, OUTPUT_NAME
+from server import codecs
+from server.api.common import ApiState, recorded
+from server.api.health import Health
+from server.api.status import Call
+from server.errors import (
+    ModelControlDisabledError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    UnsupportedError,
+)
+from server.modelstats import Timing
+from wire import grpc_service_pb2 as pb
+
+SERVER_NAME = "imgserve"
+# The protocol extensions this server implements, by their Triton names (binary_tensor_data
+# is HTTP's: gRPC always carries raw bytes).
+EXTENSIONS = (
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "schedule_policy",
+    "statistics",
+)
+MODEL_CONTROL_DISABLED = "model control is disabled; start the server with --enable-model-control"
+
+T = TypeVar("T")
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version(SERVER_NAME)
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _same(response: pb.ModelInferResponse) -> pb.ModelInferResponse:
+    return response
+
+
+class KServe:
+    """The protocol's operations on the core (this worker's models, the whole server)."""
+
+    def __init__(self, state: ApiState, health: Health, model_control: bool = False) -> None:
+        self._state = state
+        self._health = health
+        self._model_control = model_control
+        self.version = _server_version()
+
+    # --- health and metadata ---
+
+    async def server_ready(self) -> bool:
+        if self._state.draining:
+            return False
+        return (await self._state.cluster.view()).ready
+
+    async def model_ready(self, name: str, version: str) -> bool:
+        try:
+            served = self._state.manager.get(name, version)
+        except (ModelNotFoundError, ModelUnavailableError):
+            return False
+        if self._state.draining:
+            return False
+        view = await self._state.cluster.view()
+        return view.model_ready(served.name, str(served.version))
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self.version, extensions=EXTENSIONS
+        )
+
+    def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        manager = self._state.manager
+        served = manager.get(name, version)
+        versions = [str(m.version) for m in manager.served() if m.name == served.name]
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=served.name,
+            versions=versions if not version else [str(served.version)],
+            platform=served.platform,
+            inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, *served.input_shape])],
+            outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, served.num_classes])],
+        )
+
+    def model_config(self, name: str, version: str) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=self._state.manager.get(name, version).config)
+
+    async def statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+        stats = await self._state.cluster.statistics(name, version)
+        return pb.ModelStatisticsResponse(model_stats=stats)
+
+    # --- model repository extension ---
+
+    async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        view = await self._state.cluster.view()
+        return pb.RepositoryIndexResponse(
+            models=[
+                entry(name=s.name, version=s.version, state=s.state, reason=s.reason)
+                for s in view.index()
+                if not ready_only or s.state == "READY"
+            ]
+        )
+
+    async def load(self, name: str, overridden: bool) -> None:
+        """`overridden`: the call carries a config or files to load instead (unsupported)."""
+        self._check_model_control()
+        if overridden:
+            raise UnsupportedError(
+                "loading with a config override or files is not supported; "
+                "edit the repository and load by name"
+            )
+        try:
+            await self._state.cluster.load(name)
+        finally:
+            await self._health.refresh()
+
+    async def unload(self, name: str) -> None:
+        # `unload_dependents` means nothing here: models have no dependents.
+        self._check_model_control()
+        try:
+            await self._state.cluster.unload(name)
+        finally:
+            await self._health.refresh()
+
+    def _check_model_control(self) -> None:
+        if not self._model_control:
+            raise ModelControlDisabledError(MODEL_CONTROL_DISABLED)
+
+    # --- inference ---
+
+    async def infer(
+        self,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        call: Call,
+        *,
+        timing: Timing | None = None,
+        raw_outputs: bool | None = None,
+        render: Callable[[pb.ModelInferResponse], T] = _same,  # type: ignore[assignment]
+    ) -> T:
+        """Answer one inference request.
+
+        `timing`: the request's clock, when the transport started it before its own decoding
+        (that counts as compute_input); `raw_outputs`: answer in raw_output_contents (None:
+        as the request came); `render`: turns the response into the transport's answer, timed
+        as compute_output.
+        """
+        timing = Timing() if timing is None else timing
+        served = self._state.resolve(request.model_name, request.model_version, call)
+        with recorded(served, timing):
+            schedule = codecs.request_schedule(request)
+            inputs = codecs.decode_infer_inputs(request, served.input_shape)
+            outputs = codecs.requested_outputs(request, served.num_classes)
+            timing.decoded()
+            probabilities = await served.infer(
+                inputs.images, deadline,
+                priority=schedule.priority, timeout_us=schedule.timeout_us, timing=timing,
+            )  # fmt: skip
+            response = pb.ModelInferResponse(
+                model_name=served.name, model_version=str(served.version), id=request.id
+            )
+            raw = inputs.raw if raw_outputs is None else raw_outputs
+            codecs.encode_infer_outputs(response, probabilities, outputs, served.labels, raw)
+            return render(response)
