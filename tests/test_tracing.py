@@ -205,6 +205,32 @@ def test_the_request_span_joins_the_callers_trace_with_its_stages(
     assert compute.attributes["imgserve.model.version"] == "1"
 
 
+def test_an_http_request_joins_the_callers_trace_from_its_headers(
+    server: ServerProcess, receiver: OtlpReceiver
+) -> None:
+    """The same span over HTTP/REST: traceparent and tracestate come as headers."""
+    caller = Caller()
+    pixels = images(2)
+    body = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(pixels.shape),
+                     "data": pixels.ravel().tolist()}]}
+    ).encode()  # fmt: skip
+    request = urllib.request.Request(
+        f"{server.http_url}/v2/models/{MODEL}/infer",
+        data=body,
+        headers={"Content-Type": "application/json", **dict(caller.metadata)},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+    spans = spans_of(receiver, caller, 5)
+    span = request_span(spans)
+    assert span.name == f"POST /v2/models/{MODEL}/infer"
+    assert span.parent_span_id == caller.span_id
+    assert span.attributes["imgserve.request_id"] == caller.request_id
+    assert span.attributes["imgserve.images"] == 2
+    assert sorted(children(spans, span)) == ["compute", "decode", "encode", "queue"]
+
+
 def test_the_batch_span_is_linked_from_every_request_that_rode_in_it(
     server: ServerProcess, receiver: OtlpReceiver
 ) -> None:
