@@ -1,4 +1,5 @@
-"""The model repository contract: config.pbtxt as Triton writes it, version folders, labels."""
+"""The model repository contract: config.pbtxt as Triton writes it, version
+folders, labels, and the parameters the server reads."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from tritonclient.grpc import model_config_pb2 as triton_config
 
 from modelrepo.config import ConfigError, data_type_name, load_config, parse_config, write_config
 from modelrepo.layout import list_versions, next_version, read_labels, write_labels
+from server.config import Settings
+from server.repository import RepositoryError, read_model
 
 # A config as a Triton user writes it: fields this server does not use are mixed in.
 TRITON_CONFIG = """
@@ -81,3 +84,36 @@ def test_version_folders_and_labels(tmp_path: Path) -> None:
     write_labels(model / "labels.txt", ["T-shirt/top", "Trouser"])
     (model / "labels.txt").write_text((model / "labels.txt").read_text() + "\n\n")
     assert read_labels(model / "labels.txt") == ["T-shirt/top", "Trouser"]
+
+
+# --- intra_op_thread_count: Triton's onnxruntime backend parameter ---------------------------
+
+
+def _model_folder(repository: Path, name: str, platform: str, threads: str | None) -> None:
+    model = repository / name
+    (model / "1").mkdir(parents=True)
+    text = (
+        f'platform: "{platform}" max_batch_size: 8\n'
+        'input [ { name: "input" data_type: TYPE_FP32 dims: [1, 28, 28] } ]\n'
+        'output [ { name: "probabilities" data_type: TYPE_FP32 dims: [10] } ]\n'
+    )
+    if threads is not None:
+        text += (
+            f'parameters {{ key: "intra_op_thread_count" value {{ string_value: "{threads}" }} }}\n'
+        )
+    (model / "config.pbtxt").write_text(text)
+
+
+def test_the_config_sets_onnxruntime_threads_per_model(tmp_path: Path) -> None:
+    settings = Settings(model_repository=tmp_path, intra_op_threads=1)
+    _model_folder(tmp_path, "own", "onnxruntime_onnx", "3")
+    _model_folder(tmp_path, "default", "onnxruntime_onnx", None)
+    # torch's threads belong to the process: a TorchScript model keeps the server's.
+    _model_folder(tmp_path, "torch", "pytorch_libtorch", "3")
+    assert read_model(tmp_path, "own", settings).intra_op_threads == 3
+    assert read_model(tmp_path, "default", settings).intra_op_threads == 1
+    assert read_model(tmp_path, "torch", settings).intra_op_threads == 1
+    for bad in ("two", "-1", "1.5", "100000"):
+        _model_folder(tmp_path, f"bad{bad}", "onnxruntime_onnx", bad)
+        with pytest.raises(RepositoryError, match="intra_op_thread_count must be a number"):
+            read_model(tmp_path, f"bad{bad}", settings)
