@@ -121,11 +121,16 @@ def check_answer(address: str, request: pb.ModelInferRequest, images: int) -> No
         raise BenchError(f"{address} answered {rows.shape[0]} rows that are not probabilities")
 
 
+def h2load_time(seconds: float) -> str:
+    """A duration as h2load reads it: it refuses fractions of a second ("0.5"), not "500ms"."""
+    return f"{round(seconds * 1000)}ms"
+
+
 def run_h2load(address: str, frame_file: Path, args: argparse.Namespace) -> tuple[float, int, int]:
     """(req/s, succeeded, failed) of one h2load run against `address`."""
     command = [
         "h2load", "-c", str(args.connections), "-m", str(args.streams), "-t", "1",
-        f"--duration={args.duration:g}", f"--warm-up-time={args.warmup:g}",
+        f"--duration={h2load_time(args.duration)}", f"--warm-up-time={h2load_time(args.warmup)}",
         "-H", "content-type: application/grpc", "-H", "te: trailers",
         "-d", str(frame_file), f"http://{address}{PATH}",
     ]  # fmt: skip
