@@ -1,12 +1,19 @@
 """`python -m benchmarks [options]` runs the suite; `python -m benchmarks compare ...` the
 side-by-side load generator; `python -m benchmarks workers ...` the worker-count sweep with a
-lean load generator; `python -m benchmarks precision ...` fp32 against fp16/int8."""
+lean load generator; `python -m benchmarks precision ...` fp32 against fp16/int8; `python -m
+benchmarks tune ...` the serving settings that suit this machine."""
 
 import sys
 
 from benchmarks import compare, lean, precision, suite
+from benchmarks.tune import cli as tune
 
-SUBCOMMANDS = {"compare": compare.main, "workers": lean.main, "precision": precision.main}
+SUBCOMMANDS = {
+    "compare": compare.main,
+    "workers": lean.main,
+    "precision": precision.main,
+    "tune": tune.main,
+}
 
 
 def main(argv: list[str]) -> int:
