@@ -23,9 +23,15 @@ from generated_models import write_fixed_batch_model
 from server_process import PROJECT_ROOT, ServerProcess, copy_repository
 
 from benchmarks.tune.apply import Refused, apply_config
-from benchmarks.tune.cli import finals_measurements
 from benchmarks.tune.load import LoadPoint, PointResult
-from benchmarks.tune.search import MEASURED, REJECTED, Budget, Search, Trial
+from benchmarks.tune.search import (
+    MEASURED,
+    REJECTED,
+    Budget,
+    Search,
+    Trial,
+    finals_measurements,
+)
 from benchmarks.tune.space import Setting, Space, default_space, powers_of_two
 from modelrepo.config import parse_config
 from modelrepo.config_edit import set_value
@@ -293,9 +299,9 @@ def test_search_finds_the_best_setting_without_trying_them_all() -> None:
     assert len(tried) <= 20 < space().size()  # 405 settings
     assert Setting(2, 2, 1, 8, 0) not in outcome.finalists  # rejected: never a contender
     assert all(s.max_batch_size != 128 for s in outcome.finalists)  # over the p99 budget
-    # The finals took the measurements the budget keeps for them: 3, then 2.
-    assert sum(1 for _, round_ in machine.measured if round_) == finals_measurements(3) == 5
-    assert outcome.final_rounds == 2 and [m.dimension for m in outcome.moves][:2] == [
+    # The finals took the measurements the budget keeps for them: 3, then 2 twice.
+    assert sum(1 for _, round_ in machine.measured if round_) == finals_measurements(3) == 7
+    assert outcome.final_rounds == 3 and [m.dimension for m in outcome.moves][:2] == [
         "workers",
         "instances",
     ]
@@ -319,7 +325,7 @@ def test_search_stays_within_its_budget() -> None:
 
 
 def test_finals_halve_the_challengers_each_round() -> None:
-    assert [finals_measurements(n) for n in (1, 2, 3, 4, 5)] == [0, 2, 5, 9, 10]
+    assert [finals_measurements(n) for n in (1, 2, 3, 4, 5)] == [0, 6, 7, 9, 10]
 
 
 def test_default_space_follows_the_machine() -> None:

@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import math
 import shlex
 import sys
 import threading
@@ -84,6 +83,7 @@ from benchmarks.tune.search import (
     Search,
     Trial,
     early_stop,
+    finals_measurements,
     score,
 )
 from benchmarks.tune.servers import OWN_FLAGS, Rejected, Servers
@@ -299,17 +299,6 @@ def _context(
         "space": space.as_dict(),
         "server_args": list(args.server_args_list),
     }
-
-
-def finals_measurements(finalists: int) -> int:
-    """Measurements the finals take: the start and the challengers, halving round by round."""
-    challengers, total = finalists - 1, 0
-    while challengers > 0:
-        total += 1 + challengers
-        if challengers == 1:
-            break
-        challengers = math.ceil(challengers / 2)
-    return total
 
 
 class Progress:

@@ -12,10 +12,10 @@
    EARLY_STOP_RATIO of the best so far's throughput there.
 3. Finals (successive halving): the start and the best challengers of the search are
    measured again, round after round, interleaved; after each round the worse half of the
-   challengers leaves, until one challenger faces the start. Figures are medians of a
-   setting's rounds (the search's included). A challenger replaces the start only if it
-   still beats it by more than min_gain: on a noisy machine a single lucky measurement does
-   not rewrite a config.
+   challengers leaves, until one challenger faces the start, for FINAL_PAIR_ROUNDS rounds
+   in all. Figures are medians of a setting's rounds (the search's included). A challenger
+   replaces the start only if it still beats it by more than min_gain: on a noisy machine a
+   single lucky measurement does not rewrite a config.
 
 Score: the geometric mean over load points of images/s relative to the start's, so every load
 point counts alike whatever its scale. A setting meets the budget when its p99 at every load
@@ -38,6 +38,10 @@ MEASURED, STOPPED, REJECTED = "measured", "stopped early", "rejected"
 # A point this far below the best setting so far there ends the measurement.
 EARLY_STOP_RATIO = 0.5
 MAX_PASSES = 3
+# The last challenger and the start are measured in this many rounds of the finals (budget
+# permitting; the search's round besides): a median of several rounds, since one round on a
+# shared machine can be off by tens of percent.
+FINAL_PAIR_ROUNDS = 3
 
 
 @dataclass
@@ -110,6 +114,19 @@ def early_stop(
     if result.images_per_s < EARLY_STOP_RATIO * best:
         return f"{result.images_per_s / best:.2f}x the best setting's images/s at {point.label}"
     return None
+
+
+def finals_measurements(finalists: int) -> int:
+    """Measurements the finals take (the start and the challengers, halving round by round,
+    the last pair for FINAL_PAIR_ROUNDS rounds): what the budget keeps for them."""
+    challengers, rounds, total = finalists - 1, 0, 0
+    while challengers > 0:
+        rounds += 1
+        total += 1 + challengers
+        if challengers == 1 and rounds >= FINAL_PAIR_ROUNDS:
+            break
+        challengers = math.ceil(challengers / 2)
+    return total
 
 
 class Budget:
@@ -318,8 +335,10 @@ class Search:
             shift = round_ % len(group)  # each round in another order: drift falls on all
             for setting in group[shift:] + group[:shift]:
                 self._run(setting, round_, None)
-            if len(challengers) == 1:
+            if len(challengers) == 1 and round_ >= FINAL_PAIR_ROUNDS:
                 break
+            if len(challengers) == 1:
+                continue
             reference = self.evaluation(self.start)
             challengers.sort(key=lambda s: self.rank(self.evaluation(s), reference), reverse=True)
             challengers = challengers[: math.ceil(len(challengers) / 2)]
