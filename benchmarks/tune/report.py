@@ -151,6 +151,23 @@ def workers_advice(workers: int, cpus: int) -> str:
     return f"serve with --workers {workers} (or SERVER_WORKERS={workers})"
 
 
+def noise(outcome: Outcome) -> tuple[str, float] | None:
+    """The largest ratio between two rounds of the start at one load point (highest images/s
+    over lowest): what the machine's own variation was during the run."""
+    rounds = [t for t in outcome.trials if t.setting == outcome.start and t.status == MEASURED]
+    if len(rounds) < 2:
+        return None
+    spreads = []
+    for label in rounds[0].points:
+        rates = [t.points[label].images_per_s for t in rounds]
+        if min(rates) > 0:
+            spreads.append((max(rates) / min(rates), label))
+    if not spreads:
+        return None
+    ratio, label = max(spreads)
+    return label, ratio
+
+
 def explain(
     outcome: Outcome,
     points: Sequence[LoadPoint],
@@ -216,6 +233,18 @@ def explain(
     else:
         parts.append(
             "No other setting completed a measurement within the budget, so there were no finals."
+        )
+    spread = noise(outcome)
+    if spread is not None:
+        label, ratio = spread
+        parts.append(
+            f"The start's own rounds differed by up to {ratio:.2f}x in images/s (at {label}): "
+            + (
+                f"more than the {min_gain:.0%} margin, so smaller differences between single "
+                "rounds are noise on this machine (the finals' medians are steadier)."
+                if ratio - 1 > min_gain
+                else f"within the {min_gain:.0%} margin."
+            )
         )
     parts.append(
         f"{tried} setting(s) were tried in {elapsed_s:.0f} s of the {budget_s:g} s budget"
