@@ -28,8 +28,10 @@ from benchmarks.tune.search import (
     MEASURED,
     REJECTED,
     Budget,
+    Evaluation,
     Search,
     Trial,
+    early_stop,
     finals_measurements,
 )
 from benchmarks.tune.space import Setting, Space, default_space, powers_of_two
@@ -322,6 +324,22 @@ def test_search_stays_within_its_budget() -> None:
     outcome = search(machine, seconds=4.5).run()
     # A measurement takes (and is estimated at) 1 s: the start, then 3 more fit in 4.5 s.
     assert outcome.stopped_by_budget and len(machine.measured) == 4
+
+
+def test_a_measurement_stops_early_only_when_it_cannot_win() -> None:
+    def result(images_per_s: float, p99_ms: float = 10.0) -> PointResult:
+        return PointResult(images_per_s, 100, 1.0, p99_ms, {}, 1.0)
+
+    bar = Evaluation(Setting(1, 1, 1, 64, 0), MEASURED, {"a": result(1000), "b": result(1000)}, 1)
+    assert early_stop({"a": result(200)}, bar, 100.0) is None  # one point: maybe disturbed
+    assert early_stop({"a": result(200), "b": result(2000)}, bar, 100.0) is None  # 0.63x
+    assert "0.35x" in (early_stop({"a": result(200), "b": result(600)}, bar, 100.0) or "")
+    assert "over the budget" in (early_stop({"a": result(2000, p99_ms=150)}, bar, 100.0) or "")
+    errors = PointResult(1000, 100, 1.0, 10.0, {"UNAVAILABLE": 3}, 1.0)
+    assert "errors" in (early_stop({"a": errors}, bar, 100.0) or "")
+    # Against a bar over the budget itself, every setting is measured whole.
+    assert early_stop({"a": result(200), "b": result(200)}, bar, 5.0) is None
+    assert early_stop({"a": result(200), "b": result(200)}, None, 100.0) is None
 
 
 def test_finals_halve_the_challengers_each_round() -> None:

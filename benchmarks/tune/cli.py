@@ -14,7 +14,7 @@ per-model setting.
 How it searches, rather than trying every combination: from the model's current settings,
 one dimension at a time, it walks up (then, if up does not help, down) while each step
 improves the geometric-mean images/s by more than --min-gain, and passes again until
-nothing moves; a measurement stops early at the first load point that shows it cannot win.
+nothing moves; a measurement stops early once its load points so far show it cannot win.
 The best few then meet the current settings again in interleaved rounds, the worse half
 leaving after each (successive halving), and a challenger must still beat the current
 settings by --min-gain. Settings over the p99 budget lose to any within it. All of it stays
@@ -59,6 +59,7 @@ from benchmarks.tune.load import (
     H2Load,
     LoadGenerator,
     LoadPoint,
+    PointResult,
     PythonClients,
     held,
     pick_generator,
@@ -427,12 +428,12 @@ class Bench:
             return Trial(setting, round_, REJECTED, reason=str(error))
         for images in sorted({p.images for p in self.points}):
             self.generator.check(target, images)
-        results = {}
+        results: dict[str, PointResult] = {}
         for number, point in enumerate(self.points, 1):
             self.progress.doing(f"{setting.key}: {point.label} ({number}/{len(self.points)})")
             result = self.generator.run(target, point, self.timing)
             results[point.label] = result
-            why = early_stop(point, result, bar, self.p99_ms)
+            why = early_stop(results, bar, self.p99_ms)
             if why is not None and number < len(self.points):
                 return Trial(setting, round_, STOPPED, results, reason=why)
         return Trial(setting, round_, MEASURED, results)
@@ -503,6 +504,7 @@ def run(args: argparse.Namespace) -> int:
                 servers, generator, points, timing, original, start, args.p99_ms, progress
             )
             reference: list[Evaluation] = []
+            best_score = [0.0]  # the search's best single round so far, for the bar
 
             def on_trial(trial: Trial) -> None:
                 trials.append(trial)
@@ -510,6 +512,11 @@ def run(args: argparse.Namespace) -> int:
                     reference.append(Evaluation(start, MEASURED, trial.points, 1))
                 progress.line(_trial_line(trial, reference[0] if reference else None))
                 save(out / RESULTS_FILE, context, trials)
+                if reference and trial.status == MEASURED and trial.round == 0:
+                    mine = score(Evaluation(trial.setting, MEASURED, trial.points, 1), reference[0])
+                    if mine > best_score[0]:
+                        best_score[0] = mine
+                        progress.best(f"best so far: {trial.setting.key} {mine:.2f}x")
 
             search = Search(
                 space,

@@ -196,8 +196,12 @@ def explain(
         parts.append(
             f"Keeping the settings the model has ({start.describe()}): no setting tried beat "
             f"them by more than {min_gain:.0%} of images/s (geometric mean over {loads}) "
-            f"within the p99 budget of {p99_budget_ms:g} ms, once the finalists were measured "
-            "again side by side."
+            f"within the p99 budget of {p99_budget_ms:g} ms"
+            + (
+                ", once the finalists were measured again side by side."
+                if outcome.final_rounds
+                else "."
+            )
         )
     else:
         ratios = [
@@ -232,7 +236,8 @@ def explain(
         parts.append("There was no time left for finals: the choice rests on single rounds.")
     else:
         parts.append(
-            "No other setting completed a measurement within the budget, so there were no finals."
+            "No other setting qualified for the finals (a complete measurement, within the p99 "
+            "budget where the start is), so there were none."
         )
     spread = noise(outcome)
     if spread is not None:

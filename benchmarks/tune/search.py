@@ -8,8 +8,9 @@
    are walked the same way. A dimension's values are assumed to rise and then fall, so a
    direction is abandoned at its first step that does not improve. Passes repeat until one
    moves nothing. Measurements stop early at a load point that shows the setting cannot
-   win: over the p99 budget (or answering errors) where the best so far is not, or below
-   EARLY_STOP_RATIO of the best so far's throughput there.
+   win: over the p99 budget (or answering errors) where the best so far is not, or, from
+   the second point on, below EARLY_STOP_RATIO of the best so far's throughput over the
+   points measured (geometric mean).
 3. Finals (successive halving): the start and the best challengers of the search are
    measured again, round after round, interleaved; after each round the worse half of the
    challengers leaves, until one challenger faces the start, for FINAL_PAIR_ROUNDS rounds
@@ -31,11 +32,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from benchmarks.common import BenchError
-from benchmarks.tune.load import LoadPoint, PointResult, median_result
+from benchmarks.tune.load import PointResult, median_result
 from benchmarks.tune.space import Setting, Space
 
 MEASURED, STOPPED, REJECTED = "measured", "stopped early", "rejected"
-# A point this far below the best setting so far there ends the measurement.
+# Points this far below the best setting so far (geometric mean) end the measurement.
 EARLY_STOP_RATIO = 0.5
 MAX_PASSES = 3
 # The last challenger and the start are measured in this many rounds of the finals (budget
@@ -101,18 +102,29 @@ def score(evaluation: Evaluation, reference: Evaluation) -> float:
 
 
 def early_stop(
-    point: LoadPoint, result: PointResult, bar: Evaluation | None, p99_budget_ms: float
+    results: dict[str, PointResult], bar: Evaluation | None, p99_budget_ms: float
 ) -> str | None:
-    """Why the measurement of a setting can stop after this point (None: go on)."""
+    """Why the measurement of a setting can stop after the load points in `results` (the last
+    one just measured), or None to go on.
+
+    Only against a bar that meets the budget: a point with errors, or with p99 over the
+    budget, loses to it whatever comes next. Throughput decides only from the second point
+    on, on the geometric mean of the points so far, so that one point disturbed by the
+    machine's other load does not end a measurement alone.
+    """
     if bar is None or not bar.feasible(p99_budget_ms):
         return None
+    label, result = list(results.items())[-1]
     if not result.ok:
-        return f"errors at {point.label}: {result.errors or 'no answers'}"
+        return f"errors at {label}: {result.errors or 'no answers'}"
     if result.p99_ms is not None and result.p99_ms > p99_budget_ms:
-        return f"p99 {result.p99_ms:.1f} ms over the budget at {point.label}"
-    best = bar.points[point.label].images_per_s
-    if result.images_per_s < EARLY_STOP_RATIO * best:
-        return f"{result.images_per_s / best:.2f}x the best setting's images/s at {point.label}"
+        return f"p99 {result.p99_ms:.1f} ms over the budget at {label}"
+    if len(results) < 2:
+        return None
+    ratios = [r.images_per_s / bar.points[key].images_per_s for key, r in results.items()]
+    mean = math.exp(sum(math.log(max(r, 1e-9)) for r in ratios) / len(ratios))
+    if mean < EARLY_STOP_RATIO:
+        return f"{mean:.2f}x the best setting's images/s over {', '.join(results)}"
     return None
 
 
