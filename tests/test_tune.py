@@ -319,6 +319,29 @@ def test_search_keeps_the_start_unless_a_setting_beats_it_by_the_margin() -> Non
     assert outcome.chosen == outcome.start and outcome.moves == []
 
 
+def test_a_challenger_must_win_most_rounds_side_by_side() -> None:
+    """Ahead on the medians thanks to two lucky rounds, behind in two of the three rounds of
+    the finals: the start stays."""
+    start, challenger = Setting(1, 1, 1, 64, 0), Setting(1, 1, 1, 32, 0)
+    rates = {start: [100, 100, 100, 100], challenger: [200, 300, 95, 95]}
+
+    def measure(setting: Setting, round_: int, _bar: object) -> Trial:
+        result = PointResult(rates[setting][round_], 100, 1.0, 10.0, {}, 1.0)
+        return Trial(setting, round_, MEASURED, {POINT.label: result})
+
+    only_batch = Space((1,), (1,), (1,), (32, 64), (0,), cpus=2)
+    outcome = Search(
+        only_batch, start, 100.0, 0.05, 2, measure, lambda _s: 1.0, Budget(1e6, 0.0)
+    ).run()
+    assert outcome.evaluations[challenger].points[POINT.label].images_per_s == 147.5
+    assert outcome.chosen == start and outcome.final_rounds == 3
+    rates[challenger] = [200, 300, 95, 105]  # now it wins two rounds of three
+    outcome = Search(
+        only_batch, start, 100.0, 0.05, 2, measure, lambda _s: 1.0, Budget(1e6, 0.0)
+    ).run()
+    assert outcome.chosen == challenger and outcome.paired_wins == (2, 3)
+
+
 def test_search_stays_within_its_budget() -> None:
     machine = Machine()
     outcome = search(machine, seconds=4.5).run()

@@ -431,7 +431,15 @@ class Bench:
         results: dict[str, PointResult] = {}
         for number, point in enumerate(self.points, 1):
             self.progress.doing(f"{setting.key}: {point.label} ({number}/{len(self.points)})")
-            result = self.generator.run(target, point, self.timing)
+            try:
+                result = self.generator.run(target, point, self.timing)
+            except BenchError:
+                if self.servers.running(setting.workers):
+                    raise
+                # The server died under this setting (say, out of memory): a setting to
+                # avoid, not a reason to stop tuning; the next one starts a new server.
+                why = f"the server exited during {point.label}"
+                return Trial(setting, round_, REJECTED, results, reason=why)
             results[point.label] = result
             why = early_stop(results, bar, self.p99_ms)
             if why is not None and number < len(self.points):

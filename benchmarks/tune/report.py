@@ -215,6 +215,9 @@ def explain(
             f"(per load point {min(ratios):.2f}x to {max(ratios):.2f}x), with p99 at most "
             f"{evaluation.worst_p99_ms():.1f} ms against the budget of {p99_budget_ms:g} ms."
         )
+        if outcome.paired_wins is not None:
+            won, of = outcome.paired_wins
+            parts.append(f"Side by side, it won {won} of the {of} rounds of the finals.")
         if outcome.moves:
             biggest = max(outcome.moves, key=lambda m: m.gain)
             before, after = (

@@ -15,8 +15,9 @@
    measured again, round after round, interleaved; after each round the worse half of the
    challengers leaves, until one challenger faces the start, for FINAL_PAIR_ROUNDS rounds
    in all. Figures are medians of a setting's rounds (the search's included). A challenger
-   replaces the start only if it still beats it by more than min_gain: on a noisy machine a
-   single lucky measurement does not rewrite a config.
+   replaces the start only if it still beats it by more than min_gain on those medians and
+   won most of the finals' rounds against it side by side (each round measures both within
+   minutes): on a noisy machine a lucky measurement or two do not rewrite a config.
 
 Score: the geometric mean over load points of images/s relative to the start's, so every load
 point counts alike whatever its scale. A setting meets the budget when its p99 at every load
@@ -182,6 +183,8 @@ class Outcome:
     finalists: list[Setting]
     final_rounds: int
     stopped_by_budget: bool
+    # The chosen setting's rounds of the finals won against the start, of those both ran.
+    paired_wins: tuple[int, int] | None = None
 
     def score(self, setting: Setting) -> float:
         return score(self.evaluations[setting], self.evaluations[self.start])
@@ -361,6 +364,10 @@ class Search:
         best = max([self.start, *last], key=lambda s: self.rank(self.evaluation(s), reference))
         if best != self.start and not self.better(self.evaluation(best), reference, reference):
             best = self.start
+        wins = self.paired_wins(best)
+        both_within = reference.feasible(self.p99_budget_ms)
+        if best != self.start and both_within and wins is not None and 2 * wins[0] <= wins[1]:
+            best = self.start  # ahead on the medians, not in most rounds side by side
         evaluations = {t.setting: self.evaluation(t.setting) for t in self.trials}
         return Outcome(
             start=self.start,
@@ -372,4 +379,18 @@ class Search:
             finalists=finalists,
             final_rounds=rounds,
             stopped_by_budget=self.stopped_by_budget,
+            paired_wins=self.paired_wins(best),
         )
+
+    def paired_wins(self, setting: Setting) -> tuple[int, int] | None:
+        """(rounds of the finals `setting` won against the start, rounds both measured whole):
+        a round's two measurements are minutes apart at most, so the machine's drift falls
+        on both; None for the start itself or without finals."""
+        if setting == self.start:
+            return None
+        mine = {t.round: t for t in self._trials(setting) if t.round and t.status == MEASURED}
+        theirs = {t.round: t for t in self._trials(self.start) if t.status == MEASURED}
+        paired = [(evaluate([mine[r]]), evaluate([theirs[r]])) for r in sorted(mine) if r in theirs]
+        if not paired:
+            return None
+        return sum(score(a, b) > 1 for a, b in paired), len(paired)

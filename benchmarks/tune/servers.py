@@ -112,7 +112,7 @@ class Servers:
 
     def _start(self, workers: int) -> None:
         previous = self._servers.pop(workers, None)
-        if previous is not None:  # it exited: say so only if it keeps happening
+        if previous is not None:  # it exited under an earlier setting: start a new one
             previous.process.wait()
         began = time.monotonic()
         args = ("--models", self.model, "--workers", str(workers), "--enable-model-control")
