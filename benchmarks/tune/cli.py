@@ -17,8 +17,9 @@ improves the geometric-mean images/s by more than --min-gain, and passes again u
 nothing moves; a measurement stops early once its load points so far show it cannot win.
 The best few then meet the current settings again in interleaved rounds, the worse half
 leaving after each (successive halving), and a challenger must still beat the current
-settings by --min-gain. Settings over the p99 budget lose to any within it. All of it stays
-within --budget-s, a share of which is kept for the finals.
+settings by --min-gain on the medians and win most rounds side by side. Settings over the
+p99 budget lose to any within it. All of it stays within --budget-s, a share of which is
+kept for the finals.
 
 Results: a table, results.json (rewritten after every measurement: Ctrl-C leaves it whole,
 and --resume replays it and goes on) and tune.png (images/s against p99 for every setting
