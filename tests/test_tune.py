@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +214,33 @@ def test_tune_interrupted_leaves_the_config_whole_and_resumes(
     report = json.loads(results.read_text())
     assert report["trials"][: len(recorded)] == recorded  # replayed, not measured again
     assert len(report["trials"]) > len(recorded) and "outcome" in report
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) not found")
+def test_tune_with_h2load_counts_what_the_server_answered(tmp_path: Path) -> None:
+    """The lean load generator: latencies from h2load's log, answers by gRPC code from the
+    server's metrics; one setting, two load points, two worker counts."""
+    repo = tmp_path / "repo"
+    write_fixed_batch_model(repo, "fixed", max_batch_size=1)
+    out = tmp_path / "out"
+    done = run_tune(
+        "--model-repository", str(repo), "--model", "fixed", "--concurrency", "1", "4",
+        "--images", "1", "--duration", "0.5", "--warmup", "0.2", "--load-generator", "h2load",
+        "--workers", "1,2", "--instances", "1", "--threads", "1", "--max-batch-size", "1",
+        "--max-queue-delay-us", "0", "--finalists", "1", "--budget-s", "60", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["context"]["load_generator"] == "h2load"
+    trials = {t["setting"]: t for t in report["trials"]}
+    assert set(trials) == {"w1 i1 t1 b1 d0", "w2 i1 t1 b1 d0"}
+    assert trials["w2 i1 t1 b1 d0"]["status"] == "measured"  # the start: never stopped early
+    for trial in trials.values():
+        assert trial["status"] in ("measured", "stopped early") and trial["points"]
+        for point in trial["points"].values():
+            assert point["requests"] > 0 and point["errors"] == {}
+            assert 0 < point["p50_ms"] <= point["p99_ms"]
+            assert point["server_cpu_cores"] > 0
 
 
 def test_bad_options_are_refused_in_one_line(model_repository: Path, tmp_path: Path) -> None:
