@@ -289,7 +289,8 @@ def test_a_model_keeps_its_precision(
 def _load(repo: Path, name: str, tolerance: float = 1e-4) -> None:
     settings = Settings(model_repository=repo, reference_tolerance=tolerance)
     spec = read_model(repo, name, settings)
-    for runtime in prepare_version(spec, spec.versions[-1], settings, threading.Event()):
+    loaded = prepare_version(spec, spec.versions[-1], settings, threading.Event())
+    for runtime in loaded.runtimes:
         runtime.close()
 
 
