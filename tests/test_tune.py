@@ -146,7 +146,7 @@ def test_tune_never_writes_a_config_the_server_rejects(tmp_path: Path) -> None:
         "--budget-s", "60", "--out", str(tmp_path / "out"), "--apply",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "w1 i1 t1 b4 d0: rejected by the server" in done.stderr
+    assert "w1 i1 t1 b4 d0: rejected: the server refused it" in done.stderr
     assert "warm-up at batch 4 failed" in done.stderr
     assert "nothing to write" in done.stdout
     assert files_of(model_dir) == before
@@ -167,7 +167,7 @@ def test_tune_never_writes_a_config_the_server_rejects(tmp_path: Path) -> None:
     (model_dir / CONFIG_FILE).write_text(broken)
     done = run_tune(*common, "--max-batch-size", "1,4", "--budget-s", "60", "--apply")
     assert done.returncode == 1
-    assert "does not load the model as it is configured now" in done.stderr
+    assert "cannot tune the model as it is configured now: the server refused it" in done.stderr
     assert (model_dir / CONFIG_FILE).read_text() == broken
 
 

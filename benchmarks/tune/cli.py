@@ -38,14 +38,11 @@ atomically, never half-written. Workers are printed as the flag to serve with.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import shlex
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from benchmarks.ceiling import server_settings
@@ -53,18 +50,16 @@ from benchmarks.common import BenchError, exit_code
 from benchmarks.compare import MAX_CONCURRENCY, add_server_args_option, add_timing_options, bounded
 from benchmarks.measure import Timing
 from benchmarks.tune.apply import Refused, apply_config, diff
+from benchmarks.tune.bench import POINT_OVERHEAD_S, Bench, generator_for
 from benchmarks.tune.configs import current_setting, render
 from benchmarks.tune.load import (
     H2LOAD,
     PYTHON,
-    H2Load,
-    LoadGenerator,
     LoadPoint,
-    PointResult,
-    PythonClients,
     held,
     pick_generator,
 )
+from benchmarks.tune.progress import Progress, trial_line
 from benchmarks.tune.report import (
     PLOT_FILE,
     RESULTS_FILE,
@@ -77,18 +72,15 @@ from benchmarks.tune.report import (
 )
 from benchmarks.tune.search import (
     MEASURED,
-    REJECTED,
-    STOPPED,
     Budget,
     Evaluation,
     Outcome,
     Search,
     Trial,
-    early_stop,
     finals_measurements,
     score,
 )
-from benchmarks.tune.servers import OWN_FLAGS, Rejected, Servers
+from benchmarks.tune.servers import OWN_FLAGS, Servers
 from benchmarks.tune.space import (
     DIMENSIONS,
     Setting,
@@ -97,7 +89,6 @@ from benchmarks.tune.space import (
     overridden,
     start_workers,
 )
-from modelrepo.config_edit import ConfigEditError
 from modelrepo.layout import CONFIG_FILE, PLATFORM_ONNX
 from modelrepo.precision import PrecisionError
 from server.cpus import usable_cpus
@@ -110,9 +101,6 @@ DEFAULT_CONCURRENCY = (1, 16)
 DEFAULT_IMAGES = (1, 8)
 DEFAULT_P99_MS = 200.0
 DEFAULT_BUDGET_S = 300.0
-# Seconds a load point costs beyond its warm-up and duration (h2load start, the CPU reads);
-# replaced by what the measurements really took once there are some.
-POINT_OVERHEAD_S = 0.5
 # At most this share of the budget is kept for the finals.
 FINALS_SHARE = 0.4
 # Flags of the dimensions: the option names and what each value may be.
@@ -310,159 +298,6 @@ def _context(
     }
 
 
-class Progress:
-    """A progress bar over the budget's seconds, kept moving by a thread; a line per setting."""
-
-    def __init__(self, budget: Budget, total_s: float) -> None:
-        from tqdm import tqdm
-
-        self._budget = budget
-        self.bar = tqdm(
-            total=round(total_s),
-            unit="s",
-            file=sys.stderr,
-            bar_format="{desc} |{bar}| {n:.0f}/{total:.0f} s {postfix}",
-            dynamic_ncols=True,
-        )
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._tick, name="tune-progress", daemon=True)
-        self._thread.start()
-
-    def _tick(self) -> None:
-        while not self._stop.wait(0.5):
-            self.bar.n = min(round(self._budget.elapsed()), self.bar.total)
-            self.bar.refresh()
-
-    def doing(self, text: str) -> None:
-        self.bar.set_description_str(text, refresh=False)
-
-    def best(self, text: str) -> None:
-        self.bar.set_postfix_str(text, refresh=False)
-
-    def line(self, text: str) -> None:
-        self.bar.write(text, file=sys.stderr)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.bar.close()
-
-
-def _trial_line(trial: Trial, reference: Evaluation | None) -> str:
-    where = f"{trial.setting.key}" + (f" (final round {trial.round})" if trial.round else "")
-    if trial.status == REJECTED:
-        return f"{where}: rejected by the server: {trial.reason}"
-    cells = [
-        f"{label} {r.images_per_s:,.0f} img/s p99 "
-        + ("-" if r.p99_ms is None else f"{r.p99_ms:.1f} ms")
-        + (f" errors {r.errors}" if r.errors else "")
-        for label, r in trial.points.items()
-    ]
-    text = f"{where}: " + ", ".join(cells)
-    if trial.status == STOPPED:
-        return f"{text}; stopped early: {trial.reason}"
-    if reference is not None and trial.round == 0:
-        mine = Evaluation(trial.setting, MEASURED, trial.points, 1)
-        text += f" -> {score(mine, reference):.2f}x the start"
-    return text
-
-
-# --- measuring -------------------------------------------------------------------------------
-
-
-class Bench:
-    """Measures one setting: its config written and loaded, then every load point."""
-
-    def __init__(
-        self,
-        servers: Servers,
-        generator: LoadGenerator,
-        points: Sequence[LoadPoint],
-        timing: Timing,
-        original: str,
-        start: Setting,
-        p99_ms: float,
-        progress: Progress,
-    ) -> None:
-        self.servers = servers
-        self.generator = generator
-        self.points = list(points)
-        self.timing = timing
-        self.original = original
-        self.start = start
-        self.p99_ms = p99_ms
-        self.progress = progress
-        self._trial_seconds: list[float] = []
-
-    def estimate(self, setting: Setting) -> float:
-        """Seconds one measurement of `setting` will take (a server start included)."""
-        if self._trial_seconds:
-            seconds = sorted(self._trial_seconds)[len(self._trial_seconds) // 2]
-        else:
-            per_point = self.timing.warmup_s + self.timing.duration_s + POINT_OVERHEAD_S
-            seconds = len(self.points) * per_point + 0.5
-        if not self.servers.running(setting.workers):
-            starts = self.servers.start_seconds
-            seconds += max(starts) if starts else 3.0
-        return seconds
-
-    def measure(self, setting: Setting, round_: int, bar: Evaluation | None) -> Trial:
-        began = time.monotonic()
-        starts_before = sum(self.servers.start_seconds)
-        trial = self._measure(setting, round_, bar)
-        trial.seconds = time.monotonic() - began
-        if trial.status == MEASURED:  # a server start is estimated apart
-            self._trial_seconds.append(
-                trial.seconds - (sum(self.servers.start_seconds) - starts_before)
-            )
-        return trial
-
-    def _measure(self, setting: Setting, round_: int, bar: Evaluation | None) -> Trial:
-        self.progress.doing(f"{setting.key}: loading")
-        try:
-            text = render(self.original, self.start, setting)
-        except ConfigEditError as error:
-            return Trial(setting, round_, REJECTED, reason=f"cannot edit {CONFIG_FILE}: {error}")
-        try:
-            target = self.servers.serve(setting.workers, text)
-        except Rejected as error:
-            return Trial(setting, round_, REJECTED, reason=str(error))
-        for images in sorted({p.images for p in self.points}):
-            self.generator.check(target, images)
-        results: dict[str, PointResult] = {}
-        for number, point in enumerate(self.points, 1):
-            self.progress.doing(f"{setting.key}: {point.label} ({number}/{len(self.points)})")
-            try:
-                result = self.generator.run(target, point, self.timing)
-            except BenchError:
-                if self.servers.running(setting.workers):
-                    raise
-                # The server died under this setting (say, out of memory): a setting to
-                # avoid, not a reason to stop tuning; the next one starts a new server.
-                why = f"the server exited during {point.label}"
-                return Trial(setting, round_, REJECTED, results, reason=why)
-            results[point.label] = result
-            why = early_stop(results, bar, self.p99_ms)
-            if why is not None and number < len(self.points):
-                return Trial(setting, round_, STOPPED, results, reason=why)
-        return Trial(setting, round_, MEASURED, results)
-
-
-@contextlib.contextmanager
-def _generator(
-    name: str, model: str, spec: ModelSpec, args: argparse.Namespace
-) -> Iterator[LoadGenerator]:
-    generator: LoadGenerator = (
-        H2Load(model, spec.input_shape, args.images)
-        if name == H2LOAD
-        else PythonClients(model, args.client_processes)
-    )
-    try:
-        yield generator
-    finally:
-        generator.close()
-
-
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -507,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with (
             Servers(model_dir, args.model, original, args.server_args_list) as servers,
-            _generator(generator_name, args.model, spec, args) as generator,
+            generator_for(generator_name, args.model, spec, args) as generator,
         ):
             bench = Bench(
                 servers, generator, points, timing, original, start, args.p99_ms, progress
@@ -519,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
                 trials.append(trial)
                 if trial.setting == start and trial.round == 0 and trial.status == MEASURED:
                     reference.append(Evaluation(start, MEASURED, trial.points, 1))
-                progress.line(_trial_line(trial, reference[0] if reference else None))
+                progress.line(trial_line(trial, reference[0] if reference else None))
                 save(out / RESULTS_FILE, context, trials)
                 if reference and trial.status == MEASURED and trial.round == 0:
                     mine = score(Evaluation(trial.setting, MEASURED, trial.points, 1), reference[0])

@@ -256,11 +256,7 @@ def explain(
         )
     parts.append(
         f"{tried} setting(s) were tried in {elapsed_s:.0f} s of the {budget_s:g} s budget"
-        + (
-            f" ({stopped} stopped early, {rejected} rejected by the server)"
-            if stopped or rejected
-            else ""
-        )
+        + (f" ({stopped} stopped early, {rejected} rejected)" if stopped or rejected else "")
         + (", and the budget ended the search" if outcome.stopped_by_budget else "")
         + ". Workers are a server flag, not part of config.pbtxt: "
         + workers_advice(chosen.workers, cpus)

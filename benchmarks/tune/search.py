@@ -273,9 +273,7 @@ class Search:
     def run(self) -> Outcome:
         first = self._run(self.start, 0, None)
         if first.status == REJECTED:
-            raise BenchError(
-                f"the server does not load the model as it is configured now: {first.reason}"
-            )
+            raise BenchError(f"cannot tune the model as it is configured now: {first.reason}")
         incumbent = self.start
         for _ in range(MAX_PASSES):
             moved = False

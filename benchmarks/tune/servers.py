@@ -134,7 +134,9 @@ class Servers:
                 stub.RepositoryModelLoad(request, timeout=LOAD_TIMEOUT_S)
             except grpc.RpcError as error:
                 self._loaded[workers] = None  # the server keeps what it served: unknown here
-                raise Rejected(error.details() or error.code().name) from None
+                raise Rejected(
+                    f"the server refused it: {error.details() or error.code().name}"
+                ) from None
 
     def _check_ready(self, workers: int) -> None:
         """After a start: the model's load failed if it is not ready (the index says why)."""
@@ -146,7 +148,9 @@ class Servers:
             index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
         self._loaded[workers] = None
         reasons = [m.reason for m in index.models if m.name == self.model and m.reason]
-        raise Rejected("; ".join(reasons) or "the model is not ready after start-up")
+        raise Rejected(
+            "the server refused it: " + ("; ".join(reasons) or "not ready after start-up")
+        )
 
     def _check_config(self, server: ServerProcess, text: str) -> None:
         """The server reports the config it serves: it must be the one written (a check that
