@@ -1,17 +1,20 @@
 """`python -m benchmarks [options]` runs the suite; `python -m benchmarks compare ...` the
 side-by-side load generator; `python -m benchmarks workers ...` the worker-count sweep with a
 lean load generator; `python -m benchmarks precision ...` fp32 against fp16/int8;
-`python -m benchmarks tracing ...` tracing off against sampled at 1% and 100%."""
+`python -m benchmarks tracing ...` tracing off against sampled at 1% and 100%; `python -m
+benchmarks tune ...` the serving settings that suit this machine."""
 
 import sys
 
 from benchmarks import compare, lean, precision, suite, tracing
+from benchmarks.tune import cli as tune
 
 SUBCOMMANDS = {
     "compare": compare.main,
     "workers": lean.main,
     "precision": precision.main,
     "tracing": tracing.main,
+    "tune": tune.main,
 }
 
 

@@ -1,7 +1,7 @@
 """The compute ceiling: the model's runtime alone, in this process, batch after batch.
 
 It loads the model the way the server does (server.repository reads the config, the server's
-default Settings give the runtime threads, server.runtimes creates the sessions: one per
+Settings and the config give the runtime threads, server.runtimes creates the sessions: one per
 instance of the config's instance_group, each run from a thread of its own at the same time,
 as the batcher runs them), so the images/s it measures at each batch size are what the served
 path could reach at that batch size if gRPC, decoding and batching cost nothing.
@@ -66,7 +66,7 @@ def measure_ceiling(
     runtimes: list[Runtime] = []
     try:
         for _ in range(spec.instance_count):
-            threads = settings.intra_op_threads
+            threads = spec.intra_op_threads
             runtimes.append(create_runtime(spec.platform, path, spec.device_pref, threads))
         points = []
         rng = np.random.default_rng(0)

@@ -150,6 +150,11 @@ def lone_latency(address: str, request: pb.ModelInferRequest, calls: int) -> tup
     return 1000 * float(p50), 1000 * float(p99)
 
 
+def h2load_time(seconds: float) -> str:
+    """A duration as h2load reads it: it refuses fractions of a second ("0.5"), not "500ms"."""
+    return f"{round(seconds * 1000)}ms"
+
+
 def run_h2load(
     target: Target, frame_file: Path, args: argparse.Namespace
 ) -> tuple[float, int, int]:
@@ -158,8 +163,7 @@ def run_h2load(
     connections, streams = target.load(args)
     command = [
         "h2load", "-c", str(connections), "-m", str(streams), "-t", "1",
-        f"--duration={round(args.duration * 1000)}ms",  # h2load takes whole units only
-        f"--warm-up-time={round(args.warmup * 1000)}ms",
+        f"--duration={h2load_time(args.duration)}", f"--warm-up-time={h2load_time(args.warmup)}",
         "-H", "content-type: application/grpc", "-H", "te: trailers",
         "-d", str(frame_file), f"http://{address}{PATH}",
     ]  # fmt: skip

@@ -24,6 +24,10 @@ OUTPUT_NAME = "probabilities"
 # not real images: the server warns about them at load.
 TRAINING_DATASET_PARAMETER = "training_dataset"
 SYNTHETIC_DATASET = "synthetic"
+# config.pbtxt `parameters` key of Triton's onnxruntime backend: the intra-op threads of each
+# instance of an onnxruntime_onnx model ("0": onnxruntime's default). Where a config sets it,
+# it wins over the server's --intra-op-threads.
+INTRA_OP_THREADS_PARAMETER = "intra_op_thread_count"
 
 
 def list_versions(model_dir: Path) -> list[int]:

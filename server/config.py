@@ -102,7 +102,12 @@ _FLAGS = (
     ),
     _Flag("adaptive_batch_delay", bool, "Skip the queue delay for lone requests at low load."),
     _Flag("max_queue_size", int, "Requests each model instance may queue before refusing."),
-    _Flag("intra_op_threads", int, "Threads each runtime instance computes with (0: runtime's)."),
+    _Flag(
+        "intra_op_threads",
+        int,
+        "Threads each runtime instance computes with (0: runtime's), for models whose config "
+        "sets no intra_op_thread_count parameter.",
+    ),
     _Flag("reference_tolerance", float, "Largest abs difference allowed by the load-time check."),
     _Flag("grace_period_s", float, "Seconds to finish accepted requests after SIGTERM/SIGINT."),
     _Flag("enable_model_control", bool, "Allow RepositoryModelLoad/Unload (default: refused)."),

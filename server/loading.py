@@ -65,7 +65,7 @@ def prepare_version(
     try:
         for _ in range(spec.instance_count):
             _check(cancel)
-            threads = settings.intra_op_threads
+            threads = spec.intra_op_threads
             runtime = create_runtime(spec.platform, path, spec.device_pref, threads)
             runtimes.append(runtime)
             warm_up(runtime, spec, cancel)

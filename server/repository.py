@@ -15,6 +15,7 @@ from modelrepo.config import ConfigError, ModelConfig, load_config
 from modelrepo.layout import (
     CONFIG_FILE,
     INPUT_NAME,
+    INTRA_OP_THREADS_PARAMETER,
     MODEL_FILES,
     OUTPUT_NAME,
     PLATFORM_ONNX,
@@ -35,6 +36,8 @@ _BACKENDS = {"onnxruntime": PLATFORM_ONNX, "pytorch": PLATFORM_TORCHSCRIPT}
 _FP32 = model_config_pb2.TYPE_FP32
 _NCHW_OK = (model_config_pb2.ModelInput.FORMAT_NCHW, model_config_pb2.ModelInput.FORMAT_NONE)
 _KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
+# More intra-op threads than this per instance is a typo, not a setting.
+MAX_INTRA_OP_THREADS = 1024
 
 
 class RepositoryError(Exception):
@@ -56,6 +59,9 @@ class ModelSpec:
     max_queue_delay_us: int
     schedule: SchedulePolicy  # dynamic_batching's priority levels and queue policies
     instance_count: int
+    # Threads of each runtime instance: the config's intra_op_thread_count (onnxruntime
+    # models), else the server's --intra-op-threads.
+    intra_op_threads: int
     device_pref: str  # "auto" | "cpu" | "cuda"
     versions: tuple[int, ...]  # versions to load, ascending
     missing_versions: tuple[int, ...]  # versions the policy names that have no folder
@@ -161,6 +167,7 @@ def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
         raise RepositoryError("instance_group count cannot be negative")
     instance_count = sum(max(g.count, 1) for g in groups) if groups else 1
     cpu_only = bool(groups) and all(g.kind == _KIND_CPU for g in groups)
+    threads = _intra_op_threads(config, platform, settings.intra_op_threads)
     available = list_versions(directory)
     versions, missing = select_versions(config.version_policy, available)
     if not versions and not missing:
@@ -177,6 +184,7 @@ def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
         max_queue_delay_us=config.dynamic_batching.max_queue_delay_microseconds,
         schedule=schedule,
         instance_count=instance_count,
+        intra_op_threads=threads,
         device_pref="cpu" if cpu_only else settings.device,
         versions=tuple(versions),
         missing_versions=tuple(missing),
@@ -233,6 +241,21 @@ def _platform(config: ModelConfig) -> str:
             f"unsupported platform {shown!r} (expected {PLATFORM_ONNX} or {PLATFORM_TORCHSCRIPT})"
         )
     return platform
+
+
+def _intra_op_threads(config: ModelConfig, platform: str, default: int) -> int:
+    """Triton's onnxruntime backend parameter, for onnxruntime models; torch's thread pools
+    belong to the process (server.runtimes.torchscript), so TorchScript models keep the
+    server's setting, as Triton's pytorch backend ignores this key."""
+    if platform != PLATFORM_ONNX or INTRA_OP_THREADS_PARAMETER not in config.parameters:
+        return default
+    text = config.parameters[INTRA_OP_THREADS_PARAMETER].string_value.strip()
+    if not (text.isascii() and text.isdigit() and int(text) <= MAX_INTRA_OP_THREADS):
+        raise RepositoryError(
+            f"{CONFIG_FILE} parameters: {INTRA_OP_THREADS_PARAMETER} must be a number of "
+            f"threads from 0 (onnxruntime's default) to {MAX_INTRA_OP_THREADS}, got {text!r}"
+        )
+    return int(text)
 
 
 def _check_input(config: ModelConfig) -> tuple[int, int, int]:

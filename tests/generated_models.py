@@ -59,3 +59,40 @@ def write_slow_model(repository: Path, name: str, instances: int) -> Path:
     config.instance_group.add(count=instances, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
     write_config(model_dir / CONFIG_FILE, config)
     return model_dir
+
+
+def write_fixed_batch_model(repository: Path, name: str, max_batch_size: int) -> Path:
+    """A model exported with a fixed batch of one (no dynamic batch axis), as some exporters
+    write by default: the server can only serve it with max_batch_size 1, and refuses a
+    config that asks for more (its warm-up at max_batch_size fails). No reference.npz."""
+    width = int(np.prod(SHAPE))
+    nodes = [
+        helper.make_node("Flatten", [INPUT_NAME], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=1),
+    ]
+    weight = np.random.default_rng(1).standard_normal((width, 10)) / np.sqrt(width)
+    graph = helper.make_graph(
+        nodes,
+        "fixed_batch",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [1, *SHAPE])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [1, 10])],
+        initializer=[numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    model_dir = repository / name
+    (model_dir / "1").mkdir(parents=True)
+    onnx.save(model, model_dir / "1" / ONNX_FILE)
+    config = ModelConfig(name=name, platform=PLATFORM_ONNX, max_batch_size=max_batch_size)
+    config.input.add(
+        name=INPUT_NAME,
+        data_type=model_config_pb2.TYPE_FP32,
+        format=model_config_pb2.ModelInput.FORMAT_NCHW,
+        dims=list(SHAPE),
+    )
+    config.output.add(name=OUTPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[10])
+    config.instance_group.add(count=1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    write_config(model_dir / CONFIG_FILE, config)
+    return model_dir

@@ -1,4 +1,5 @@
-"""The model repository contract: config.pbtxt as Triton writes it, version folders, labels."""
+"""The model repository contract: config.pbtxt as Triton writes it (read, and edited as text),
+version folders, labels, and the parameters the server reads."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as triton_config
 
 from modelrepo.config import ConfigError, data_type_name, load_config, parse_config, write_config
+from modelrepo.config_edit import ConfigEditError, set_instance_count, set_parameter, set_value
 from modelrepo.layout import list_versions, next_version, read_labels, write_labels
+from server.config import Settings
+from server.repository import RepositoryError, read_model
 
 # A config as a Triton user writes it: fields this server does not use are mixed in.
 TRITON_CONFIG = """
@@ -81,3 +85,114 @@ def test_version_folders_and_labels(tmp_path: Path) -> None:
     write_labels(model / "labels.txt", ["T-shirt/top", "Trouser"])
     (model / "labels.txt").write_text((model / "labels.txt").read_text() + "\n\n")
     assert read_labels(model / "labels.txt") == ["T-shirt/top", "Trouser"]
+
+
+# --- editing config.pbtxt as text (modelrepo.config_edit) ------------------------------------
+
+
+def test_edits_change_only_the_values_asked_for() -> None:
+    """Comments, fields this server does not read, their order and spelling stay as written."""
+    edited = set_value(TRITON_CONFIG, ("max_batch_size",), "16")
+    edited = set_value(edited, ("dynamic_batching", "max_queue_delay_microseconds"), "100")
+    edited = set_instance_count(edited, 3)
+    edited = set_parameter(edited, "note", 'new "value"')
+    edited = set_parameter(edited, "intra_op_thread_count", "2")
+    expected = parse_config(TRITON_CONFIG)
+    expected.max_batch_size = 16
+    expected.dynamic_batching.max_queue_delay_microseconds = 100
+    expected.instance_group[0].count = 3
+    expected.parameters["note"].string_value = 'new "value"'
+    expected.parameters["intra_op_thread_count"].string_value = "2"
+    assert parse_config(edited) == expected
+    for kept in (
+        "priority_levels: 2 default_queue_policy { max_queue_size: 10 }",
+        'optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" '
+        "} ] } }",
+        'model_warmup [ { name: "zeros" batch_size: 1 } ]',
+        "kind: KIND_CPU rate_limiter { priority: 1 }",
+        "# a [comment]",
+        "reshape: { shape: [1, 28, 28] } }",
+    ):
+        assert kept in edited
+    # Line by line, only the edited lines differ, and the new parameter is added after the last.
+    lines = TRITON_CONFIG.splitlines()
+    changed = [b for a, b in zip(lines, edited.splitlines()[: len(lines)], strict=True) if a != b]
+    assert changed == [
+        "max_batch_size: 16",
+        "dynamic_batching { max_queue_delay_microseconds: 100 preferred_batch_size: [8, 16]",
+        "instance_group [ { count: 3 kind: KIND_CPU rate_limiter { priority: 1 } } ]",
+        'parameters { key: "note" value { string_value: "new \\"value\\"" } }  # a [comment]',
+    ]
+    assert edited.splitlines()[len(lines) :][:2] == [
+        "parameters {",
+        '  key: "intra_op_thread_count"',
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "# nothing but a comment",
+        'name: "m"\ndynamic_batching { }\n',
+        'name: "m" instance_group [ { kind: KIND_CPU } ]',
+        'name: "m"\ninstance_group [\n  {\n    kind: KIND_CPU\n  }\n]\n'
+        'parameters [ { key: "a" value: { string_value: "b" } } ]\n',
+    ],
+)
+def test_edits_add_what_is_missing(text: str) -> None:
+    edited = set_value(text, ("dynamic_batching", "max_queue_delay_microseconds"), "100")
+    edited = set_instance_count(edited, 2)
+    edited = set_value(edited, ("max_batch_size",), "8")
+    edited = set_parameter(edited, "intra_op_thread_count", "1")
+    expected = parse_config(text)
+    expected.dynamic_batching.max_queue_delay_microseconds = 100
+    if expected.instance_group:
+        expected.instance_group[0].count = 2
+    else:
+        expected.instance_group.add(count=2)
+    expected.max_batch_size = 8
+    expected.parameters["intra_op_thread_count"].string_value = "1"
+    assert parse_config(edited) == expected
+
+
+def test_edits_refuse_what_they_cannot_do_safely() -> None:
+    with pytest.raises(ConfigEditError, match="2 instance groups"):
+        set_instance_count("instance_group { count: 1 }\ninstance_group { count: 1 }", 4)
+    with pytest.raises(ConfigEditError, match="line 2"):
+        set_value('name: "m"\ninput [ { name: "x" ', ("max_batch_size",), "8")
+    with pytest.raises(ConfigEditError, match="not a message"):
+        set_value("dynamic_batching: 3", ("dynamic_batching", "max_queue_delay_microseconds"), "1")
+
+
+# --- intra_op_thread_count: Triton's onnxruntime backend parameter ---------------------------
+
+
+def _model_folder(repository: Path, name: str, platform: str, threads: str | None) -> None:
+    model = repository / name
+    (model / "1").mkdir(parents=True)
+    text = (
+        f'platform: "{platform}" max_batch_size: 8\n'
+        'input [ { name: "input" data_type: TYPE_FP32 dims: [1, 28, 28] } ]\n'
+        'output [ { name: "probabilities" data_type: TYPE_FP32 dims: [10] } ]\n'
+    )
+    if threads is not None:
+        text += (
+            f'parameters {{ key: "intra_op_thread_count" value {{ string_value: "{threads}" }} }}\n'
+        )
+    (model / "config.pbtxt").write_text(text)
+
+
+def test_the_config_sets_onnxruntime_threads_per_model(tmp_path: Path) -> None:
+    settings = Settings(model_repository=tmp_path, intra_op_threads=1)
+    _model_folder(tmp_path, "own", "onnxruntime_onnx", "3")
+    _model_folder(tmp_path, "default", "onnxruntime_onnx", None)
+    # torch's threads belong to the process: a TorchScript model keeps the server's.
+    _model_folder(tmp_path, "torch", "pytorch_libtorch", "3")
+    assert read_model(tmp_path, "own", settings).intra_op_threads == 3
+    assert read_model(tmp_path, "default", settings).intra_op_threads == 1
+    assert read_model(tmp_path, "torch", settings).intra_op_threads == 1
+    for bad in ("two", "-1", "1.5", "100000"):
+        _model_folder(tmp_path, f"bad{bad}", "onnxruntime_onnx", bad)
+        with pytest.raises(RepositoryError, match="intra_op_thread_count must be a number"):
+            read_model(tmp_path, f"bad{bad}", settings)
