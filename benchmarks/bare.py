@@ -4,18 +4,20 @@ A grpc.aio server that answers every ModelInfer with one fixed response: it pars
 request (as any server must) and does nothing else: no model, no batcher, no metrics, no
 ids. What it answers per second, and the CPU it spends per answer, is what Python's gRPC
 costs by itself; the served figures are measured against it. With --workers N it runs N
-such processes on one port (SO_REUSEPORT, as the real server's workers share theirs).
+such processes on one port (SO_REUSEPORT, as the real server's workers share theirs); each
+ends when its parent does, even one that was killed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
+import contextlib
+import os
 import signal
 import socket
+import subprocess
 import sys
-from typing import Any
 
 import grpc
 import numpy as np
@@ -24,6 +26,9 @@ from wire import grpc_service_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
 READY_LINE = "bare server listening on port "
+WORKER_READY = "ready"
+# How often a worker checks that the process that started it still runs.
+ORPHAN_CHECK_S = 1.0
 CLASSES = 10
 
 
@@ -35,7 +40,7 @@ def fixed_response() -> bytes:
     return response.SerializeToString()
 
 
-async def _serve(port: int, ready: Any) -> None:
+async def _serve(port: int) -> None:
     answer = fixed_response()
 
     async def infer(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
@@ -50,46 +55,56 @@ async def _serve(port: int, ready: Any) -> None:
     )
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    ready.put(True)
+    print(WORKER_READY, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    parent = os.getppid()
+    while not stop.is_set():  # a worker whose parent is gone (killed) ends too
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), ORPHAN_CHECK_S)
+        if os.getppid() != parent:
+            break
     await server.stop(0)
-
-
-def _worker(port: int, ready: Any) -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # the parent's
-    asyncio.run(_serve(port, ready))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bare", description=__doc__)
     parser.add_argument("--workers", type=int, default=1, help="Processes on the port.")
     parser.add_argument("--port", type=int, default=0, help="0 picks one (printed).")
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve is not None:  # one worker process
+        asyncio.run(_serve(args.serve))
+        return 0
     # Reserve the port (bound, never listening) so that port 0 is one port for every process.
     reserve = socket.socket()
     reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reserve.bind(("127.0.0.1", args.port))
     port = reserve.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    ready = context.Queue()
-    processes = [context.Process(target=_worker, args=(port, ready)) for _ in range(args.workers)]
-    for process in processes:
-        process.start()
-    for _ in processes:
-        ready.get(timeout=60)
+    command = [sys.executable, "-m", "benchmarks.bare", "--serve", str(port)]
+    workers = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(args.workers)
+    ]
+
+    def stop(signum: int, frame: object) -> None:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(10)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for worker in workers:
+        assert worker.stdout is not None
+        if worker.stdout.readline().strip() != WORKER_READY:
+            stop(signal.SIGTERM, None)
     print(f"{READY_LINE}{port}", flush=True)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.join(10)
-    return 0
+    while True:
+        signal.pause()
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     sys.exit(main())
