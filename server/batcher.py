@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -67,10 +67,10 @@ class _Item:
     share: float  # this chunk's share of the request's rows
     queued: bool = False  # in the queue (not yet taken into a batch)
     trace: tracing.RequestTrace | None = None  # a sampled request's (tracing on only)
+    rows: int = field(init=False)  # images: read many times per batch, kept once
 
-    @property
-    def rows(self) -> int:
-        return self.images.shape[0]
+    def __post_init__(self) -> None:
+        self.rows = self.images.shape[0]
 
 
 class Batcher:

@@ -96,6 +96,7 @@ class Schedule:
     timeout_us: int = 0
 
 
+NO_SCHEDULE = Schedule()
 # Parameters with a meaning of their own (Triton's reserved names, docs/protocol/
 # extension_parameters.md); any other is the caller's and travels unread.
 _SEQUENCE_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
@@ -112,6 +113,8 @@ def request_schedule(request: grpc_service_pb2.ModelInferRequest) -> Schedule:
     `sequence_*` the types the sequence extension gives them (a sequence is refused
     UNIMPLEMENTED: the models are stateless), no `triton_` names but Triton's one allowed
     (a bool), and every other parameter an int64, bool, string or double."""
+    if not request.parameters:  # most requests: nothing to check
+        return NO_SCHEDULE
     priority = timeout_us = 0
     for key, param in request.parameters.items():
         kind = param.WhichOneof("parameter_choice")
@@ -155,18 +158,22 @@ class RequestedOutput:
     class_count: int = 0
 
 
+_WHAT = f"input {INPUT_NAME!r}"
+
+
 def decode_infer_inputs(
     request: grpc_service_pb2.ModelInferRequest, input_shape: Shape
 ) -> InferInputs:
     """The request's one input `input` as float32 N x C x H x W in [0, 1]."""
-    names = [t.name for t in request.inputs]
-    if names != [INPUT_NAME]:
+    inputs = request.inputs
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        names = [t.name for t in inputs]
         raise InvalidInputError(
             f"expected exactly one input named {INPUT_NAME!r} of shape "
             f"{expected_batch(input_shape)}, got {names or 'none'}"
         )
-    tensor = request.inputs[0]
-    what = f"input {INPUT_NAME!r}"
+    tensor = inputs[0]
+    what = _WHAT
     if "shared_memory_region" in tensor.parameters:
         raise UnsupportedError("shared-memory tensors are not supported; send the data inline")
     dtype = _check_datatype(tensor.datatype, what)
@@ -223,12 +230,15 @@ def _check_contents(
             )
 
 
+_EVERY_OUTPUT = (RequestedOutput(OUTPUT_NAME),)
+
+
 def requested_outputs(
     request: grpc_service_pb2.ModelInferRequest, num_classes: int
-) -> list[RequestedOutput]:
+) -> Sequence[RequestedOutput]:
     """What to answer: every output when none is named, else the named ones in order."""
     if not request.outputs:
-        return [RequestedOutput(OUTPUT_NAME)]
+        return _EVERY_OUTPUT
     outputs = []
     names = [tensor.name for tensor in request.outputs]
     if len(set(names)) != len(names):
