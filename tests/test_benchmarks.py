@@ -427,7 +427,7 @@ def test_workers_sweep_measures_served_and_do_nothing_servers(
         "workers", "--model-repository", str(repo), "--model", MODEL, "--workers", "1,2",
         "--duration", "1", "--warmup", "0.5", "--rounds", "1", "--connections", "4",
         "--streams", "2", "--lone-calls", "20", "--out", str(out),
-        timeout=240,
+        timeout=420,  # five servers to start on a busy machine
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
