@@ -12,11 +12,17 @@ the thread and back (a wake-up, a future, the GIL passed both ways) costs more C
 a batch does, and the GIL hand-back makes it wait behind the event loop's other work.
 
 A batch closes when its rows reach max_batch_size, or when the oldest queued request has
-waited max_queue_delay (measured with time.monotonic, waiting on a wake-up future with a
-timer: no polling), or at shutdown. With adaptive_delay (--adaptive-batch-delay) a lone
-request does not wait for the delay unless the previous batch held several requests: at low
-load waiting only adds latency, under load the queue holds several and batches form as
-before. Requests are taken by priority level, then in arrival order (server.queues: Triton's
+waited its delay (measured with time.monotonic, waiting on a wake-up future with a timer: no
+polling), or at shutdown. The delay is max_queue_delay when the model sets one (Triton's
+meaning: every batch may wait that long). A model that sets none (0, Triton's default) gets
+`load_window` instead, and only under load: when the queue holds several requests or the
+previous batch held several. A lone request never waits; under load a batch waits a moment
+for companions. (Triton's batches grow while its instance computes in another thread; small
+batches here run on the event loop's thread, where nothing arrives meanwhile, so without the
+window they would stay at one request each.) With adaptive_delay (--adaptive-batch-delay) a
+configured max_queue_delay is skipped the same way for lone requests.
+
+Requests are taken by priority level, then in arrival order (server.queues: Triton's
 priority levels and queue policies); a request that does not fit into the room left in a
 batch starts the next one (requests are never split across batches, except that `submit`
 cuts a request larger than max_batch_size into chunks of at most max_batch_size rows, each
@@ -88,6 +94,7 @@ class Batcher:
         metrics: Metrics,
         stats: ModelStats | None = None,
         adaptive_delay: bool = False,
+        load_window_s: float = 0.0,
         inline_rows: int = 0,
         schedule: SchedulePolicy | None = None,
     ) -> None:
@@ -102,6 +109,7 @@ class Batcher:
         # Adaptive: a lone request runs at once unless the last batch held several requests
         # (evidence of concurrent load, where waiting pays); see _next_batch.
         self.adaptive_delay = adaptive_delay
+        self.load_window_s = load_window_s
         self.inline_rows = inline_rows
         # Tracing as it was when the model loaded (it is set up before): None while it is off.
         self._tracing = tracing.ACTIVE
@@ -312,18 +320,26 @@ class Batcher:
                 await self._wait(None)
                 continue
             if not (self._closing or queue.rows >= self.max_batch_size):
-                adaptive = self.adaptive_delay and len(queue) < 2 and self._last_batch_requests < 2
                 oldest = queue.oldest()
                 assert oldest is not None
                 now = time.monotonic()
-                remaining = oldest + self.max_queue_delay_s - now
-                if not adaptive and remaining > 0:  # adaptive: no companion is coming
+                remaining = oldest + self._delay() - now
+                if remaining > 0:
                     expiry = queue.next_expiry()
                     await self._wait(remaining if expiry is None else min(remaining, expiry - now))
                     continue
             items = self._take()
             if items:
                 return items
+
+    def _delay(self) -> float:
+        """How long the oldest request may wait for companions (see the module doc)."""
+        loaded = len(self._queue) >= 2 or self._last_batch_requests >= 2
+        if self.max_queue_delay_s == 0:
+            return self.load_window_s if loaded else 0.0
+        if self.adaptive_delay and not loaded:  # no companion is coming
+            return 0.0
+        return self.max_queue_delay_s
 
     def _expire(self) -> None:
         self._reject(self._queue.expire(time.monotonic()))

@@ -38,6 +38,9 @@ class Settings:
     # On: a lone request runs at once unless recent batches show concurrent load (then it
     # waits up to the delay). Off: every batch waits out the delay (Triton's behaviour).
     adaptive_batch_delay: bool = False
+    # For models with no queue delay: how long a batch may wait for companions under load
+    # (several requests queued, or in the previous batch); a lone request never waits.
+    batch_window_us: int = 2000
     # Bound of each model instance's queue, in requests; past it callers get RESOURCE_EXHAUSTED.
     max_queue_size: int = 1024
     # onnxruntime/torch threads per model instance; spinning threads starve the gRPC side.
@@ -101,6 +104,13 @@ _FLAGS = (
         "instance is free, as in Triton).",
     ),
     _Flag("adaptive_batch_delay", bool, "Skip the queue delay for lone requests at low load."),
+    _Flag(
+        "batch_window_us",
+        int,
+        "For models that set no queue delay: under load (several requests queued or in the "
+        "last batch) a batch waits up to this for companions; a lone request never waits. "
+        "0: never wait.",
+    ),
     _Flag("max_queue_size", int, "Requests each model instance may queue before refusing."),
     _Flag(
         "intra_op_threads",
@@ -261,8 +271,8 @@ def _validate(parser: argparse.ArgumentParser, settings: Settings) -> None:
     for f in fields(settings):
         if f.name in ("max_batch_size", "max_queue_size") and getattr(settings, f.name) < 1:
             parser.error(f"{f.name.replace('_', '-')} must be at least 1")
-    if settings.max_queue_delay_us < 0 or settings.intra_op_threads < 0:
-        parser.error("max-queue-delay-us and intra-op-threads cannot be negative")
+    if min(settings.max_queue_delay_us, settings.batch_window_us, settings.intra_op_threads) < 0:
+        parser.error("max-queue-delay-us, batch-window-us and intra-op-threads cannot be negative")
     if settings.grace_period_s < 0:
         parser.error("grace-period-s cannot be negative")
     if not 1 <= settings.max_message_bytes <= MAX_MESSAGE_BYTES:

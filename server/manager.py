@@ -108,6 +108,7 @@ class ServedModel:
             metrics=metrics,
             stats=self.stats,
             adaptive_delay=settings.adaptive_batch_delay,
+            load_window_s=settings.batch_window_us / 1e6,
             inline_rows=loaded.inline_rows,
             schedule=spec.schedule,
         )

@@ -79,6 +79,7 @@ def make_batcher(
     delay_s: float = 0.005,
     max_queue_size: int = 1024,
     schedule: SchedulePolicy | None = None,
+    load_window_s: float = 0.0,
 ) -> Batcher:
     batcher = Batcher(
         runtimes if isinstance(runtimes, list) else [runtimes],
@@ -89,6 +90,7 @@ def make_batcher(
         max_queue_size=max_queue_size,
         metrics=metrics,
         schedule=schedule,
+        load_window_s=load_window_s,
     )
     batcher.start()
     return batcher
@@ -516,3 +518,63 @@ def test_batches_are_timed_per_batch_size_and_per_request(runtime: Runtime) -> N
     assert timings[1].queue_ns >= 10_000_000  # waited behind the first batch
     assert timings[4].batches == [(4, 4 / 6), (2, 2 / 6)]  # one request, two batches
     assert timings[4].infer_ns >= 2 * 15_000_000
+
+
+# --- no queue delay: a lone request never waits, a loaded queue waits for companions ----------
+
+
+def test_without_a_delay_a_lone_request_does_not_wait_for_the_load_window(
+    runtime: Runtime,
+) -> None:
+    """Delay 0 with a long window: requests one after another each run at once."""
+    metrics = Metrics()
+
+    async def main() -> list[float]:
+        batcher = make_batcher(runtime, metrics, delay_s=0.0, load_window_s=1.0)
+        took = []
+        for i in range(5):
+            began = time.monotonic()
+            await batcher.submit(images(1, seed=i))
+            took.append(time.monotonic() - began)
+        await batcher.close()
+        return took
+
+    took = asyncio.run(main())
+    assert max(took) < 0.5, took  # far below the 1 s window: nothing waited for it
+    assert sample(metrics, "batch_size_count") == 5
+
+
+def test_without_a_delay_a_loaded_queue_waits_the_window_and_batches(runtime: Runtime) -> None:
+    """Two requests queued at once show load: the batch waits for the stragglers that follow."""
+    metrics = Metrics()
+
+    async def main() -> None:
+        batcher = make_batcher(runtime, metrics, delay_s=0.0, load_window_s=0.3)
+        first = [asyncio.ensure_future(batcher.submit(images(1, seed=i))) for i in range(2)]
+        await asyncio.sleep(0.05)  # inside the window: these join the same batch
+        later = [asyncio.ensure_future(batcher.submit(images(1, seed=9 + i))) for i in range(3)]
+        await asyncio.gather(*first, *later)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert sample(metrics, "batch_size_sum") == 5
+    assert sample(metrics, "batch_size_count") == 1  # one batch: the window held it open
+
+
+def test_without_a_delay_and_no_window_batches_hold_what_queued_together(
+    runtime: Runtime,
+) -> None:
+    """--batch-window-us 0: a batch never waits, even under load (Triton's literal 0)."""
+    metrics = Metrics()
+
+    async def main() -> None:
+        batcher = make_batcher(runtime, metrics, delay_s=0.0, load_window_s=0.0)
+        first = [asyncio.ensure_future(batcher.submit(images(1, seed=i))) for i in range(2)]
+        await asyncio.sleep(0.05)
+        later = [asyncio.ensure_future(batcher.submit(images(1, seed=9 + i))) for i in range(3)]
+        await asyncio.gather(*first, *later)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert sample(metrics, "batch_size_sum") == 5
+    assert sample(metrics, "batch_size_count") == 2  # the first two, then the three
