@@ -183,13 +183,8 @@ class PriorityQueue(Generic[Item]):
             for item in state.items:
                 if item.expires is None or now < item.expires:
                     kept.append(item)
-                    continue
-                self._expiring -= 1
-                if state.policy.delay:
-                    state.delayed.append(item)
                 else:
-                    self._forget(item)
-                    rejected.append(item)
+                    self._timed_out(state, item, rejected)
             state.items = kept
         return rejected
 
@@ -209,12 +204,7 @@ class PriorityQueue(Generic[Item]):
                     item = queue[0]
                     if queue is state.items and item.expires is not None and now >= item.expires:
                         queue.popleft()
-                        self._expiring -= 1
-                        if state.policy.delay:
-                            state.delayed.append(item)
-                        else:
-                            self._forget(item)
-                            rejected.append(item)
+                        self._timed_out(state, item, rejected)
                         continue
                     if batch and rows + item.rows > max_rows:
                         return batch, rejected
@@ -225,6 +215,16 @@ class PriorityQueue(Generic[Item]):
                     batch.append(item)
                     rows += item.rows
         return batch, rejected
+
+    def _timed_out(self, state: _Level[Item], item: Item, rejected: list[Item]) -> None:
+        """A request whose timeout passed, already out of its level's in-time requests: its
+        level's policy delays it (behind those in time) or rejects it."""
+        self._expiring -= 1
+        if state.policy.delay:
+            state.delayed.append(item)
+        else:
+            self._forget(item)
+            rejected.append(item)
 
     def __iter__(self) -> Iterator[Item]:
         for level in self._order:
