@@ -171,6 +171,10 @@ def test_tune_never_writes_a_config_the_server_rejects(tmp_path: Path) -> None:
     assert (model_dir / CONFIG_FILE).read_text() == broken
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_tune_interrupted_leaves_the_config_whole_and_resumes(
     model_repository: Path, tmp_path: Path
 ) -> None:
@@ -190,6 +194,9 @@ def test_tune_interrupted_leaves_the_config_whole_and_resumes(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A suite started in the background (`make test &`) inherits SIGINT ignored, and so
+        # would the tuner, which is then never interrupted: Ctrl-C is what is tested here.
+        preexec_fn=_sigint_default,
     )
     results = out / "results.json"
     deadline = time.monotonic() + 90
