@@ -182,6 +182,7 @@ class _Server:
         self.httpd: WSGIServer | None = None
         self.rest: RestServer | None = None
         self.grpc_at = ""
+        self.rest_url = ""  # the HTTP/REST URL once bound ("" while unbound or off)
 
     def close_metrics(self) -> None:
         if self.httpd is not None:
@@ -268,7 +269,7 @@ class _Server:
             raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from None
         if not grpc_port:
             raise StartupError(f"cannot listen for gRPC on {address} (is the port in use?)")
-        rest_url = await self._open_rest()
+        rest_url = self.rest_url = await self._open_rest()
         await server.start()
         self.local.accepting = True
         self.grpc_at = hostport(settings.host, grpc_port)
@@ -382,7 +383,8 @@ class _Server:
             _report_models(manager)
         example = served[0].name if served else "MODEL"
         if role is None:
-            log.info(started_line(len(served), self.state.ready, self.grpc_at, example))
+            ready = self.state.ready
+            log.info(started_line(len(served), ready, self.grpc_at, example, self.rest_url))
             return
         log.info(
             "worker %d (pid %d) %s: %d model version(s) serving%s",
@@ -458,15 +460,22 @@ def _report_models(manager: ModelManager) -> None:
             log.warning("model %s%s: %s: %s", model.name, version, model.state, model.reason)
 
 
-def started_line(served: int, ready: bool, grpc_at: str, example: str, workers: int = 1) -> str:
-    """The STARTED line: what serves, whether the server is ready, and how to call it."""
+def started_line(
+    served: int, ready: bool, grpc_at: str, example: str, rest_url: str = "", workers: int = 1
+) -> str:
+    """The STARTED line: what serves, whether the server is ready, and how to call it
+    (rest_url "" when HTTP is off)."""
     dial = _dial_address(grpc_at)
     on = f" on {workers} workers" if workers > 1 else ""
+    rest = ""
+    if rest_url:
+        scheme, _, bound = rest_url.partition("://")
+        rest = f", or over HTTP/REST (curl {scheme}://{_dial_address(bound)}/v2/models/{example})"
     return (
         f"{STARTED}: {served} model version(s) serving{on}, "
         f"{'ready' if ready else 'NOT ready (see the models above)'}; call it with the native "
         f"API ({_python()} -m client classify --server {dial} --model {example} IMAGE.png) or "
-        f"the KServe v2 protocol (tritonclient.grpc.InferenceServerClient({dial!r}))"
+        f"the KServe v2 protocol (tritonclient.grpc.InferenceServerClient({dial!r})){rest}"
     )
 
 

@@ -271,6 +271,7 @@ class Supervisor:
                         ready,
                         self._grpc_at,
                         str(first.get("example", "MODEL")),
+                        self._http_url,
                         self.count,
                     )
                 )

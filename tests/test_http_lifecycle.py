@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import time
@@ -123,8 +124,26 @@ def test_disable_http_binds_no_http_port(model_repository: Path, tmp_path: Path)
     server = ServerProcess(repo, "--disable-http", "--http-port", str(port)).start()
     try:
         assert server.http_port == 0 and " rest off;" in server.log
+        assert "over HTTP/REST" not in server.log  # the startup hint names no HTTP URL
         assert "gRPC port security" in server.log
         with socket.socket() as client:
             assert client.connect_ex(("127.0.0.1", port)) != 0  # nobody listens there
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_startup_hint_names_an_http_url_that_answers(
+    model_repository: Path, tmp_path: Path, workers: str
+) -> None:
+    """The startup line's curl example, as printed, reaches the model's metadata."""
+    repo = copy_repository(model_repository, tmp_path / "repository", ["fashion_mnist"])
+    server = ServerProcess(repo, "--workers", workers).start()
+    try:
+        hint = re.search(r"over HTTP/REST \(curl (\S+)\)", server.log)
+        assert hint is not None, server.log
+        assert hint[1] == f"http://127.0.0.1:{server.http_port}/v2/models/fashion_mnist"
+        with urllib.request.urlopen(hint[1], timeout=10) as answer:
+            assert json.load(answer)["name"] == "fashion_mnist"
     finally:
         server.stop()
