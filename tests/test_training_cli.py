@@ -118,6 +118,8 @@ def test_more_user_errors_in_process(
     """The same entry point, called in this process (no torch import per case)."""
     write_cifar10(tmp_path / "cifar", per_batch=4, test=4)
     repo = ["--model-repository", str(tmp_path / "repo"), "--name", "m"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
     cases = [
         (["export", str(corrupt_checkpoint(tmp_path)), *repo], "not a readable checkpoint"),
         (["export", str(tmp_path / "nope.pt"), *repo], "nope.pt not found"),
@@ -126,6 +128,9 @@ def test_more_user_errors_in_process(
         (["train", "--dataset", "synthetic", "--checkpoint-dir", str(tmp_path / "ck")], "--arch"),
         (["evaluate", str(trained_checkpoints["fashion_mlp"]), "--dataset", "imagefolder",
           "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
+        # refused before any training: the repository cannot be written (a file is in the way)
+        (["build-repository", "--model-repository", str(a_file / "repo"), "--no-download"],
+         f"cannot write the model repository {a_file / 'repo'}"),
     ]  # fmt: skip
     for argv, phrase in cases:
         assert main(argv) == 2, argv
@@ -136,6 +141,11 @@ def test_more_user_errors_in_process(
     assert exited.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
+    # An export that cannot write where it is told: one line naming the path, no traceback.
+    unwritable = ["--model-repository", str(a_file / "repo"), "--name", "m"]
+    assert main(["export", str(trained_checkpoints["fashion_mlp"]), *unwritable]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(a_file) in err, err
 
 
 def test_every_option_is_explained(capsys: pytest.CaptureFixture[str]) -> None:

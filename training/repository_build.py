@@ -7,6 +7,7 @@ dataset under a banner nobody can miss, so an offline machine still gets a serva
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ def build_repository(
     options = precision or PrecisionOptions()
     options.check("onnx")
     repo = Path(repository)
+    _check_writable(repo)
     results: dict[str, Path | None] = {}
     for model in models:
         existing = layout.list_versions(repo / model.name)
@@ -106,6 +108,19 @@ def build_repository(
             ) from None
         results[model.name] = version
     return results
+
+
+def _check_writable(repo: Path) -> None:
+    """Refuse before training, not after: a repository that cannot be written would cost
+    the whole training run first."""
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=repo):
+            pass
+    except OSError as exc:
+        raise TrainingError(
+            f"cannot write the model repository {repo}: {exc.strerror or exc}"
+        ) from None
 
 
 def _data(
