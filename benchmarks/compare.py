@@ -26,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.common import BenchError, Config, Sample, exit_code
 from benchmarks.figures import write_report
-from benchmarks.measure import Timing, run_load
+from benchmarks.measure import Timing, measure_started, run_load
 from benchmarks.modes import APIS, STREAM_APIS
 from benchmarks.report import add_ratios, format_report, summarize
 from benchmarks.server import start_server
@@ -240,16 +240,7 @@ def _run_one(args: argparse.Namespace, config: Config) -> Sample:
     if args.model_repository is None:
         return asyncio.run(run_load(args.server, config, timing))
     with start_server(args.model_repository, config.server_args) as server:
-        return asyncio.run(
-            run_load(
-                server.target,
-                config,
-                timing,
-                server_cpu=server.cpu_seconds,
-                check=server.check_alive,
-                settled=True,
-            )
-        )
+        return measure_started(server, config, timing)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,12 +19,16 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
 from benchmarks.calls import CHANNEL_OPTIONS, Call, model_info
 from benchmarks.common import Config, Sample
 from benchmarks.modes import open_calls
+
+if TYPE_CHECKING:
+    from benchmarks.server import ServerProcess
 
 # Open loop: requests in flight per client process before new arrivals are counted as
 # dropped by the client ("CLIENT_BACKLOG") rather than piling up without bound.
@@ -123,6 +127,21 @@ async def run_load(
                 sample = await _open_loop(calls[0], schedule, window, server_cpu)
     sample.start_late_s = (round(late, 4),)
     return sample
+
+
+def measure_started(server: ServerProcess, config: Config, timing: Timing) -> Sample:
+    """One closed-loop measurement of a server this run started: its CPU counted, and its
+    death reported rather than waited for."""
+    return asyncio.run(
+        run_load(
+            server.target,
+            config,
+            timing,
+            server_cpu=server.cpu_seconds,
+            check=server.check_alive,
+            settled=True,
+        )
+    )
 
 
 class _Tally:

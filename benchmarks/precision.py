@@ -16,7 +16,6 @@ The accuracies are those config.pbtxt records: export's gate measured both on th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shlex
 import sys
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from benchmarks.compare import (
     bounded,
 )
 from benchmarks.figures import write_report
-from benchmarks.measure import Timing, run_load
+from benchmarks.measure import Timing, measure_started
 from benchmarks.report import Outcome, summarize
 from benchmarks.server import start_server
 from client.table import format_table
@@ -229,16 +228,7 @@ def run(args: argparse.Namespace) -> int:
                     concurrency=args.concurrency,
                     batch=args.batch,
                 )
-                sample = asyncio.run(
-                    run_load(
-                        server.target,
-                        config,
-                        timing,
-                        server_cpu=server.cpu_seconds,
-                        check=server.check_alive,
-                        settled=True,
-                    )
-                )
+                sample = measure_started(server, config, timing)
                 samples[model.name].append(sample)
     for model in models:
         config = Config(model.name, args.api, model.name, args.concurrency, batch=args.batch)
