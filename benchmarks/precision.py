@@ -205,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
     models = list({m.name: m for pair in pairs for m in (pair.fp32, pair.reduced)}.values())
     timing = Timing(args.warmup, args.duration, args.timeout)
     samples: dict[str, list[Sample]] = {m.name: [] for m in models}
+    configs = {
+        m.name: Config(m.name, args.api, m.name, args.concurrency, batch=args.batch) for m in models
+    }
     server_args = ("--models", ",".join(m.name for m in models), *extra)
     with start_server(args.model_repository, server_args) as server:
         for round_no in range(1, args.rounds + 1):
@@ -221,18 +224,10 @@ def run(args: argparse.Namespace) -> int:
                     model.alone_images_per_s.setdefault(point.batch_size, []).append(
                         point.images_per_s
                     )
-                config = Config(
-                    label=model.name,
-                    api=args.api,
-                    model=model.name,
-                    concurrency=args.concurrency,
-                    batch=args.batch,
-                )
-                sample = measure_started(server, config, timing)
+                sample = measure_started(server, configs[model.name], timing)
                 samples[model.name].append(sample)
     for model in models:
-        config = Config(model.name, args.api, model.name, args.concurrency, batch=args.batch)
-        model.served = summarize(config, samples[model.name])
+        model.served = summarize(configs[model.name], samples[model.name])
     print(format_pairs(pairs, args.concurrency, args.batch))
     if args.out is not None:
         write_report(
