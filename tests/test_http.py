@@ -18,6 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from google.protobuf import json_format
+from http_calls import http_post
 from server_process import ServerProcess, onnx_probabilities
 from tritonclient.utils import InferenceServerException
 
@@ -155,12 +156,12 @@ def test_outputs_default_to_json_unless_binary_data_output(server: ServerProcess
             {"name": "input", "datatype": "FP32", "shape": [2, 1, 28, 28], "data": images.tolist()}
         ]
     }
-    status, headers, answer = _post(server, "/v2/models/fashion_mnist/infer", body)
+    status, headers, answer = http_post(server, "/v2/models/fashion_mnist/infer", body)
     assert status == 200 and "Inference-Header-Content-Length" not in headers
     data = np.array(json.loads(answer)["outputs"][0]["data"], np.float32).reshape(2, 10)
     np.testing.assert_allclose(data, _reference(server, "fashion_mnist", images), atol=1e-6)
     body["parameters"] = {"binary_data_output": True}
-    status, headers, answer = _post(server, "/v2/models/fashion_mnist/infer", body)
+    status, headers, answer = http_post(server, "/v2/models/fashion_mnist/infer", body)
     length = int(headers["Inference-Header-Content-Length"])
     header = json.loads(answer[:length])
     assert header["outputs"][0]["parameters"] == {"binary_data_size": 80}
@@ -211,7 +212,7 @@ def test_compressed_requests_and_answers(
     expected = _reference(server, "fashion_mnist", images)
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
     body = _json_body_of(images)
-    status, headers, _ = _post(
+    status, headers, _ = http_post(
         server, "/v2/models/fashion_mnist/infer", body, headers={"Accept-Encoding": algorithm}
     )
     assert status == 200 and headers["Content-Encoding"] == algorithm
@@ -308,30 +309,16 @@ def test_request_ids_and_metrics_label_the_api(server: ServerProcess) -> None:
     bad = server.metric("imgserve_requests_total", api="http", code="NOT_FOUND")
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
                         "data": [0.5] * 3072}]}  # fmt: skip
-    status, headers, _ = _post(
+    status, headers, _ = http_post(
         server, "/v2/models/cifar10/infer", body, headers={REQUEST_ID_KEY: "order-42"}
     )
     assert status == 200 and headers[REQUEST_ID_KEY] == "order-42"
-    status, headers, answer = _post(server, "/v2/models/nope/infer", body)
+    status, headers, answer = http_post(server, "/v2/models/nope/infer", body)
     assert status == 404 and len(headers[REQUEST_ID_KEY]) == 32
     assert json.loads(answer) == {"error": "unknown model 'nope'"}
     after = server.metric("imgserve_requests_total", api="http", model="cifar10", code="OK")
     assert after - before == 1
     assert server.metric("imgserve_requests_total", api="http", code="NOT_FOUND") - bad == 1
-
-
-def _post(
-    server: ServerProcess, path: str, body: Any, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        server.http_url + path, data=data, headers=headers or {}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, dict(answer.headers), answer.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
 
 
 # --- the repository extension, on a server of its own: it changes what is served ---

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from generated_models import SHAPE, write_slow_model
+from http_calls import http_get, http_post
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_process import ServerProcess, kserve_method, onnx_probabilities, set_batching
@@ -39,28 +38,6 @@ def server(serve: Callable[..., ServerProcess]) -> ServerProcess:
     return serve("--max-queue-size", "2", models=[MODEL], prepare=_build)
 
 
-def _post(
-    server: ServerProcess, path: str, body: Any, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        server.http_url + path, data=data, headers=headers or {}, method="POST"
-    )
-    return _open(request)
-
-
-def _get(server: ServerProcess, path: str) -> tuple[int, dict[str, str], bytes]:
-    return _open(urllib.request.Request(server.http_url + path))
-
-
-def _open(request: urllib.request.Request) -> tuple[int, dict[str, str], bytes]:
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, dict(answer.headers), answer.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
-
-
 def _error(answer: bytes) -> str:
     document = json.loads(answer)
     assert set(document) == {"error"}  # Triton's error body, nothing else
@@ -78,7 +55,7 @@ def _json_body(images: np.ndarray, **extra: Any) -> dict[str, Any]:
 
 def _check_still_serving(server: ServerProcess) -> None:
     images = _images(2, seed=42)
-    status, _, answer = _post(server, INFER, _json_body(images))
+    status, _, answer = http_post(server, INFER, _json_body(images))
     assert status == 200, answer
     data = np.array(json.loads(answer)["outputs"][0]["data"], np.float32).reshape(2, 10)
     expected = onnx_probabilities(server.repository / MODEL / "1" / "model.onnx", images)
@@ -123,7 +100,7 @@ def test_invalid_requests_get_400_and_the_grpc_message(server: ServerProcess, ca
     change, status = CASES[case]
     body = _json_body(_images())
     change(body)
-    got, _, answer = _post(server, INFER, body)
+    got, _, answer = http_post(server, INFER, body)
     assert got == status
     message = _error(answer)
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as caught:
@@ -220,7 +197,7 @@ def test_bodies_only_http_can_get_wrong_are_400(
         case "binary_data not bool":
             document["outputs"] = [{"name": "probabilities", "parameters": {"binary_data": 1}}]
             body, headers = json.dumps(document).encode(), {}
-    status, _, answer = _post(server, INFER, body, headers)
+    status, _, answer = http_post(server, INFER, body, headers)
     assert status == 400, answer
     assert expected in _error(answer)
     _check_still_serving(server)
@@ -232,31 +209,33 @@ def test_not_found_unimplemented_and_routing(server: ServerProcess) -> None:
         ("/v2/models/nope/infer", "unknown model 'nope'"),
         (f"/v2/models/{MODEL}/versions/7/infer", "no version '7'"),
     ]:
-        status, _, answer = _post(server, path, body)
+        status, _, answer = http_post(server, path, body)
         assert status == 404 and expected in _error(answer)
-    status, _, answer = _get(server, "/v2/models/nope")
+    status, _, answer = http_get(server, "/v2/models/nope")
     assert status == 404 and _error(answer) == "unknown model 'nope'"
     body["inputs"][0]["parameters"] = {"shared_memory_region": "r"}
     del body["inputs"][0]["data"]
-    status, _, answer = _post(server, INFER, body)
+    status, _, answer = http_post(server, INFER, body)
     assert status == 501 and "shared-memory" in _error(answer)
-    status, _, answer = _post(server, INFER, _json_body(_images(), parameters={"sequence_id": 7}))
+    status, _, answer = http_post(
+        server, INFER, _json_body(_images(), parameters={"sequence_id": 7})
+    )
     assert status == 501 and "sequence batching is not supported" in _error(answer)
-    status, _, answer = _get(server, INFER)  # inference is a POST
+    status, _, answer = http_get(server, INFER)  # inference is a POST
     assert status == 405 and _error(answer)
-    status, _, answer = _get(server, "/v2/nothing/here")
+    status, _, answer = http_get(server, "/v2/nothing/here")
     assert status == 404 and _error(answer)
-    status, _, answer = _post(server, f"/v2/repository/models/{MODEL}/unload", b"")
+    status, _, answer = http_post(server, f"/v2/repository/models/{MODEL}/unload", b"")
     assert status == 400 and "--enable-model-control" in _error(answer)
-    status, _, answer = _post(server, "/v2/repository/index", b'{"ready": "yes"}')
+    status, _, answer = http_post(server, "/v2/repository/index", b'{"ready": "yes"}')
     assert status == 400 and "'ready' must be a boolean" in _error(answer)
-    status, _, _ = _get(server, "/v2/models/nope/ready")
+    status, _, _ = http_get(server, "/v2/models/nope/ready")
     assert status == 400  # Triton's answer for "not ready"
     _check_still_serving(server)
 
 
 def test_a_body_past_the_limit_is_413(server: ServerProcess) -> None:
-    status, _, answer = _post(server, INFER, b"\0" * (64 * 1024 * 1024 + 1))
+    status, _, answer = http_post(server, INFER, b"\0" * (64 * 1024 * 1024 + 1))
     assert status == 413 and "Maximum request body size" in _error(answer)
     _check_still_serving(server)
 
@@ -267,20 +246,18 @@ def test_timeout_and_full_queue_match_the_grpc_codes(server: ServerProcess) -> N
     images = _images(1)
     body = _json_body(images, parameters={"timeout": 50_000})
     began = time.monotonic()
-    status, _, answer = _post(server, "/v2/models/slow/infer", body)
+    status, _, answer = http_post(server, "/v2/models/slow/infer", body)
     assert status == 504 and "timeout passed while it was queued" in _error(answer)
     assert time.monotonic() - began < 10
-    waiting = [
-        threading.Thread(target=_post, args=(server, "/v2/models/slow/infer", _json_body(images)))
-        for _ in range(2)
-    ]
+    args = (server, "/v2/models/slow/infer", _json_body(images))
+    waiting = [threading.Thread(target=http_post, args=args) for _ in range(2)]
     for thread in waiting:
         thread.start()
     deadline = time.monotonic() + 10
     while server.metric("imgserve_queue_depth", model="slow") < 2:
         assert time.monotonic() < deadline, "the two requests never queued"
         time.sleep(0.02)
-    status, _, answer = _post(server, "/v2/models/slow/infer", _json_body(images))
+    status, _, answer = http_post(server, "/v2/models/slow/infer", _json_body(images))
     assert status == 429 and "queue full" in _error(answer)
     for thread in waiting:
         thread.join(30)
@@ -329,7 +306,7 @@ def test_generated_bodies_never_get_a_server_error(
 ) -> None:
     head = json.dumps(document).encode()
     headers = {"Inference-Header-Content-Length": str(len(head))} if header else {}
-    status, _, answer = _post(server, INFER, head + tail, headers)
+    status, _, answer = http_post(server, INFER, head + tail, headers)
     assert status in (200, 400, 404, 501), answer
     if status != 200:
         _error(answer)
