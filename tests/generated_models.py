@@ -42,23 +42,7 @@ def write_slow_model(repository: Path, name: str, instances: int) -> Path:
             numpy_helper.from_array(np.array([1], np.int64), "axes"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    model_dir = repository / name
-    (model_dir / "1").mkdir(parents=True)
-    onnx.save(model, model_dir / "1" / ONNX_FILE)
-    config = ModelConfig(name=name, platform=PLATFORM_ONNX, max_batch_size=64)
-    config.input.add(
-        name=INPUT_NAME,
-        data_type=model_config_pb2.TYPE_FP32,
-        format=model_config_pb2.ModelInput.FORMAT_NCHW,
-        dims=list(SHAPE),
-    )
-    config.output.add(name=OUTPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[10])
-    config.instance_group.add(count=instances, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
-    write_config(model_dir / CONFIG_FILE, config)
-    return model_dir
+    return _write(repository, name, graph, max_batch_size=64, instances=instances)
 
 
 def write_fixed_batch_model(repository: Path, name: str, max_batch_size: int) -> Path:
@@ -79,6 +63,13 @@ def write_fixed_batch_model(repository: Path, name: str, max_batch_size: int) ->
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [1, 10])],
         initializer=[numpy_helper.from_array(weight.astype(np.float32), "w")],
     )
+    return _write(repository, name, graph, max_batch_size=max_batch_size, instances=1)
+
+
+def _write(
+    repository: Path, name: str, graph: onnx.GraphProto, *, max_batch_size: int, instances: int
+) -> Path:
+    """The model's version 1 and a config.pbtxt serving it on the CPU."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -93,6 +84,6 @@ def write_fixed_batch_model(repository: Path, name: str, max_batch_size: int) ->
         dims=list(SHAPE),
     )
     config.output.add(name=OUTPUT_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[10])
-    config.instance_group.add(count=1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    config.instance_group.add(count=instances, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
     write_config(model_dir / CONFIG_FILE, config)
     return model_dir
