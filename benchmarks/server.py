@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import BenchError
-from server.app import STARTED, parse_listening
+from server.startlines import STARTED, parse_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_TIMEOUT_S = 180.0

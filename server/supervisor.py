@@ -47,10 +47,11 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from server.app import StartupError, hostport, http_url, listening_line, started_line
+from server.app import StartupError
 from server.config import Settings
 from server.metrics import MULTIPROCESS_ENV
 from server.sockets import bind_tcp
+from server.startlines import hostport, http_url, listening_line, started_line
 from server.worker import BOUND, ROLE_ENV, WorkerRole
 from server.worker import STARTED as WORKER_STARTED
 

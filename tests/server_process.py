@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modelrepo.config import load_config, write_config
 from modelrepo.layout import CONFIG_FILE
-from server.app import STARTED, hostport, parse_listening, parse_rest_port
+from server.startlines import STARTED, hostport, parse_listening, parse_rest_port
 from wire import classifier_pb2, grpc_service_pb2
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_process import ServerProcess, copy_repository, set_batching
 
 from modelrepo.layout import CONFIG_FILE, INPUT_NAME
-from server.app import (
+from server.startlines import (
     LISTENING_PREFIX,
     STARTED,
     hostport,
