@@ -6,12 +6,12 @@ benchmarks tune ...` the serving settings that suit this machine."""
 
 import sys
 
-from benchmarks import compare, lean, precision, suite, tracing
+from benchmarks import compare, precision, suite, tracing, workers
 from benchmarks.tune import cli as tune
 
 SUBCOMMANDS = {
     "compare": compare.main,
-    "workers": lean.main,
+    "workers": workers.main,
     "precision": precision.main,
     "tracing": tracing.main,
     "tune": tune.main,

@@ -7,6 +7,7 @@ does not compete with the load for CPU; a server that dies first fails the run a
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import subprocess
@@ -41,7 +42,7 @@ class ServerProcess:
         """User + system CPU of the server so far, its worker processes included (Linux
         /proc); None elsewhere."""
         try:
-            return sum(_cpu_seconds(pid) for pid in _tree(self.process.pid))
+            return tree_cpu_seconds(self.process.pid)
         except (OSError, ValueError, IndexError):
             return None
 
@@ -50,6 +51,16 @@ class ServerProcess:
         code = self.process.poll()
         if code is not None:
             raise BenchError(_failure(_exited(code), self.args, self.tail))
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its descendants (Linux /proc). A descendant that
+    exits meanwhile counts nothing; `pid`'s own must be readable (OSError otherwise)."""
+    total = _cpu_seconds(pid)
+    for child in _tree(pid)[1:]:
+        with contextlib.suppress(OSError):
+            total += _cpu_seconds(child)
+    return total
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -37,14 +37,14 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from benchmarks.common import BenchError, exit_code
 from benchmarks.compare import add_server_args_option, bounded
-from benchmarks.lean import (
+from benchmarks.h2load import (
     Round,
     Target,
-    _answer_codes,
-    _input_shape,
+    answer_codes,
     build_request,
     check_answer,
     frame,
+    input_shape,
     measure,
 )
 from benchmarks.server import start_server
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         if os.environ.get(name, "").strip():
             raise BenchError(f"unset {name}: it would turn tracing on in the 'off' server")
-    shape = _input_shape(args.model_repository, args.model)
+    shape = input_shape(args.model_repository, args.model)
     request = build_request(args.model, shape, args.images)
     args.out.mkdir(parents=True, exist_ok=True)
     frame_file = args.out / "request.grpc"
@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
                 served = stack.enter_context(
                     start_server(args.model_repository, (*extra, *setup.args), cwd=setup.cwd)
                 )
-                codes = _answer_codes(served.metrics_url)
+                codes = answer_codes(served.metrics_url)
                 targets.append(
                     Target(setup.label, args.workers, served.target, served.cpu_seconds, codes)  # type: ignore[arg-type]
                 )

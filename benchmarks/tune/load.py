@@ -4,7 +4,7 @@ request sizes, each a load point, from h2load or from Python client processes.
 h2load (Debian's `nghttp2-client`) replays one framed ModelInfer request over several
 connections at a fraction of a Python client's CPU, which matters when client and server
 share a few cores; its per-request log gives the latencies. It sees HTTP statuses only, so
-the server's own /metrics count the answers by gRPC code over each point (benchmarks.lean).
+the server's own /metrics count the answers by gRPC code over each point (benchmarks.h2load).
 Without h2load, client processes run benchmarks.measure's closed loop (one channel each).
 Either way connections, not requests, are spread over the server's workers, so the load
 opens several.
@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.clients import START_LEAD_S, ClientPool, split_load
 from benchmarks.common import BenchError, Config
 from benchmarks.figures import pooled
-from benchmarks.lean import PATH, build_request, check_answer, frame, h2load_time
+from benchmarks.h2load import PATH, build_request, check_answer, frame, h2load_time
 from benchmarks.measure import Timing
 
 H2LOAD, PYTHON = "h2load", "python"

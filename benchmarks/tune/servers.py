@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from benchmarks.common import BenchError
-from benchmarks.lean import _answer_codes
+from benchmarks.h2load import answer_codes
 from benchmarks.server import ServerProcess, start_server
 from benchmarks.tune.load import Target
 from modelrepo.config import parse_config
@@ -108,7 +108,7 @@ class Servers:
             self._loaded[workers] = text
         server = self._servers[workers]
         self._check_config(server, text)
-        return Target(server.target, server.cpu_seconds, _answer_codes(server.metrics_url))
+        return Target(server.target, server.cpu_seconds, answer_codes(server.metrics_url))
 
     def _start(self, workers: int) -> None:
         previous = self._servers.pop(workers, None)

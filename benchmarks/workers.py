@@ -24,228 +24,35 @@ import argparse
 import collections
 import contextlib
 import json
-import re
 import shlex
 import shutil
-import signal
 import statistics
-import struct
-import subprocess
-import sys
-import threading
-import time
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
-import grpc
-import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
-
-from benchmarks.bare import READY_LINE
 from benchmarks.common import BenchError, exit_code
 from benchmarks.compare import add_server_args_option, bounded
-from benchmarks.server import _tree, start_server
-from wire import grpc_service_pb2 as pb
+from benchmarks.h2load import (
+    BARE,
+    SERVED,
+    Round,
+    Target,
+    answer_codes,
+    build_request,
+    check_answer,
+    frame,
+    input_shape,
+    lone_latency,
+    measure,
+    start_bare,
+)
+from benchmarks.server import start_server
 
-ROOT = Path(__file__).resolve().parent.parent
-PATH = "/inference.GRPCInferenceService/ModelInfer"
-SERVED, BARE = "served", "do-nothing"
 # The same server under the same concurrency over one connection: what one channel gets.
 ONE_CONNECTION = "served, 1 conn"
 RESULTS_FILE = "results.json"
 PLOT_FILE = "workers.png"
-START_TIMEOUT_S = 120.0
-_FINISHED = re.compile(r"finished in [\d.]+s, ([\d.]+) req/s")
-_REQUESTS = re.compile(
-    r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed"
-)
-
-
-@dataclass(frozen=True)
-class Round:
-    kind: str  # SERVED | BARE
-    workers: int
-    requests_per_s: float
-    succeeded: int
-    failed: int
-    server_cpu_s: float  # over the measured window
-    duration_s: float
-
-    @property
-    def cpu_cores(self) -> float:
-        return self.server_cpu_s / self.duration_s
-
-    @property
-    def cpu_ms_per_request(self) -> float:
-        return 1000 * self.server_cpu_s / max(self.requests_per_s * self.duration_s, 1)
-
-
-@dataclass
-class Target:
-    kind: str
-    workers: int
-    address: str
-    cpu_seconds: Callable[[], float]
-    codes: Callable[[], collections.Counter[str]] | None  # answers by code (served only)
-    connections: int = 0  # 0: --connections x --streams; 1: all those streams on one
-
-    def load(self, args: argparse.Namespace) -> tuple[int, int]:
-        """(connections, streams per connection) of h2load for this target."""
-        if self.connections == 1:
-            return 1, args.connections * args.streams
-        return args.connections, args.streams
-
-
-def frame(request: pb.ModelInferRequest) -> bytes:
-    """One gRPC message as it travels: uncompressed flag, 4-byte big-endian length, bytes."""
-    body = request.SerializeToString()
-    return b"\x00" + struct.pack(">I", len(body)) + body
-
-
-def build_request(model: str, shape: Sequence[int], images: int) -> pb.ModelInferRequest:
-    pixels = np.random.default_rng(0).random((images, *shape), np.float32)
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="input", datatype="FP32", shape=list(pixels.shape))
-    request.raw_input_contents.append(pixels.tobytes())
-    return request
-
-
-def check_answer(address: str, request: pb.ModelInferRequest, images: int) -> None:
-    """A real gRPC client's call with the replayed request: N rows of probabilities."""
-    with grpc.insecure_channel(address) as channel:
-        infer = channel.unary_unary(
-            PATH,
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        try:
-            response = infer(request, timeout=30)
-        except grpc.RpcError as exc:
-            raise BenchError(
-                f"{address} refused the benchmark's request: {exc.details()}"
-            ) from None
-    rows = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(-1, 10)
-    if rows.shape[0] != images or not np.allclose(rows.sum(axis=1), 1, atol=1e-3):
-        raise BenchError(f"{address} answered {rows.shape[0]} rows that are not probabilities")
-
-
-def lone_latency(address: str, request: pb.ModelInferRequest, calls: int) -> tuple[float, float]:
-    """(p50, p99) milliseconds of `calls` requests sent one at a time (concurrency 1)."""
-    with grpc.insecure_channel(address) as channel:
-        infer = channel.unary_unary(
-            PATH,
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        for _ in range(20):  # warm: the connection, the server's caches
-            infer(request, timeout=30)
-        times = []
-        for _ in range(calls):
-            began = time.perf_counter()
-            infer(request, timeout=30)
-            times.append(time.perf_counter() - began)
-    p50, p99 = np.percentile(times, [50, 99])
-    return 1000 * float(p50), 1000 * float(p99)
-
-
-def h2load_time(seconds: float) -> str:
-    """A duration as h2load reads it: it refuses fractions of a second ("0.5"), not "500ms"."""
-    return f"{round(seconds * 1000)}ms"
-
-
-def run_h2load(
-    target: Target, frame_file: Path, args: argparse.Namespace
-) -> tuple[float, int, int]:
-    """(req/s, succeeded, failed) of one h2load run against `target`."""
-    address = target.address
-    connections, streams = target.load(args)
-    command = [
-        "h2load", "-c", str(connections), "-m", str(streams), "-t", "1",
-        f"--duration={h2load_time(args.duration)}", f"--warm-up-time={h2load_time(args.warmup)}",
-        "-H", "content-type: application/grpc", "-H", "te: trailers",
-        "-d", str(frame_file), f"http://{address}{PATH}",
-    ]  # fmt: skip
-    limit = args.duration + args.warmup + 30
-    done = subprocess.run(command, capture_output=True, text=True, timeout=limit, check=False)
-    finished, counts = _FINISHED.search(done.stdout), _REQUESTS.search(done.stdout)
-    if done.returncode != 0 or finished is None or counts is None:
-        raise BenchError(f"h2load failed against {address}:\n{done.stdout[-800:]}{done.stderr}")
-    return float(finished[1]), int(counts[2]), int(counts[3])
-
-
-def measure(target: Target, frame_file: Path, args: argparse.Namespace) -> Round:
-    codes_before = target.codes() if target.codes else collections.Counter()
-    marks: list[tuple[float, float]] = []
-    timer = threading.Timer(
-        args.warmup, lambda: marks.append((time.monotonic(), target.cpu_seconds()))
-    )
-    timer.start()
-    rate, succeeded, failed = run_h2load(target, frame_file, args)
-    timer.join()
-    began, cpu_began = marks[0]
-    elapsed, cpu = time.monotonic() - began, target.cpu_seconds() - cpu_began
-    if target.codes is not None:
-        codes = target.codes()
-        codes.subtract(codes_before)
-        # h2load cancels what is in flight when its time is up: at most one per stream.
-        cancelled = codes.pop("CANCELLED", 0)
-        codes.pop("OK", None)
-        wrong = {code: n for code, n in codes.items() if n}
-        if wrong or cancelled > args.connections * args.streams:
-            raise BenchError(
-                f"{target.kind} x{target.workers} answered other than OK: "
-                f"{dict(wrong, CANCELLED=cancelled)}"
-            )
-    return Round(target.kind, target.workers, rate, succeeded, failed, cpu, elapsed)
-
-
-def _answer_codes(metrics_url: str) -> Callable[[], collections.Counter[str]]:
-    """The server's answers so far by status code, from its imgserve_requests_total."""
-
-    def count() -> collections.Counter[str]:
-        with urllib.request.urlopen(metrics_url, timeout=10) as response:
-            text = response.read().decode()
-        codes: collections.Counter[str] = collections.Counter()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "imgserve_requests_total":
-                    codes[sample.labels.get("code", "")] += int(sample.value)
-        return codes
-
-    return count
-
-
-@contextlib.contextmanager
-def start_bare(workers: int) -> Iterator[Target]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.bare", "--workers", str(workers)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith(READY_LINE):
-            raise BenchError(f"the do-nothing server did not start: {line!r}")
-        address = f"127.0.0.1:{int(line[len(READY_LINE) :])}"
-        yield Target(BARE, workers, address, lambda: _tree_cpu(process.pid), None)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _tree_cpu(pid: int) -> float:
-    from benchmarks.server import _cpu_seconds
-
-    total = 0.0
-    for one in _tree(pid):
-        with contextlib.suppress(OSError):
-            total += _cpu_seconds(one)
-    return total
 
 
 def _median_rounds(rounds: Sequence[Round]) -> dict[tuple[str, int], dict[str, float]]:
@@ -359,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError(
             "h2load not found: install it (Debian/Ubuntu: apt-get install nghttp2-client)"
         )
-    shape = _input_shape(args.model_repository, args.model)
+    shape = input_shape(args.model_repository, args.model)
     request = build_request(args.model, shape, args.images)
     args.out.mkdir(parents=True, exist_ok=True)
     frame_file = args.out / "request.grpc"
@@ -372,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             served = stack.enter_context(
                 start_server(args.model_repository, ("--workers", str(workers), *server_args))
             )
-            codes, cpu = _answer_codes(served.metrics_url), served.cpu_seconds
+            codes, cpu = answer_codes(served.metrics_url), served.cpu_seconds
             targets.append(Target(SERVED, workers, served.target, cpu, codes))  # type: ignore[arg-type]
             if workers > 1 and not args.no_single_connection:
                 twin = Target(ONE_CONNECTION, workers, served.target, cpu, codes, 1)  # type: ignore[arg-type]
@@ -437,18 +244,6 @@ def run(args: argparse.Namespace) -> int:
     (args.out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out / RESULTS_FILE} and {plot}")
     return 0
-
-
-def _input_shape(repository: Path, model: str) -> tuple[int, ...]:
-    from modelrepo.config import load_config
-    from modelrepo.layout import CONFIG_FILE
-
-    path = repository / model / CONFIG_FILE
-    try:
-        config = load_config(path)
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot read {path}: {exc}") from None
-    return tuple(int(d) for d in config.input[0].dims)
 
 
 def main(argv: Sequence[str]) -> int:
