@@ -91,6 +91,7 @@ from benchmarks.tune.space import (
 )
 from modelrepo.layout import CONFIG_FILE, PLATFORM_ONNX
 from modelrepo.precision import PrecisionError
+from server.config import Settings
 from server.cpus import usable_cpus
 from server.errors import ModelNotFoundError
 from server.repository import ModelSpec, RepositoryError, read_model
@@ -242,9 +243,9 @@ def _default_help(dimension: str) -> str:
 # --- setting up ------------------------------------------------------------------------------
 
 
-def _read(repository: Path, model: str, server_args: Sequence[str]) -> ModelSpec:
+def _read(repository: Path, model: str, settings: Settings) -> ModelSpec:
     try:
-        return read_model(repository, model, server_settings(repository, server_args))
+        return read_model(repository, model, settings)
     except (RepositoryError, ModelNotFoundError, PrecisionError) as error:
         raise BenchError(f"cannot read model {model!r} from {repository}: {error}") from None
 
@@ -304,10 +305,10 @@ def _context(
 def run(args: argparse.Namespace) -> int:
     cpus = usable_cpus()
     model_dir = args.model_repository / args.model
-    spec = _read(args.model_repository, args.model, args.server_args_list)
+    settings = server_settings(args.model_repository, args.server_args_list)
+    spec = _read(args.model_repository, args.model, settings)
     original = (model_dir / CONFIG_FILE).read_text(encoding="utf-8")
-    default_delay = server_settings(args.model_repository, args.server_args_list).max_queue_delay_us
-    space, start = _space(args, spec, cpus, default_delay)
+    space, start = _space(args, spec, cpus, settings.max_queue_delay_us)
     points = _points(args)
     generator_name = pick_generator(args.load_generator)
     timing = Timing(args.warmup, args.duration, args.timeout)
