@@ -14,6 +14,7 @@ import argparse
 import collections
 import contextlib
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -31,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bare import READY_LINE
 from benchmarks.common import BenchError
+from benchmarks.compare import bounded
 from benchmarks.server import tree_cpu_seconds
 from wire import grpc_service_pb2 as pb
 
@@ -41,6 +43,32 @@ _FINISHED = re.compile(r"finished in [\d.]+s, ([\d.]+) req/s")
 _REQUESTS = re.compile(
     r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed"
 )
+
+
+MISSING = "h2load not found: install it (Debian/Ubuntu: apt-get install nghttp2-client)"
+
+
+def require_h2load() -> None:
+    if shutil.which("h2load") is None:
+        raise BenchError(MISSING)
+
+
+def add_load_options(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The model and the load that h2load puts on it, as every h2load benchmark takes them."""
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--model", default="fashion_mnist", help="(default: %(default)s)")
+    parser.add_argument("--images", type=int, default=1, help="Images per request (default: 1).")
+    parser.add_argument(
+        "--connections", type=int, default=8, help="h2load connections (default: 8)."
+    )
+    parser.add_argument(
+        "--streams", type=int, default=8, help="Concurrent streams per connection (default: 8)."
+    )
+    parser.add_argument("--duration", type=bounded(float, 1, 300), default=10.0)
+    parser.add_argument("--warmup", type=bounded(float, 0.5, 60), default=2.0)
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help=f"Interleaved rounds (default: {rounds})."
+    )
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import statistics
 import threading
 import time
@@ -36,16 +35,18 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from benchmarks.common import BenchError, exit_code
-from benchmarks.compare import add_server_args_option, bounded
+from benchmarks.compare import add_server_args_option
 from benchmarks.h2load import (
     Round,
     Target,
+    add_load_options,
     answer_codes,
     build_request,
     check_answer,
     frame,
     input_shape,
     measure,
+    require_h2load,
 )
 from benchmarks.server import start_server
 
@@ -232,8 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(__doc__ or "").split("\n\n  python")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model-repository", type=Path, required=True)
-    parser.add_argument("--model", default="fashion_mnist", help="(default: %(default)s)")
+    add_load_options(parser, rounds=5)
     parser.add_argument(
         "--ratios",
         type=_ratios,
@@ -241,12 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="Sampled fractions to run beside tracing off (default: 0.01,1).",
     )
     parser.add_argument("--workers", type=int, default=1, help="Worker processes (default: 1).")
-    parser.add_argument("--images", type=int, default=1, help="Images per request (default: 1).")
-    parser.add_argument("--connections", type=int, default=8, help="(default: 8)")
-    parser.add_argument("--streams", type=int, default=8, help="Per connection (default: 8).")
-    parser.add_argument("--duration", type=bounded(float, 1, 300), default=10.0)
-    parser.add_argument("--warmup", type=bounded(float, 0.5, 60), default=2.0)
-    parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds (default: 5).")
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -259,10 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if shutil.which("h2load") is None:
-        raise BenchError(
-            "h2load not found: install it (Debian/Ubuntu: apt-get install nghttp2-client)"
-        )
+    require_h2load()
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         if os.environ.get(name, "").strip():
             raise BenchError(f"unset {name}: it would turn tracing on in the 'off' server")

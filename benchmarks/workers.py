@@ -25,19 +25,19 @@ import collections
 import contextlib
 import json
 import shlex
-import shutil
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.common import BenchError, exit_code
-from benchmarks.compare import add_server_args_option, bounded
+from benchmarks.common import exit_code
+from benchmarks.compare import add_server_args_option
 from benchmarks.h2load import (
     BARE,
     SERVED,
     Round,
     Target,
+    add_load_options,
     answer_codes,
     build_request,
     check_answer,
@@ -45,6 +45,7 @@ from benchmarks.h2load import (
     input_shape,
     lone_latency,
     measure,
+    require_h2load,
     start_bare,
 )
 from benchmarks.server import start_server
@@ -128,21 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(__doc__ or "").split("\n\n  python")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model-repository", type=Path, required=True)
-    parser.add_argument("--model", default="fashion_mnist", help="(default: %(default)s)")
+    add_load_options(parser, rounds=3)
     parser.add_argument(
         "--workers", type=_counts, default=[1, 2], help="Worker counts (default: 1,2)."
     )
-    parser.add_argument("--images", type=int, default=1, help="Images per request (default: 1).")
-    parser.add_argument(
-        "--connections", type=int, default=8, help="h2load connections (default: 8)."
-    )
-    parser.add_argument(
-        "--streams", type=int, default=8, help="Concurrent streams per connection (default: 8)."
-    )
-    parser.add_argument("--duration", type=bounded(float, 1, 300), default=10.0)
-    parser.add_argument("--warmup", type=bounded(float, 0.5, 60), default=2.0)
-    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds (default: 3).")
     parser.add_argument("--no-bare", action="store_true", help="Skip the do-nothing server.")
     parser.add_argument(
         "--lone-calls",
@@ -162,10 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if shutil.which("h2load") is None:
-        raise BenchError(
-            "h2load not found: install it (Debian/Ubuntu: apt-get install nghttp2-client)"
-        )
+    require_h2load()
     shape = input_shape(args.model_repository, args.model)
     request = build_request(args.model, shape, args.images)
     args.out.mkdir(parents=True, exist_ok=True)

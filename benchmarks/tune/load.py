@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.clients import START_LEAD_S, ClientPool, split_load
 from benchmarks.common import BenchError, Config
 from benchmarks.figures import pooled
-from benchmarks.h2load import PATH, build_request, check_answer, frame, h2load_time
+from benchmarks.h2load import MISSING, PATH, build_request, check_answer, frame, h2load_time
 from benchmarks.measure import Timing
 
 H2LOAD, PYTHON = "h2load", "python"
@@ -98,10 +98,7 @@ def pick_generator(asked: str) -> str:
     if asked == "auto":
         return H2LOAD if shutil.which("h2load") else PYTHON
     if asked == H2LOAD and shutil.which("h2load") is None:
-        raise BenchError(
-            "h2load not found: install it (Debian/Ubuntu: apt-get install nghttp2-client) or "
-            "use --load-generator python"
-        )
+        raise BenchError(f"{MISSING} or use --load-generator python")
     return asked
 
 
