@@ -33,6 +33,7 @@ from server_process import (
 )
 
 from modelrepo.layout import ONNX_FILE
+from server.metrics import EVENT_LOOP_SAMPLE_S
 from wire import classifier_pb2
 from wire import grpc_service_pb2 as pb
 
@@ -94,6 +95,9 @@ def _wait_idle(server: ServerProcess) -> None:
     while server.metric("imgserve_inflight_requests") > 0:
         assert time.monotonic() < deadline, "requests still in flight after the phase ended"
         time.sleep(0.05)
+    # The task gauge is sampled every EVENT_LOOP_SAMPLE_S: the value scraped now may date from
+    # before the last requests ended. Two periods on, it was sampled while idle.
+    time.sleep(2 * EVENT_LOOP_SAMPLE_S)
 
 
 def _kserve(pixels: np.ndarray, model: str = MODEL) -> pb.ModelInferRequest:
