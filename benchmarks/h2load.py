@@ -38,6 +38,7 @@ from wire import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/inference.GRPCInferenceService/ModelInfer"
+STATISTICS_PATH = "/inference.GRPCInferenceService/ModelStatistics"
 SERVED, BARE = "served", "do-nothing"
 _FINISHED = re.compile(r"finished in [\d.]+s, ([\d.]+) req/s")
 _REQUESTS = re.compile(
@@ -139,23 +140,67 @@ def check_answer(address: str, request: pb.ModelInferRequest, images: int) -> No
         raise BenchError(f"{address} answered {rows.shape[0]} rows that are not probabilities")
 
 
-def lone_latency(address: str, request: pb.ModelInferRequest, calls: int) -> tuple[float, float]:
-    """(p50, p99) milliseconds of `calls` requests sent one at a time (concurrency 1)."""
+# The statistics extension's per-request stages, in the order a request passes them.
+STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+# What the request's whole time inside the server is called there (arrival to answer encoded).
+INSIDE = "success"
+
+
+@dataclass(frozen=True)
+class Lone:
+    """Requests sent one at a time (concurrency 1)."""
+
+    p50_ms: float
+    p99_ms: float
+    # Mean microseconds per request inside the server, by stage (STAGES and INSIDE), from its
+    # statistics extension over the timed calls; None when not asked for.
+    inside_us: dict[str, float] | None = None
+
+
+def lone_latency(
+    address: str, request: pb.ModelInferRequest, calls: int, *, inside: bool = False
+) -> Lone:
+    """`calls` requests sent one at a time; with `inside`, also where each spent its time in
+    the server (what the client waits beyond that is transport, client and scheduling)."""
     with grpc.insecure_channel(address) as channel:
         infer = channel.unary_unary(
             PATH,
             request_serializer=pb.ModelInferRequest.SerializeToString,
             response_deserializer=pb.ModelInferResponse.FromString,
         )
+        statistics = channel.unary_unary(
+            STATISTICS_PATH,
+            request_serializer=pb.ModelStatisticsRequest.SerializeToString,
+            response_deserializer=pb.ModelStatisticsResponse.FromString,
+        )
+
+        def counted() -> dict[str, tuple[int, int]]:
+            asked = pb.ModelStatisticsRequest(name=request.model_name)
+            model = statistics(asked, timeout=30).model_stats[0].inference_stats
+            return {
+                stage: (getattr(model, stage).count, getattr(model, stage).ns)
+                for stage in (INSIDE, *STAGES)
+            }
+
         for _ in range(20):  # warm: the connection, the server's caches
             infer(request, timeout=30)
+        before = counted() if inside else {}
         times = []
         for _ in range(calls):
             began = time.perf_counter()
             infer(request, timeout=30)
             times.append(time.perf_counter() - began)
+        after = counted() if inside else {}
     p50, p99 = np.percentile(times, [50, 99])
-    return 1000 * float(p50), 1000 * float(p99)
+    stages = None
+    if inside:
+        stages = {
+            stage: (after[stage][1] - before[stage][1])
+            / max(after[stage][0] - before[stage][0], 1)
+            / 1000
+            for stage in before
+        }
+    return Lone(1000 * float(p50), 1000 * float(p99), stages)
 
 
 def h2load_time(seconds: float) -> str:

@@ -29,12 +29,16 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import exit_code
 from benchmarks.compare import add_server_args_option
 from benchmarks.h2load import (
     BARE,
+    INSIDE,
     SERVED,
+    STAGES,
+    Lone,
     Round,
     Target,
     add_load_options,
@@ -151,6 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lone_medians(values: Sequence[Lone]) -> dict[str, Any]:
+    """Medians over rounds of the concurrency-1 figures (and of each stage inside the server)."""
+    figures: dict[str, Any] = {
+        "p50_ms": statistics.median(v.p50_ms for v in values),
+        "p99_ms": statistics.median(v.p99_ms for v in values),
+    }
+    inside = [v.inside_us for v in values if v.inside_us is not None]
+    if inside:
+        figures["inside_us"] = {
+            stage: statistics.median(one[stage] for one in inside) for stage in inside[0]
+        }
+    return figures
+
+
+def _inside(stages: dict[str, float] | None) -> str:
+    """`; inside the server 545 us (queue 75, compute_input 84, ...)`, or nothing."""
+    if stages is None:
+        return ""
+    parts = ", ".join(f"{stage} {stages[stage]:.0f}" for stage in STAGES)
+    return f"; inside the server {stages[INSIDE]:.0f} us ({parts})"
+
+
 def run(args: argparse.Namespace) -> int:
     require_h2load()
     shape = input_shape(args.model_repository, args.model)
@@ -178,15 +204,18 @@ def run(args: argparse.Namespace) -> int:
             f"{args.connections} connections x {args.streams} streams, {args.images} image(s)",
             flush=True,
         )
-        lone: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+        lone: dict[str, list[Lone]] = collections.defaultdict(list)
         for number in range(1, args.rounds + 1):
             for target in targets:
                 if args.lone_calls and target.workers == 1:
-                    p50, p99 = lone_latency(target.address, request, args.lone_calls)
-                    lone[target.kind].append((p50, p99))
+                    alone = lone_latency(
+                        target.address, request, args.lone_calls, inside=target.kind == SERVED
+                    )
+                    lone[target.kind].append(alone)
+                    figures = f"p50 {alone.p50_ms:.3f} ms, p99 {alone.p99_ms:.3f} ms"
                     print(
-                        f"round {number}: {target.kind:<10} concurrency 1: p50 {p50:.3f} ms, "
-                        f"p99 {p99:.3f} ms",
+                        f"round {number}: {target.kind:<10} concurrency 1: {figures}"
+                        f"{_inside(alone.inside_us)}",
                         flush=True,
                     )
                 check_answer(target.address, request, args.images)
@@ -199,16 +228,11 @@ def run(args: argparse.Namespace) -> int:
                 )
     medians = _median_rounds(rounds)
     print(format_table(medians))
-    latency = {
-        kind: {
-            "p50_ms": statistics.median(p50 for p50, _ in values),
-            "p99_ms": statistics.median(p99 for _, p99 in values),
-        }
-        for kind, values in lone.items()
-    }
+    latency = {kind: _lone_medians(values) for kind, values in lone.items()}
     for kind, figures in latency.items():
         print(
-            f"concurrency 1, {kind}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms"
+            f"concurrency 1, {kind}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} "
+            f"ms{_inside(figures.get('inside_us'))}"
         )
     if SERVED in latency and BARE in latency:
         extra = latency[SERVED]["p50_ms"] - latency[BARE]["p50_ms"]

@@ -439,7 +439,17 @@ def test_workers_sweep_measures_served_and_do_nothing_servers(
         assert figures["requests_per_s"] > 0 and figures["cpu_ms_per_request"] > 0
     # Server CPU counts the workers, not an idle supervisor.
     assert medians[("served", 2)]["cpu_cores"] > 0.2
-    assert set(results["concurrency_1"]) == {"served", "do-nothing"}
+    lone = results["concurrency_1"]
+    assert set(lone) == {"served", "do-nothing"}
+    # Where a lone request's time goes inside the served server: its stages add up to no
+    # more than its whole time there (the rest is the hops between them).
+    inside = lone["served"]["inside_us"]
+    stages = [
+        inside[stage] for stage in ("queue", "compute_input", "compute_infer", "compute_output")
+    ]
+    assert inside["compute_infer"] > 0 and 0 < sum(stages) <= inside["success"]
+    assert "inside_us" not in lone["do-nothing"]
+    assert "inside the server" in done.stdout
     assert (out / "workers.png").read_bytes().startswith(PNG_MAGIC)
     assert "vs do-nothing" in done.stdout
 
