@@ -176,6 +176,25 @@ class Batcher:
     def schedule(self) -> SchedulePolicy:
         return self._queue.schedule
 
+    def describe_wait(self) -> str:
+        """How long a batch waits for companions, as the model's ready line tells operators
+        (a delay kept from an older config.pbtxt makes every lone request wait)."""
+        delay_us = round(self.max_queue_delay_s * 1e6)
+        window_us = round(self.load_window_s * 1e6)
+        if delay_us == 0:
+            if window_us == 0:
+                return "batches never wait for companions"
+            return f"a lone request runs at once, under load a batch waits up to {window_us} us"
+        if self.adaptive_delay:
+            return (
+                f"a lone request runs at once, under load a batch waits up to {delay_us} us "
+                "(max_queue_delay_microseconds)"
+            )
+        return (
+            f"every batch waits up to {delay_us} us for companions, a lone request too "
+            "(the queue delay; --adaptive-batch-delay runs a lone request at once)"
+        )
+
     # -- the caller's side -----------------------------------------------------------------
 
     async def submit(

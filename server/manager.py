@@ -124,6 +124,9 @@ class ServedModel:
     def start(self) -> None:
         self._batcher.start()
 
+    def describe_wait(self) -> str:
+        return self._batcher.describe_wait()
+
     async def infer(
         self,
         images: np.ndarray,
@@ -355,9 +358,9 @@ class ModelManager:
                 ready[version] = served
                 log.info(
                     "model %s version %d ready on %s (%d instance(s), max batch %d, "
-                    "batches of up to %d run inline)",
+                    "batches of up to %d run inline; %s)",
                     name, version, served.device, len(served.runtimes), spec.max_batch_size,
-                    served.inline_rows,
+                    served.inline_rows, served.describe_wait(),
                 )  # fmt: skip
             self._metrics.load_duration.labels(name, str(version)).set(time.monotonic() - began)
         return failures

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,3 +127,26 @@ def test_request_larger_than_max_batch_size_is_answered_whole(
     after_batches, after_rows = _batch_figures(server)
     assert after_rows - rows == 150
     assert after_batches - batches == 3  # 64 + 64 + 22: split, never refused
+
+
+def test_each_models_ready_line_says_how_long_its_batches_wait(
+    server: ServerProcess, serve: Callable[..., ServerProcess]
+) -> None:
+    """An operator reads from the log whether lone requests wait: a delay kept in config.pbtxt
+    (here 50 ms) holds every batch, the default (no delay) only batches under load."""
+    assert re.search(
+        r"model fashion_mnist version 1 ready on cpu \(.*; every batch waits up to 50000 us "
+        r"for companions, a lone request too",
+        server.log,
+    ), server.log
+    default = serve("--batch-window-us", "1500", models=["fashion_mnist"])
+    assert re.search(
+        r"model fashion_mnist version 1 ready on cpu \(.*; a lone request runs at once, under "
+        r"load a batch waits up to 1500 us\)",
+        default.log,
+    ), default.log
+    adaptive = serve("--adaptive-batch-delay", models=["fashion_mnist"], prepare=_batch_window)
+    assert re.search(
+        r"ready on cpu \(.*; a lone request runs at once, under load a batch waits up to 50000 us",
+        adaptive.log,
+    ), adaptive.log
