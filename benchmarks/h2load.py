@@ -54,8 +54,14 @@ def require_h2load() -> None:
         raise BenchError(MISSING)
 
 
-def add_load_options(parser: argparse.ArgumentParser, rounds: int) -> None:
-    """The model and the load that h2load puts on it, as every h2load benchmark takes them."""
+def load_parser(prog: str, doc: str | None, rounds: int) -> argparse.ArgumentParser:
+    """An h2load benchmark's parser: its module doc (up to the usage examples) as the
+    description, and the model and the load that h2load puts on it."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(doc or "").split("\n\n  python")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--model", default="fashion_mnist", help="(default: %(default)s)")
     parser.add_argument("--images", type=int, default=1, help="Images per request (default: 1).")
@@ -70,6 +76,7 @@ def add_load_options(parser: argparse.ArgumentParser, rounds: int) -> None:
     parser.add_argument(
         "--rounds", type=int, default=rounds, help=f"Interleaved rounds (default: {rounds})."
     )
+    return parser
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,12 @@ from benchmarks.compare import add_server_args_option
 from benchmarks.h2load import (
     Round,
     Target,
-    add_load_options,
     answer_codes,
     build_request,
     check_answer,
     frame,
     input_shape,
+    load_parser,
     measure,
     require_h2load,
 )
@@ -228,12 +228,7 @@ def _ratios(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks tracing",
-        description=(__doc__ or "").split("\n\n  python")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_load_options(parser, rounds=5)
+    parser = load_parser("python -m benchmarks tracing", __doc__, rounds=5)
     parser.add_argument(
         "--ratios",
         type=_ratios,

@@ -41,12 +41,12 @@ from benchmarks.h2load import (
     Lone,
     Round,
     Target,
-    add_load_options,
     answer_codes,
     build_request,
     check_answer,
     frame,
     input_shape,
+    load_parser,
     lone_latency,
     measure,
     require_h2load,
@@ -128,12 +128,7 @@ def _counts(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks workers",
-        description=(__doc__ or "").split("\n\n  python")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_load_options(parser, rounds=3)
+    parser = load_parser("python -m benchmarks workers", __doc__, rounds=3)
     parser.add_argument(
         "--workers", type=_counts, default=[1, 2], help="Worker counts (default: 1,2)."
     )
