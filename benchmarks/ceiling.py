@@ -1,6 +1,6 @@
 """The compute ceiling: the model's runtime alone, in this process, batch after batch.
 
-It loads the model the way the server does (server.repository reads the config, the server's
+It loads the model the way the server does (server.core.repository reads the config, the server's
 Settings and the config give the runtime threads, server.runtimes creates the sessions: one per
 instance of the config's instance_group, each run from a thread of its own at the same time,
 as the batcher runs them), so the images/s it measures at each batch size are what the served
@@ -20,7 +20,7 @@ import numpy as np
 from benchmarks.common import BenchError
 from server.config import Settings, parse_settings
 from server.errors import ModelNotFoundError
-from server.repository import RepositoryError, read_model
+from server.core.repository import RepositoryError, read_model
 from server.runtimes import Runtime, RuntimeLoadError, create_runtime
 
 # Runs timed at each batch size: at least this many, then as many as fit in the time given.

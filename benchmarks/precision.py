@@ -44,7 +44,7 @@ from modelrepo.precision import (
 )
 from server.config import Settings
 from server.errors import ModelNotFoundError
-from server.repository import ModelSpec, RepositoryError, model_names, read_model
+from server.core.repository import ModelSpec, RepositoryError, model_names, read_model
 
 
 @dataclass

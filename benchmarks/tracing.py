@@ -115,10 +115,10 @@ def path_costs(repeats: int = 5) -> dict[str, float]:
     no other load in the way): a request's metrics (`Call`) against the same with tracing
     (`TracedCall`), unsampled and sampled (its stage spans, its batch's, and the export to a
     receiver here: process CPU counts the exporter's thread). Medians of `repeats`, in us."""
-    from server import tracing
+    from server.observability import tracing
     from server.api.status import Call, RequestMetrics
     from server.api.traced import TracedCall
-    from server.metrics import Metrics
+    from server.observability.metrics import Metrics
 
     metrics = RequestMetrics(Metrics())
     metadata = (("user-agent", "grpc-python"), ("x-request-id", "benchmark"))

@@ -11,7 +11,7 @@ import grpc
 
 # The bearer token the CLI sends when --token and --token-file are not given.
 TOKEN_ENV = "IMGSERVE_TOKEN"
-# What a server accepts as a token (server.security): it travels as an HTTP/2 header value,
+# What a server accepts as a token (server.api.security): it travels as an HTTP/2 header value,
 # where anything else is refused before the call (gRPC's "INTERNAL: Invalid metadata").
 _TOKEN = re.compile(r"[\x21-\x22\x24-\x7e]+")
 

@@ -1,7 +1,7 @@
 """`python -m server --model-repository DIR`: serve a model repository over gRPC.
 
 With more than one worker (`--workers N`, or auto with several usable CPUs) this process is
-the supervisor of N worker processes sharing the ports (server.supervisor); with one it is
+the supervisor of N worker processes sharing the ports (server.processes.supervisor); with one it is
 the server itself.
 """
 
@@ -12,10 +12,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from server import logs
-from server.app import StartupError, serve
+from server.app import serve
 from server.config import parse_settings
-from server.cpus import usable_cpus
+from server.errors import StartupError
+from server.observability import logs
+from server.processes.cpus import usable_cpus
 
 log = logging.getLogger("server")
 
@@ -30,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("--workers auto: %d worker(s), one per usable CPU", workers)
     try:
         if workers > 1:
-            from server.supervisor import supervise
+            from server.processes.supervisor import supervise
 
             return asyncio.run(supervise(settings, workers, argv))
         return asyncio.run(serve(settings))

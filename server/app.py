@@ -26,27 +26,29 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from prometheus_client import disable_created_metrics
 
-from server import security, tracing
-from server.api import classifier, inference, status
+from server.api import classifier, inference, security, status
 from server.api.common import ApiState
 from server.api.health import Health, enable_reflection
 from server.api.kserve import KServe
 from server.api.rest.app import RestServer
 from server.api.traced import RpcNames
-from server.cluster import Cluster
 from server.config import Settings
-from server.control import LocalWorker, RemoteWorker, serve_control, socket_path
-from server.exemplars import Exemplar
-from server.loading import SYNTHETIC_WARNING
-from server.manager import ModelManager
-from server.metrics import Metrics
+from server.core.loading import SYNTHETIC_WARNING
+from server.core.manager import ModelManager
+from server.errors import StartupError
+from server.observability import tracing, tracing_config
+from server.observability.exemplars import Exemplar
+from server.observability.metrics import Metrics
+from server.processes.cluster import Cluster
+from server.processes.contract import BOUND, WorkerRole
+from server.processes.contract import STARTED as WORKER_STARTED
+from server.processes.control import LocalWorker, RemoteWorker, serve_control, socket_path
 from server.startlines import hostport, http_url, listening_line, started_line
-from server.worker import BOUND, WorkerRole
-from server.worker import STARTED as WORKER_STARTED
 
 log = logging.getLogger("server")
 
-# The lock file in the supervisor's run folder that serializes model control (server.cluster).
+# The lock file in the supervisor's run folder that serializes model control
+# (server.processes.cluster).
 CONTROL_LOCK = "control.lock"
 # How long a stopping server keeps answering new calls with UNAVAILABLE before it closes.
 REFUSE_BEFORE_STOP_S = 0.25
@@ -63,10 +65,6 @@ NULL_COMPUTE_WARNING = (
     "--null-compute is on: models are NOT run, every answer is uniform probabilities "
     "(a benchmarking setting: it measures the transport and batcher alone)"
 )
-
-
-class StartupError(Exception):
-    """The server cannot start (bad repository, port in use); str() is the one-line reason."""
 
 
 async def serve(settings: Settings, role: WorkerRole | None = None) -> int:
@@ -89,8 +87,8 @@ async def serve(settings: Settings, role: WorkerRole | None = None) -> int:
             disable_http=settings.disable_http or not role.http_port,
         )
     try:  # before the models load: their batchers see whether tracing is on
-        tracing.install(tracing.config_from(settings), role.index if role else None)
-    except tracing.TracingConfigError as exc:
+        tracing.install(tracing_config.config_from(settings), role.index if role else None)
+    except tracing_config.TracingConfigError as exc:
         raise StartupError(f"tracing: {exc}") from None
     # `*_created` series double the metrics page and no dashboard reads them. The switch is
     # process-wide, so it belongs to the process that serves, not to each Metrics().
@@ -111,7 +109,7 @@ class _Server:
 
     A lone server and a first-start worker bind their ports before loading models, so
     liveness answers during a long load; a restarted worker loads first (what the others
-    serve), so no connection reaches it before it can answer (server.cluster).
+    serve), so no connection reaches it before it can answer (server.processes.cluster).
     """
 
     def __init__(self, settings: Settings, metrics: Metrics, role: WorkerRole | None) -> None:

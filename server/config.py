@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "SERVER_"
-# The samplers OTEL_TRACES_SAMPLER names (server.tracing builds them).
+# The samplers OTEL_TRACES_SAMPLER names (server.observability.tracing builds them).
 OTEL_SAMPLERS = (
     "always_on", "always_off", "traceidratio",
     "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio",
@@ -28,7 +28,7 @@ class Settings:
     device: str = "auto"
     log_format: str = "text"
     log_level: str = "info"
-    # Server processes answering the same ports; 0 = auto (server.cpus.usable_cpus).
+    # Server processes answering the same ports; 0 = auto (server.processes.cpus.usable_cpus).
     workers: int = 0
     # Models to load at start (all when empty); others can be loaded later by RepositoryModelLoad.
     models: tuple[str, ...] = field(default_factory=tuple)
@@ -62,8 +62,9 @@ class Settings:
     # Bearer tokens: from a file (with scopes) and from SERVER_AUTH_TOKENS (admin scope).
     auth_tokens_file: Path | None = None
     auth_tokens: tuple[str, ...] = field(default_factory=tuple, repr=False)
-    # OpenTelemetry tracing (server.tracing): on once an OTLP endpoint is set, here or in
-    # OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT. Unset fields fall back to their OTEL_* variables.
+    # OpenTelemetry tracing (server.observability.tracing): on once an OTLP endpoint is set,
+    # here or in OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT. Unset fields fall back to their OTEL_*
+    # variables.
     otel_endpoint: str = ""
     otel_sampler: str = ""
     otel_sampler_ratio: float | None = None

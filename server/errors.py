@@ -1,8 +1,12 @@
-"""Exceptions of the serving core.
+"""Exceptions of the serving core, and the one that stops a server from starting.
 
 They know nothing of gRPC: `server.api.status` holds the one table that maps them to
 status codes. Messages are meant for the caller, so they say what was expected.
 """
+
+
+class StartupError(Exception):
+    """The server cannot start (bad repository, port in use); str() is the one-line reason."""
 
 
 class ServingError(Exception):

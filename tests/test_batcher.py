@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from modelrepo.layout import ONNX_FILE, PLATFORM_ONNX
-from server.batcher import Batcher, BatchError
+from server.core.batcher import Batcher, BatchError
+from server.core.modelstats import Timing
+from server.core.queues import QueuePolicy, SchedulePolicy
 from server.errors import (
     DeadlineExceededError,
     InvalidInputError,
     ModelUnavailableError,
     QueueFullError,
 )
-from server.metrics import Metrics
-from server.modelstats import Timing
-from server.queues import QueuePolicy, SchedulePolicy
+from server.observability.metrics import Metrics
 from server.runtimes import Runtime, create_runtime
 
 MODEL, VERSION = "fashion_mnist", "1"

@@ -29,9 +29,9 @@ from benchmarks.measure import Timing, send_times
 from benchmarks.results import format_steps, late_warning, step_from
 from modelrepo.layout import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
 from server.app import NULL_COMPUTE_WARNING
-from server.batcher import Batcher
 from server.config import parse_settings
-from server.metrics import Metrics
+from server.core.batcher import Batcher
+from server.observability.metrics import Metrics
 from server.runtimes.null import NullRuntime
 
 MODEL = "fashion_mnist"

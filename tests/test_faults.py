@@ -30,8 +30,8 @@ from server_process import ServerProcess, clone_model, kserve_method, onnx_proba
 
 from modelrepo.config import load_config, write_config
 from modelrepo.layout import CONFIG_FILE, ONNX_FILE, REFERENCE_FILE, TORCHSCRIPT_FILE
-from server import logs
 from server.api.status import INTERNAL_MESSAGE
+from server.observability import logs
 from wire import classifier_pb2, classifier_pb2_grpc
 from wire import grpc_service_pb2 as pb
 

@@ -26,8 +26,7 @@ from PIL import Image
 from server_process import ServerProcess, kserve_method, rss_bytes
 
 from modelrepo.layout import ONNX_FILE, REFERENCE_FILE
-from server import codecs
-from server.api import classifier
+from server.api import classifier, codecs
 from server.api.status import INTERNAL_MESSAGE
 from wire import classifier_pb2, classifier_pb2_grpc
 from wire import grpc_service_pb2 as pb

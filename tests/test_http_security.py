@@ -21,7 +21,7 @@ from pki import Pki, make_pki
 from server_process import ServerProcess, hostport
 from tritonclient.utils import InferenceServerException
 
-from server.security import PERMISSION_DENIED_MESSAGE, UNAUTHENTICATED_MESSAGE
+from server.api.security import PERMISSION_DENIED_MESSAGE, UNAUTHENTICATED_MESSAGE
 
 INFER_TOKEN = "infer-77e0a1c2b4"
 ADMIN_TOKEN = "admin-0c5d93fa61"

@@ -24,9 +24,9 @@ from modelrepo.layout import (
     TRAINING_DATASET_PARAMETER,
 )
 from server.config import Settings
+from server.core.manager import ModelManager, ModelState
 from server.errors import InvalidInputError, ModelNotFoundError, ModelUnavailableError
-from server.manager import ModelManager, ModelState
-from server.metrics import Metrics
+from server.observability.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_MODELS = ("cifar10", "fashion_mnist", "fashion_mnist_ts")
@@ -366,8 +366,8 @@ def test_serving_onnx_models_never_imports_torch(model_repository: Path) -> None
         "from pathlib import Path\n"
         "import server.__main__, server.app\n"
         "from server.config import Settings\n"
-        "from server.manager import ModelManager\n"
-        "from server.metrics import Metrics\n"
+        "from server.core.manager import ModelManager\n"
+        "from server.observability.metrics import Metrics\n"
         "async def main():\n"
         f"    s = Settings(model_repository=Path({str(model_repository)!r}),"
         " models=('fashion_mnist', 'cifar10'))\n"
@@ -464,7 +464,7 @@ def test_models_trained_on_synthetic_data_are_flagged(
         await manager.close()
         return flags
 
-    with caplog.at_level("WARNING", logger="server.manager"):
+    with caplog.at_level("WARNING", logger="server.core.manager"):
         flags = asyncio.run(main())
     assert flags == {
         "cifar10": ("", False),  # exported before the dataset was recorded

@@ -12,7 +12,7 @@ from modelrepo.config import ConfigError, data_type_name, load_config, parse_con
 from modelrepo.config_edit import ConfigEditError, set_instance_count, set_parameter, set_value
 from modelrepo.layout import list_versions, next_version, read_labels, write_labels
 from server.config import Settings
-from server.repository import RepositoryError, read_model
+from server.core.repository import RepositoryError, read_model
 
 # A config as a Triton user writes it: fields this server does not use are mixed in.
 TRITON_CONFIG = """

@@ -30,8 +30,8 @@ from modelrepo.precision import (
     REFERENCE_TOLERANCES,
 )
 from server.config import Settings
-from server.loading import prepare_version
-from server.repository import RepositoryError, read_model
+from server.core.loading import prepare_version
+from server.core.repository import RepositoryError, read_model
 from server.runtimes import RuntimeLoadError
 from training.cli import main
 from training.errors import TrainingError
@@ -420,7 +420,7 @@ def test_precision_benchmark_refuses_a_pair_of_the_same_precision(
 def test_model_info_follows_what_serves() -> None:
     """One series per version: 1 while it serves, 0 after (never removed, as multiprocess
     mode cannot remove one); a changed description zeroes the old labels."""
-    from server.metrics import Metrics
+    from server.observability.metrics import Metrics
 
     metrics = Metrics()
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pytest
 
 from modelrepo.config import parse_config
-from server.queues import PriorityQueue, QueuePolicy, SchedulePolicy
-from server.repository import RepositoryError, schedule_policy
+from server.core.queues import PriorityQueue, QueuePolicy, SchedulePolicy
+from server.core.repository import RepositoryError, schedule_policy
 
 
 @dataclass(eq=False)

@@ -178,8 +178,8 @@ def test_onnx_graph_with_other_tensor_names_is_refused(tmp_path: Path) -> None:
 def test_server_core_does_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import server.manager, server.batcher, server.repository, server.runtimes\n"
-        "import server.runtimes.onnx, server.loading, server.app, server.__main__\n"
+        "import server.core.manager, server.core.batcher, server.repository, server.runtimes\n"
+        "import server.runtimes.onnx, server.core.loading, server.app, server.__main__\n"
         "print('torch' in sys.modules)\n"
     )
     result = subprocess.run(

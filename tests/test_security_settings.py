@@ -19,7 +19,7 @@ from pki import Pki, make_pki
 from prometheus_client import CollectorRegistry, Counter
 from server_process import PROJECT_ROOT
 
-from server import security
+from server.api import security
 from server.api.common import method_handler_kind
 from server.config import parse_settings
 

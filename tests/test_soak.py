@@ -33,7 +33,7 @@ from server_process import (
 )
 
 from modelrepo.layout import ONNX_FILE
-from server.metrics import EVENT_LOOP_SAMPLE_S
+from server.observability.metrics import EVENT_LOOP_SAMPLE_S
 from wire import classifier_pb2
 from wire import grpc_service_pb2 as pb
 

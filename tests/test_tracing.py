@@ -37,7 +37,7 @@ from test_deploy_live import Prometheus
 
 from server.api.status import REQUEST_ID_KEY, WORKER_KEY
 from server.config import parse_settings
-from server.tracing import TracingConfigError, config_from, parse_attributes
+from server.observability.tracing_config import TracingConfigError, config_from, parse_attributes
 from wire import classifier_pb2
 from wire import grpc_service_pb2 as pb
 

@@ -1,7 +1,7 @@
 """--apply: write the chosen config.pbtxt, only if the server would load it.
 
 Before the file is replaced, the new text is loaded the way the server loads a model
-(server.repository.read_model, then server.loading.prepare_version for every version it
+(server.core.repository.read_model, then server.core.loading.prepare_version for every version it
 serves: runtime sessions created, warmed up at batch 1 and max_batch_size, checked against
 reference.npz), from a scratch repository that links to the model's files, with the
 settings the tuned servers had (--server-args). The file is then replaced atomically, and
@@ -21,8 +21,8 @@ from benchmarks.tune.servers import scratch_repository, write_atomically
 from modelrepo.layout import CONFIG_FILE
 from modelrepo.precision import PrecisionError
 from server.errors import ModelNotFoundError
-from server.loading import LoadCancelled, prepare_version
-from server.repository import RepositoryError, read_model
+from server.core.loading import LoadCancelled, prepare_version
+from server.core.repository import RepositoryError, read_model
 from server.runtimes import RuntimeLoadError
 
 

@@ -25,7 +25,7 @@ from benchmarks.tune.servers import Rejected, Servers
 from benchmarks.tune.space import Setting
 from modelrepo.config_edit import ConfigEditError
 from modelrepo.layout import CONFIG_FILE
-from server.repository import ModelSpec
+from server.core.repository import ModelSpec
 
 # Seconds a load point costs beyond its warm-up and duration (h2load start, the CPU reads);
 # replaced by what the measurements really took once there are some.

@@ -17,12 +17,12 @@ from modelrepo.config_edit import (
     set_value,
 )
 from modelrepo.layout import INTRA_OP_THREADS_PARAMETER
-from server.repository import ModelSpec
+from server.core.repository import ModelSpec
 from wire import model_config_pb2
 
 
 def current_setting(spec: ModelSpec, workers: int) -> Setting:
-    """The setting the server serves the model with now (as server.repository reads it)."""
+    """The setting the server serves the model with now (as server.core.repository reads it)."""
     return Setting(
         workers=workers,
         instances=spec.instance_count,

@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from server import codecs
+from server.api import codecs
 from server.api.common import ApiState, answer_concurrently, generic_handler, recorded
 from server.api.status import Call, deadline_of, describe, guarded
-from server.modelstats import Timing
+from server.core.modelstats import Timing
 from wire import classifier_pb2 as pb
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from server.manager import ServedModel
+    from server.core.served import ServedModel
 
 API_LABEL = "native"
 # Requests whose decode cost (codecs.decode_cost: payload plus declared pixels, in bytes) is

@@ -13,16 +13,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf import descriptor, message, message_factory
 
-from server import tracing
 from server.api.status import Call, RequestMetrics
 from server.api.traced import TracedCall
 from server.errors import InvalidInputError, ModelUnavailableError
-from server.metrics import Metrics
+from server.observability import tracing
+from server.observability.metrics import Metrics
 
 if TYPE_CHECKING:
-    from server.cluster import Cluster
-    from server.manager import ModelManager, ServedModel
-    from server.modelstats import Timing
+    from server.core.manager import ModelManager
+    from server.core.modelstats import Timing
+    from server.core.served import ServedModel
+    from server.processes.cluster import Cluster
 
 log = logging.getLogger(__name__)
 

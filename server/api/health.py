@@ -6,7 +6,7 @@ not draining), each API's service name (same as ""), each model by its name, and
 models do. Liveness probes ask it: a model that fails to load is a readiness matter, and
 restarting the process would not fix it; a process that cannot answer at all gets restarted.
 
-Statuses other than liveness are the whole server's (server.cluster: with several workers,
+Statuses other than liveness are the whole server's (server.processes.cluster: with several workers,
 every worker's): recomputed when this worker's models change, when another worker says its
 changed, and on a Check when the last computation is older than CHECK_FRESH_S.
 

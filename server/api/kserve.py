@@ -13,17 +13,17 @@ from importlib import metadata
 from typing import TypeVar
 
 from modelrepo.layout import INPUT_NAME, OUTPUT_NAME
-from server import codecs
+from server.api import codecs
 from server.api.common import ApiState, recorded
 from server.api.health import Health
 from server.api.status import Call
+from server.core.modelstats import Timing
 from server.errors import (
     ModelControlDisabledError,
     ModelNotFoundError,
     ModelUnavailableError,
     UnsupportedError,
 )
-from server.modelstats import Timing
 from wire import grpc_service_pb2 as pb
 
 SERVER_NAME = "imgserve"

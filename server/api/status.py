@@ -10,10 +10,10 @@ into INTERNAL with a generic message (the traceback goes to the log, never to th
 `Call` records the request metrics of one inference request with the same codes.
 
 `guarded` also gives every RPC its request id: the caller's `x-request-id` metadata when it is
-usable (server.logs.valid_request_id), else a new one. It goes back in the trailing
+usable (server.observability.logs.valid_request_id), else a new one. It goes back in the trailing
 metadata, which travels with the status (initial metadata would cost a write of its own per
 call: about a quarter of the server's CPU per request at concurrency 32, docs/benchmarks.md),
-and is set in server.logs.REQUEST_ID, so every log line about the request carries it.
+and is set in server.observability.logs.REQUEST_ID, so every log line about the request carries it.
 Client errors are logged at DEBUG without a traceback; unexpected errors at ERROR with one.
 """
 
@@ -40,8 +40,8 @@ from server.errors import (
     QueueFullError,
     UnsupportedError,
 )
-from server.logs import REQUEST_ID, new_request_id, valid_request_id
-from server.metrics import Metrics
+from server.observability.logs import REQUEST_ID, new_request_id, valid_request_id
+from server.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

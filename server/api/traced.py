@@ -1,9 +1,9 @@
 """The request metrics of server.api.status.Call, plus the request's span, for tracing on.
 
-`ApiState.call` hands these out instead of `Call` only while server.tracing is on, so a
-server with tracing off runs none of this. The span is joined to the caller's trace from its
-metadata and named after the RPC (`inference.GRPCInferenceService/ModelInfer`), which the
-`RpcNames` interceptor notes for the handler: gRPC's servicer context does not say it.
+`ApiState.call` hands these out instead of `Call` only while server.observability.tracing
+is on, so a server with tracing off runs none of this. The span is joined to the caller's
+trace from its metadata and named after the RPC (`inference.GRPCInferenceService/ModelInfer`),
+which the `RpcNames` interceptor notes for the handler: gRPC's servicer context does not say it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import grpc
 
-from server import tracing
 from server.api.status import Call, RequestMetrics, outcome
-from server.logs import REQUEST_ID, TRACE
+from server.observability import tracing
+from server.observability.logs import REQUEST_ID, TRACE
 
 # The full name of the RPC being handled ("/package.Service/Method"), set by RpcNames.
 RPC_METHOD: ContextVar[str] = ContextVar("rpc_method", default="")

@@ -3,13 +3,13 @@
 Why aiohttp: it serves on the event loop that already runs gRPC, the batchers and the control
 channel, in the same process (no second loop, thread or process to hand requests to), takes
 a socket bound by the caller (so a worker joins the SO_REUSEPORT group of the port the
-supervisor reserved, as gRPC does: server.sockets), speaks TLS with the standard library's
+supervisor reserved, as gRPC does: server.processes.sockets), speaks TLS with the standard library's
 ssl contexts, bounds request bodies, and cancels a handler whose client hangs up, so a
 queued request is dropped as over gRPC. Its parser is C (llhttp).
 
 Middleware gives every answer what gRPC's give it: a request id (the caller's `x-request-id`
 header when usable) and the worker that answered in the response headers, the token check
-with the same scopes (server.security), and errors as the core's table says
+with the same scopes (server.api.security), and errors as the core's table says
 (server.api.status.HTTP_STATUS) with Triton's body, `{"error": "..."}`; an unexpected error
 answers 500 with a generic message and its traceback goes to the log.
 """
@@ -25,17 +25,17 @@ from aiohttp import web
 from server.api.common import ApiState
 from server.api.kserve import KServe
 from server.api.rest.handlers import Handlers, json_response
-from server.api.status import HTTP_STATUS, REQUEST_ID_KEY, answer_metadata, choose_request_id
-from server.api.status import describe as describe_error
-from server.logs import REQUEST_ID
-from server.security import (
+from server.api.security import (
     PERMISSION_DENIED_MESSAGE,
     UNAUTHENTICATED_MESSAGE,
     Security,
     bearer_token,
     required_http_scope,
 )
-from server.sockets import bind_tcp
+from server.api.status import HTTP_STATUS, REQUEST_ID_KEY, answer_metadata, choose_request_id
+from server.api.status import describe as describe_error
+from server.observability.logs import REQUEST_ID
+from server.processes.sockets import bind_tcp
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ A request body is a JSON object, optionally followed by the inputs' bytes, in th
 inputs whose `binary_data_size` parameter says how many; `Inference-Header-Content-Length`
 then gives the JSON's length. Every input becomes raw bytes of a ModelInferRequest (JSON
 `data`, nested or flat, is converted to its datatype's little-endian bytes here), so the
-protocol's own checks (server.codecs, through server.api.kserve) judge it exactly as they
+protocol's own checks (server.api.codecs, through server.api.kserve) judge it exactly as they
 judge a gRPC request. Checks that exist only in this format (an input with both `data` and
 `binary_data_size`, bytes left over, a header length outside the body, JSON of the wrong
 shape) raise InvalidInputError here.
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from server.codecs import INPUT_DTYPES
+from server.api.codecs import INPUT_DTYPES
 from server.errors import InvalidInputError, UnsupportedError
 from wire import grpc_service_pb2 as pb
 

@@ -16,8 +16,8 @@ from server.api.common import ApiState
 from server.api.kserve import KServe
 from server.api.rest import codec
 from server.api.rest.messages import to_json
+from server.core.modelstats import Timing
 from server.errors import InvalidInputError
-from server.modelstats import Timing
 from wire import grpc_service_pb2 as pb
 
 API_LABEL = "http"

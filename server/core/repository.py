@@ -27,8 +27,8 @@ from modelrepo.layout import (
 )
 from modelrepo.precision import PrecisionError, precision_of
 from server.config import Settings
+from server.core.queues import QueuePolicy, SchedulePolicy
 from server.errors import ModelNotFoundError
-from server.queues import QueuePolicy, SchedulePolicy
 from wire import model_config_pb2
 
 # Triton's backend names, accepted where a config names a backend instead of a platform.
@@ -195,7 +195,7 @@ def schedule_policy(batching: model_config_pb2.ModelDynamicBatching) -> Schedule
     """Triton's schedule policy of `dynamic_batching`, checked as Triton checks it.
 
     Without `default_queue_policy` the `timeout` parameter keeps its meaning here (override
-    allowed, server.queues); a policy that is given is read as Triton reads it.
+    allowed, server.core.queues); a policy that is given is read as Triton reads it.
     """
     levels = batching.priority_levels
     default_level = batching.default_priority_level

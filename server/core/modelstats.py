@@ -16,7 +16,7 @@ Triton's definitions (docs/protocol/extension_statistics.md), as this server mea
   each request has been encoded, after the batch itself was counted;
 - `inference_count` (images) and `execution_count` (batches) of successful batches.
 
-The server's statistics answer (server.statistics) converts these to protocol messages.
+The server's statistics answer (server.core.statistics) converts these to protocol messages.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """KServe statistics (the statistics extension): one worker's share, and the sum of shares.
 
-Each worker counts what it served (server.modelstats says what each figure measures); with
-several workers the one asked sums every worker's share (server.cluster), batch_stats by
+Each worker counts what it served (server.core.modelstats says what each figure measures); with
+several workers the one asked sums every worker's share (server.processes.cluster), batch_stats by
 batch size, so ModelStatistics answers for the whole server.
 """
 
@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
-from server.modelstats import Duration
+from server.core.modelstats import Duration
 from wire import grpc_service_pb2 as pb
 
 if TYPE_CHECKING:
-    from server.manager import ModelManager, ServedModel
+    from server.core.manager import ModelManager
+    from server.core.served import ServedModel
 
 # Fields that are not counts: combined by max (last_inference) or kept (the names).
 _LATEST = "last_inference"

@@ -3,8 +3,8 @@
 Each worker answers it on a Unix socket, `worker-N.sock` in the supervisor's run folder,
 which only the server's user can open (mode 0700): never on a network port, so it takes no
 tokens. `LocalWorker` is this worker's side of every control call, used both by the channel's
-servicer and by this worker's own server.cluster; `RemoteWorker` makes the same calls on
-another worker, so server.cluster treats every worker alike.
+servicer and by this worker's own server.processes.cluster; `RemoteWorker` makes the same calls on
+another worker, so server.processes.cluster treats every worker alike.
 
 Core errors cross the channel by name (trailing metadata `x-error`), so a peer's
 ModelUnavailableError is raised here as one, and is told apart from a peer that is gone.
@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from server import errors, tracing
-from server.api.status import code_of
-from server.exemplars import Exemplar
-from server.manager import PreparedLoad
-from server.statistics import local_statistics
+from server import errors
+from server.core.manager import PreparedLoad
+from server.core.statistics import local_statistics
+from server.observability import tracing
+from server.observability.exemplars import Exemplar
 from wire import control_pb2 as pb
 from wire import control_pb2_grpc
 from wire import grpc_service_pb2 as inference_pb
@@ -70,14 +70,14 @@ class WorkerGone(Exception):
 
 
 class LocalWorker:
-    """This worker as the control channel and server.cluster see it."""
+    """This worker as the control channel and server.processes.cluster see it."""
 
     def __init__(self, state: Any, index: int = 0) -> None:
         self.state = state  # server.api.common.ApiState
         self.index = index
         self.accepting = False  # client ports bound
         self.started = False  # start-up load finished
-        self.whole = False  # every worker was seen ready at once (server.cluster)
+        self.whole = False  # every worker was seen ready at once (server.processes.cluster)
         # Called when another worker's states changed (health statuses are recomputed).
         self.on_peer_change: Callable[[], Awaitable[None]] | None = None
         self._prepared: dict[str, tuple[PreparedLoad, asyncio.TimerHandle]] = {}
@@ -159,8 +159,9 @@ def _answers(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
         try:
             return await method(self, request, context)
         except errors.ServingError as exc:
+            # The caller raises the same error again from its name; the code only marks it.
             context.set_trailing_metadata(((ERROR_KEY, type(exc).__name__),))
-            await context.abort(code_of(exc), str(exc))
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         except Exception:
             log.exception("control call %s failed", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed")

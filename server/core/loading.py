@@ -21,7 +21,7 @@ import numpy as np
 from modelrepo.layout import REFERENCE_FILE, SYNTHETIC_DATASET
 from modelrepo.precision import FP16, FP32, REFERENCE_PRECISION_KEY, REFERENCE_TOLERANCE_KEY
 from server.config import Settings
-from server.repository import ModelSpec
+from server.core.repository import ModelSpec
 from server.runtimes import Runtime, RuntimeLoadError, create_runtime
 from server.runtimes.base import first_line
 from server.runtimes.null import NullRuntime
@@ -29,7 +29,7 @@ from server.runtimes.null import NullRuntime
 log = logging.getLogger(__name__)
 
 SYNTHETIC_WARNING = "trained on SYNTHETIC data: predictions are meaningless for real images"
-# A batch predicted to compute within this runs on the event loop's thread (server.batcher).
+# A batch predicted to compute within this runs on the event loop's thread (server.core.batcher).
 INLINE_BUDGET_S = 0.0005
 # Timed runs per batch size for that prediction (the fastest counts: others were disturbed).
 TIMED_RUNS = 3

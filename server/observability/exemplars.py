@@ -4,10 +4,11 @@ prometheus_client stores exemplars only in single-process mode (its multiprocess
 them), and with --workers N the worker that answers /metrics is rarely the one that served a
 given request. So exemplars live beside the metrics, not in them: each worker keeps, in an
 `ExemplarStore`, the latest sampled observation per (histogram, label set, bucket); the worker
-that answers a scrape gathers every worker's store over the control channel (server.cluster),
-keeps the newest per bucket (`newest`), and `exemplar_app` writes them onto the histograms'
-`_bucket` samples. Only OpenMetrics carries exemplars, so only a scrape that asks for it
-(Prometheus does) pays for the gathering; the classic text format is served as before.
+that answers a scrape gathers every worker's store over the control channel
+(server.processes.cluster), keeps the newest per bucket (`newest`), and `exemplar_app` writes
+them onto the histograms' `_bucket` samples. Only OpenMetrics carries exemplars, so only a
+scrape that asks for it (Prometheus does) pays for the gathering; the classic text format is
+served as before.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from server.exemplars import Exemplar, exemplar_app
+from server.observability.exemplars import Exemplar, exemplar_app
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class Metrics:
 
         Port 0 picks one. `reuse_port`: join the SO_REUSEPORT group the supervisor made, so
         every worker answers the same port. `exemplars`: where OpenMetrics scrapes get the
-        histograms' exemplars from (tracing on: server.exemplars).
+        histograms' exemplars from (tracing on: server.observability.exemplars).
         """
         server_class = _ReusePortServer if reuse_port else _Server
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

@@ -7,7 +7,7 @@ and no balancing between queues is needed. Each instance runs its batches on its
 one-thread executor (onnxruntime and torch release the GIL), so while batches compute the
 event loop keeps accepting requests and the free workers form the next batch. Batches of at
 most `inline_rows` rows (a size the model computes in well under a millisecond, measured at
-load: server.loading.inline_rows) run on the event loop's thread instead: handing a batch to
+load: server.core.loading.inline_rows) run on the event loop's thread instead: handing a batch to
 the thread and back (a wake-up, a future, the GIL passed both ways) costs more CPU than such
 a batch does, and the GIL hand-back makes it wait behind the event loop's other work.
 
@@ -22,12 +22,12 @@ batches here run on the event loop's thread, where nothing arrives meanwhile, so
 window they would stay at one request each.) With adaptive_delay (--adaptive-batch-delay) a
 configured max_queue_delay is skipped the same way for lone requests.
 
-Requests are taken by priority level, then in arrival order (server.queues: Triton's
+Requests are taken by priority level, then in arrival order (server.core.queues: Triton's
 priority levels and queue policies); a request that does not fit into the room left in a
 batch starts the next one (requests are never split across batches, except that `submit`
 cuts a request larger than max_batch_size into chunks of at most max_batch_size rows, each
 its own queue item, and reassembles them). Each batch is timed for the statistics extension
-(server.modelstats): its assembly, its run and its split, into the batch size's counts and
+(server.core.modelstats): its assembly, its run and its split, into the batch size's counts and
 into the timing of each request in it.
 """
 
@@ -42,16 +42,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server import tracing
+from server.core.modelstats import ModelStats, Timing
+from server.core.queues import PriorityQueue, SchedulePolicy
 from server.errors import (
     DeadlineExceededError,
     InvalidInputError,
     ModelUnavailableError,
     QueueFullError,
 )
-from server.metrics import Metrics
-from server.modelstats import ModelStats, Timing
-from server.queues import PriorityQueue, SchedulePolicy
+from server.observability import tracing
+from server.observability.metrics import Metrics
 from server.runtimes.base import Runtime
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class _Item:
     enqueued: float  # time.monotonic()
     deadline: float | None  # time.monotonic() seconds: the caller's own (gRPC's deadline)
     expires: float | None  # time.monotonic() seconds: the queue policy's timeout
-    level: int  # priority level (server.queues)
+    level: int  # priority level (server.core.queues)
     timing: Timing | None  # the request's clock, shared by its chunks
     share: float  # this chunk's share of the request's rows
     queued: bool = False  # in the queue (not yet taken into a batch)

@@ -20,8 +20,8 @@ sequence of key/value pairs):
 
 A batch is shared by requests of several traces, so it belongs to none of them: it is
 recorded once, and sampled whenever any request in it is (`_ServerSampler`). Sampled
-requests also leave exemplars (server.exemplars) and put their trace id on log lines
-(server.logs.TRACE).
+requests also leave exemplars (server.observability.exemplars) and put their trace id on log lines
+(server.observability.logs.TRACE).
 """
 
 from __future__ import annotations
@@ -31,18 +31,16 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import unquote
 
 import grpc
 
-from server.config import OTEL_SAMPLERS
-from server.exemplars import ExemplarStore
-from server.metrics import LATENCY_BUCKETS, PREFIX
+from server.observability.exemplars import ExemplarStore
+from server.observability.metrics import LATENCY_BUCKETS, PREFIX
+from server.observability.tracing_config import DEFAULT_SERVICE_NAME, TracingConfig
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -50,12 +48,9 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, SpanContext, Tracer
 
-    from server.config import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SERVICE_NAME = "imgserve"
-DEFAULT_SAMPLER = "parentbased_always_on"
 REQUEST_METRIC = f"{PREFIX}_request_duration_seconds"
 QUEUE_METRIC = f"{PREFIX}_queue_duration_seconds"
 # How long a stopping process waits for its last spans to be sent.
@@ -68,87 +63,8 @@ SERVER_ERRORS = frozenset(
 _GRPC_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
 
 
-class TracingConfigError(ValueError):
-    """The tracing settings or OTEL_* variables make no sense; str() says which."""
-
-
-@dataclass(frozen=True)
-class TracingConfig:
-    endpoint: str
-    sampler: str = DEFAULT_SAMPLER
-    ratio: float = 1.0
-    service_name: str = ""  # empty: OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES, else imgserve
-    resource_attributes: Mapping[str, str] = field(default_factory=dict)
-
-
-def _env(env: Mapping[str, str], name: str) -> str:
-    """An OTEL_* variable; empty counts as unset, as the OpenTelemetry spec says."""
-    return env.get(name, "").strip()
-
-
-def config_from(settings: Settings, env: Mapping[str, str] | None = None) -> TracingConfig | None:
-    """The tracing configuration (flags win over OTEL_* variables), or None when it is off.
-
-    On when an endpoint is set and neither OTEL_SDK_DISABLED=true nor OTEL_TRACES_EXPORTER=none
-    says otherwise. Raises TracingConfigError for what cannot be served (another protocol or
-    exporter than OTLP/gRPC, an unknown sampler, a ratio outside 0..1).
-    """
-    env = os.environ if env is None else env
-    endpoint = (
-        settings.otel_endpoint
-        or _env(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or _env(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
-    exporter = _env(env, "OTEL_TRACES_EXPORTER").lower() or "otlp"
-    if not endpoint or exporter == "none" or _env(env, "OTEL_SDK_DISABLED").lower() == "true":
-        return None
-    if exporter != "otlp":
-        raise TracingConfigError(f"OTEL_TRACES_EXPORTER={exporter}: only otlp (or none) is served")
-    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-        protocol = _env(env, name)
-        if protocol:
-            if protocol != "grpc":
-                raise TracingConfigError(f"{name}={protocol}: traces are sent over OTLP/gRPC only")
-            break
-    sampler = settings.otel_sampler or _env(env, "OTEL_TRACES_SAMPLER").lower() or DEFAULT_SAMPLER
-    if sampler not in OTEL_SAMPLERS:
-        raise TracingConfigError(
-            f"unknown trace sampler {sampler!r}; one of {', '.join(OTEL_SAMPLERS)}"
-        )
-    ratio = settings.otel_sampler_ratio
-    if ratio is None and "traceidratio" in sampler and _env(env, "OTEL_TRACES_SAMPLER_ARG"):
-        text = _env(env, "OTEL_TRACES_SAMPLER_ARG")
-        try:
-            ratio = float(text)
-        except ValueError:
-            raise TracingConfigError(f"OTEL_TRACES_SAMPLER_ARG={text!r} is not a number") from None
-    ratio = 1.0 if ratio is None else ratio
-    if not 0 <= ratio <= 1:
-        raise TracingConfigError(f"the sampler ratio must be between 0 and 1, got {ratio}")
-    return TracingConfig(
-        endpoint=endpoint,
-        sampler=sampler,
-        ratio=ratio,
-        service_name=settings.otel_service_name,
-        resource_attributes=parse_attributes(settings.otel_resource_attributes),
-    )
-
-
-def parse_attributes(text: str) -> dict[str, str]:
-    """`key=value,key=value` as OTEL_RESOURCE_ATTRIBUTES writes them (values percent-encoded)."""
-    attributes: dict[str, str] = {}
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise TracingConfigError(f"resource attribute {item.strip()!r} is not key=value")
-        attributes[key.strip()] = unquote(value.strip())
-    return attributes
-
-
 class QueueItem(Protocol):
-    """What the batcher's queue items show the tracer (server.batcher._Item)."""
+    """What the batcher's queue items show the tracer (server.core.batcher._Item)."""
 
     rows: int
     enqueued: float  # time.monotonic()

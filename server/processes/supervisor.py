@@ -47,15 +47,15 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from server.app import StartupError
 from server.config import Settings
-from server.metrics import MULTIPROCESS_ENV
-from server.sockets import bind_tcp
+from server.errors import StartupError
+from server.observability.metrics import MULTIPROCESS_ENV
+from server.processes.contract import BOUND, ROLE_ENV, WorkerRole
+from server.processes.contract import STARTED as WORKER_STARTED
+from server.processes.sockets import bind_tcp
 from server.startlines import hostport, http_url, listening_line, started_line
-from server.worker import BOUND, ROLE_ENV, WorkerRole
-from server.worker import STARTED as WORKER_STARTED
 
-log = logging.getLogger("server.supervisor")
+log = logging.getLogger("server.processes.supervisor")
 
 # Restart delays: doubled from BACKOFF_MIN_S while a worker dies within STABLE_S of its start.
 BACKOFF_MIN_S = 0.5

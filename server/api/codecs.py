@@ -90,7 +90,7 @@ class InferInputs:
 
 @dataclass(frozen=True)
 class Schedule:
-    """A request's schedule-policy parameters (0: the model's defaults; server.queues)."""
+    """A request's schedule-policy parameters (0: the model's defaults; server.core.queues)."""
 
     priority: int = 0
     timeout_us: int = 0

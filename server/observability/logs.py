@@ -5,8 +5,8 @@ server.api.status from the caller's `x-request-id` metadata or generated): the i
 context variable, so the batcher's tasks and threads spawned for the request inherit it, and
 a filter on the handler copies it onto each record for both formats.
 
-With tracing on (server.tracing), the lines of a sampled request also carry its trace id
-(`trace_id`, and `span_id` in JSON: the request's span), so a log line leads to its trace.
+With tracing on (server.observability.tracing), the lines of a sampled request also carry its
+trace id (`trace_id`, and `span_id` in JSON: the request's span), so a log line leads to its trace.
 
 With several worker processes, every line of a worker names it (`worker`: its index), so
 lines of workers sharing one stream can be told apart.

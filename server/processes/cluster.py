@@ -2,7 +2,7 @@
 
 With --workers N, whichever worker takes a call about the server as a whole (readiness, model
 states, statistics, model load and unload) asks the others over the control channel
-(server.control) and combines their answers. A lone server has no peers and answers alone,
+(server.processes.control) and combines their answers. A lone server has no peers and answers alone,
 through the same code.
 
 - Ready: the server's first start is over (every worker was ready at once, seen by this worker
@@ -14,7 +14,7 @@ through the same code.
   states of the first worker that does not.
 - Exemplars (tracing on): every answering worker's, for the worker answering a scrape.
 - Statistics: the sum of every answering worker's share. A worker that died took its share
-  with it (the Prometheus counters keep theirs: server.metrics).
+  with it (the Prometheus counters keep theirs: server.observability.metrics).
 - Load and unload: every worker or none. Under a lock that spans the workers (flock on a file
   in the run folder; the kernel drops it if its holder dies), every worker prepares the load
   beside what it serves; only if all prepared the same versions do all commit, otherwise all
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.control import LocalWorker, RemoteWorker, WorkerGone
+from server.core.manager import READY, ModelState
+from server.core.statistics import merge
 from server.errors import ModelNotFoundError, ModelUnavailableError
-from server.exemplars import Exemplar
-from server.manager import READY, ModelState
-from server.statistics import merge
+from server.observability.exemplars import Exemplar
+from server.processes.control import LocalWorker, RemoteWorker, WorkerGone
 from wire import control_pb2 as pb
 from wire import grpc_service_pb2 as inference_pb
 
@@ -154,7 +154,7 @@ class Cluster:
         return merge(shares)
 
     async def exemplars(self) -> list[Exemplar]:
-        """Every answering worker's exemplars (server.exemplars merges them per bucket)."""
+        """Every answering worker's exemplars, merged per bucket (observability.exemplars)."""
         found = await self.local.exemplars()
         for answer in await self._each_peer(lambda w: w.exemplars()):
             if isinstance(answer, list):

@@ -32,7 +32,7 @@ from prometheus_client import Counter
 from server.api.common import method_handler_kind
 from server.api.status import REQUEST_ID_KEY, request_id_of
 from server.config import AUTH_TOKENS_ENV, Settings
-from server.logs import REQUEST_ID
+from server.observability.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
