@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -28,65 +28,20 @@ from benchmarks.common import BenchError, Config, Sample, exit_code
 from benchmarks.figures import write_report
 from benchmarks.measure import Timing, measure_started, run_load
 from benchmarks.modes import APIS, STREAM_APIS
+from benchmarks.options import (
+    MAX_BATCH,
+    MAX_CONCURRENCY,
+    add_server_args_option,
+    add_timing_options,
+    bounded,
+)
 from benchmarks.report import add_ratios, format_report, summarize
 from benchmarks.server import start_server
 
-MAX_CONCURRENCY = 1024
-MAX_DURATION_S = 300.0
-MAX_WARMUP_S = 60.0
-MAX_BATCH = 1024
 MAX_CONFIGS = 8
 
 
 # --- command line ---------------------------------------------------------------------------
-
-
-def bounded(kind: type, low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}")
-        return value
-
-    return parse
-
-
-def add_timing_options(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    duration: tuple[float | None, str],
-    warmup: tuple[float | None, str],
-) -> None:
-    """--duration and --warmup (each a default and its help), and --timeout."""
-    parser.add_argument(
-        "--duration",
-        type=bounded(float, 0.1, MAX_DURATION_S),
-        default=duration[0],
-        help=duration[1],
-    )
-    parser.add_argument(
-        "--warmup", type=bounded(float, 0.0, MAX_WARMUP_S), default=warmup[0], help=warmup[1]
-    )
-    parser.add_argument(
-        "--timeout",
-        type=bounded(float, 0.1, 120.0),
-        default=10.0,
-        help="Deadline of each request in seconds (default: %(default)s).",
-    )
-
-
-def add_server_args_option(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, servers: str
-) -> None:
-    parser.add_argument(
-        "--server-args",
-        default="",
-        metavar="ARGS",
-        help=f"Extra flags for {servers}, written with '=' because they start with a dash: "
-        '--server-args="--intra-op-threads 2".',
-    )
 
 
 def _add_client_options(parser: argparse.ArgumentParser, defaults: bool) -> None:

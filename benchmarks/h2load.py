@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bare import READY_LINE
 from benchmarks.common import BenchError
-from benchmarks.compare import bounded
+from benchmarks.options import bounded
 from benchmarks.server import tree_cpu_seconds
 from wire import grpc_service_pb2 as pb
 

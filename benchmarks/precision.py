@@ -24,14 +24,15 @@ from pathlib import Path
 
 from benchmarks.ceiling import measure_ceiling, server_settings
 from benchmarks.common import BenchError, Config, Sample, exit_code
-from benchmarks.compare import (
+from benchmarks.figures import write_report
+from benchmarks.measure import Timing, measure_started
+from benchmarks.options import (
+    MAX_BATCH,
     MAX_CONCURRENCY,
     add_server_args_option,
     add_timing_options,
     bounded,
 )
-from benchmarks.figures import write_report
-from benchmarks.measure import Timing, measure_started
 from benchmarks.report import Outcome, summarize
 from benchmarks.server import start_server
 from client.table import format_table
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch",
-        type=bounded(int, 1, 1024),
+        type=bounded(int, 1, MAX_BATCH),
         default=8,
         help="Images per served request: several, so that batches form and compute shows "
         "(default: %(default)s).",

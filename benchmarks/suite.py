@@ -36,14 +36,15 @@ from pathlib import Path
 from benchmarks.ceiling import CeilingPoint, best_of, measure_ceiling, server_settings
 from benchmarks.clients import START_LEAD_S, ClientPool, split_load
 from benchmarks.common import Config, exit_code
-from benchmarks.compare import (
+from benchmarks.figures import pooled
+from benchmarks.measure import Timing
+from benchmarks.options import (
+    MAX_BATCH,
     MAX_CONCURRENCY,
     add_server_args_option,
     add_timing_options,
     bounded,
 )
-from benchmarks.figures import pooled
-from benchmarks.measure import Timing
 from benchmarks.plots import write_plots
 from benchmarks.results import (
     SERVED,
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument(
         "--batch-images",
-        type=bounded(int, 1, 1024),
+        type=bounded(int, 1, MAX_BATCH),
         default=8,
         help="Images per request of the multi-image sweep; 1 skips it (default: %(default)s).",
     )

@@ -35,7 +35,6 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from benchmarks.common import BenchError, exit_code
-from benchmarks.compare import add_server_args_option
 from benchmarks.h2load import (
     Round,
     Target,
@@ -48,6 +47,7 @@ from benchmarks.h2load import (
     measure,
     require_h2load,
 )
+from benchmarks.options import add_server_args_option
 from benchmarks.server import start_server
 
 RESULTS_FILE = "results.json"

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import exit_code
-from benchmarks.compare import add_server_args_option
 from benchmarks.h2load import (
     BARE,
     INSIDE,
@@ -52,6 +51,7 @@ from benchmarks.h2load import (
     require_h2load,
     start_bare,
 )
+from benchmarks.options import add_server_args_option
 from benchmarks.server import start_server
 
 # The same server under the same concurrency over one connection: what one channel gets.

@@ -47,8 +47,14 @@ from pathlib import Path
 
 from benchmarks.ceiling import server_settings
 from benchmarks.common import BenchError, exit_code
-from benchmarks.compare import MAX_CONCURRENCY, add_server_args_option, add_timing_options, bounded
 from benchmarks.measure import Timing
+from benchmarks.options import (
+    MAX_BATCH,
+    MAX_CONCURRENCY,
+    add_server_args_option,
+    add_timing_options,
+    bounded,
+)
 from benchmarks.tune.apply import Refused, apply_config, diff
 from benchmarks.tune.bench import POINT_OVERHEAD_S, Bench, generator_for
 from benchmarks.tune.configs import current_setting, render
@@ -149,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument(
         "--images",
-        type=bounded(int, 1, 1024),
+        type=bounded(int, 1, MAX_BATCH),
         nargs="+",
         default=list(DEFAULT_IMAGES),
         help="Images per request; every concurrency with every size is a load point "
