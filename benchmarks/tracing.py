@@ -24,7 +24,6 @@ import os
 import shlex
 import statistics
 import threading
-import time
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass
@@ -99,72 +98,6 @@ def setups(ratios: Sequence[float], baseline: Path | None) -> list[Setup]:
     if baseline is not None:
         found.insert(0, Setup(BASELINE, (), None, baseline))
     return found
-
-
-@dataclass
-class _QueueItem:
-    """A batcher queue item as Tracing.record_batch sees it."""
-
-    rows: int
-    enqueued: float
-    trace: Any
-
-
-def path_costs(repeats: int = 5) -> dict[str, float]:
-    """CPU per request of the request path's tracing code alone, in this process (no server,
-    no other load in the way): a request's metrics (`Call`) against the same with tracing
-    (`TracedCall`), unsampled and sampled (its stage spans, its batch's, and the export to a
-    receiver here: process CPU counts the exporter's thread). Medians of `repeats`, in us."""
-    from server.observability import tracing
-    from server.api.status import Call, RequestMetrics
-    from server.api.traced import TracedCall
-    from server.observability.metrics import Metrics
-
-    metrics = RequestMetrics(Metrics())
-    metadata = (("user-agent", "grpc-python"), ("x-request-id", "benchmark"))
-
-    def plain() -> None:
-        with Call(metrics, "kserve", None) as call:
-            call.bind("model", "1")
-
-    def traced() -> None:
-        name = "inference.GRPCInferenceService/ModelInfer"
-        with TracedCall(metrics, "kserve", None, name=name, carrier=metadata) as call:
-            call.bind("model", "1")
-            trace = tracing.CURRENT.get()
-            if trace is not None and tracing.ACTIVE is not None:  # what the batcher does
-                trace.queued(1)
-                item = _QueueItem(1, time.monotonic(), trace)
-                tracing.ACTIVE.record_batch("model", "1", [item], item.enqueued, 1000, None)
-                trace.answered()
-
-    def cpu_us(call: Any, count: int) -> float:
-        """CPU per call, the export of the spans they made included (flushed at the end)."""
-        began = time.process_time()
-        for _ in range(count):
-            call()
-        if tracing.ACTIVE is not None:
-            tracing.ACTIVE.provider.force_flush()
-        return (time.process_time() - began) / count * 1e6
-
-    sink = SpanSink()
-    costs: dict[str, float] = {}
-    try:
-        # Sampled: few enough that their spans fit the batch processor's queue (2048).
-        for label, ratio, count in (("unsampled", 0.0, 20000), ("sampled", 1.0, 300)):
-            config = tracing.TracingConfig(
-                endpoint=sink.endpoint, sampler="parentbased_traceidratio", ratio=ratio
-            )
-            tracing.ACTIVE = tracing.Tracing(config, None)
-            try:
-                pairs = [(cpu_us(plain, count), cpu_us(traced, count)) for _ in range(repeats)]
-            finally:
-                tracing.uninstall(10)
-            costs["call_us"] = round(statistics.median(p[0] for p in pairs), 2)
-            costs[f"{label}_adds_us"] = round(statistics.median(p[1] - p[0] for p in pairs), 2)
-    finally:
-        sink.stop()
-    return costs
 
 
 def _medians(rounds: Sequence[Round]) -> dict[str, dict[str, float]]:
@@ -258,13 +191,6 @@ def run(args: argparse.Namespace) -> int:
     frame_file = args.out / "request.grpc"
     frame_file.write_bytes(frame(request))
     extra = ("--workers", str(args.workers), *shlex.split(args.server_args))
-    costs = path_costs()
-    print(
-        f"tracing code alone, in-process: a request's metrics {costs['call_us']:.1f} us of CPU; "
-        f"tracing adds {costs['unsampled_adds_us']:.1f} us unsampled, "
-        f"{costs['sampled_adds_us']:.0f} us sampled",
-        flush=True,
-    )
     configured = setups(args.ratios, args.baseline)
     rounds: list[list[Round]] = []
     answered: dict[str, float] = {}
@@ -326,7 +252,6 @@ def run(args: argparse.Namespace) -> int:
         "medians": medians,
         "paired_ratios_to_off": paired,
         "spans_per_request": spans,
-        "in_process_us": costs,
     }
     (args.out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out / RESULTS_FILE}")
