@@ -34,6 +34,7 @@ from benchmarks.options import (
     bounded,
 )
 from benchmarks.report import Outcome, summarize
+from benchmarks.rounds import ratios_of
 from benchmarks.server import start_server
 from client.table import format_table
 from modelrepo.precision import (
@@ -87,7 +88,7 @@ class Pair:
             )
             found["p50"] = (a.latency_ms.get("p50"), b.latency_ms.get("p50"))
             found["p99"] = (a.latency_ms.get("p99"), b.latency_ms.get("p99"))
-        return {name: round(x / y, 3) for name, (x, y) in found.items() if x and y}
+        return ratios_of(found)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from benchmarks.common import Config, Sample
 from benchmarks.figures import FIGURE_HEADERS, Figures, figure_cells, figures, pooled
+from benchmarks.rounds import ratios_of
 from client.table import format_table
 
 
@@ -40,15 +41,14 @@ def add_ratios(outcomes: list[Outcome]) -> None:
     """Each outcome relative to the first, the baseline of a --compare run."""
     first = outcomes[0]
     for outcome in outcomes:
-        pairs = {
-            "requests_per_s": (outcome.requests_per_s, first.requests_per_s),
-            "images_per_s": (outcome.images_per_s, first.images_per_s),
-            "p50": (outcome.latency_ms.get("p50"), first.latency_ms.get("p50")),
-            "p99": (outcome.latency_ms.get("p99"), first.latency_ms.get("p99")),
-        }
-        outcome.ratios = {
-            name: round(value / ref, 3) for name, (value, ref) in pairs.items() if value and ref
-        }
+        outcome.ratios = ratios_of(
+            {
+                "requests_per_s": (outcome.requests_per_s, first.requests_per_s),
+                "images_per_s": (outcome.images_per_s, first.images_per_s),
+                "p50": (outcome.latency_ms.get("p50"), first.latency_ms.get("p50")),
+                "p99": (outcome.latency_ms.get("p99"), first.latency_ms.get("p99")),
+            }
+        )
 
 
 def format_report(outcomes: list[Outcome]) -> str:

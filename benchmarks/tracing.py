@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import operator
 import os
 import shlex
-import statistics
 import threading
 from collections.abc import Sequence
 from concurrent import futures
@@ -47,6 +47,7 @@ from benchmarks.h2load import (
     require_h2load,
 )
 from benchmarks.options import add_server_args_option
+from benchmarks.rounds import medians_by, paired_ratios
 from benchmarks.server import start_server
 
 RESULTS_FILE = "results.json"
@@ -100,34 +101,8 @@ def setups(ratios: Sequence[float], baseline: Path | None) -> list[Setup]:
     return found
 
 
-def _medians(rounds: Sequence[Round]) -> dict[str, dict[str, float]]:
-    by: dict[str, list[Round]] = {}
-    for one in rounds:
-        by.setdefault(one.kind, []).append(one)
-    return {
-        kind: {
-            "requests_per_s": statistics.median(r.requests_per_s for r in group),
-            "cpu_ms_per_request": statistics.median(r.cpu_ms_per_request for r in group),
-            "rounds": len(group),
-        }
-        for kind, group in by.items()
-    }
-
-
-def paired_ratios(rounds: Sequence[Sequence[Round]]) -> dict[str, dict[str, float]]:
-    """Per configuration, the median over rounds of its figure / off's in the same round:
-    a round's measurements are seconds apart, so a shared machine's drift cancels in them."""
-    ratios: dict[str, dict[str, list[float]]] = {}
-    for one_round in rounds:
-        off = next(r for r in one_round if r.kind == OFF)
-        for r in one_round:
-            found = ratios.setdefault(r.kind, {"requests_per_s": [], "cpu_ms_per_request": []})
-            found["requests_per_s"].append(r.requests_per_s / off.requests_per_s)
-            found["cpu_ms_per_request"].append(r.cpu_ms_per_request / off.cpu_ms_per_request)
-    return {
-        kind: {name: round(statistics.median(values), 3) for name, values in found.items()}
-        for kind, found in ratios.items()
-    }
+# What each round measures of each configuration, as medians and as paired ratios to off.
+FIGURES = ("requests_per_s", "cpu_ms_per_request")
 
 
 def format_table(
@@ -135,7 +110,8 @@ def format_table(
     paired: dict[str, dict[str, float]],
     spans: dict[str, float],
 ) -> str:
-    """Medians, and the paired ratios to off (the figures to compare: see paired_ratios)."""
+    """Medians, and the paired ratios to off (the figures to compare: a round's measurements
+    are seconds apart, so a shared machine's drift cancels in them)."""
     lines = [
         f"{'tracing':<10}{'req/s':>9}{'cpu ms/req':>12}{'req/s vs off':>14}"
         f"{'cpu vs off':>12}{'spans/req':>11}"
@@ -236,8 +212,9 @@ def run(args: argparse.Namespace) -> int:
         for s in configured
         if s.sink is not None
     }
-    medians = _medians([r for one_round in rounds for r in one_round])
-    paired = paired_ratios(rounds)
+    kind = operator.attrgetter("kind")
+    medians = medians_by([r for one_round in rounds for r in one_round], kind, FIGURES)
+    paired = paired_ratios(rounds, kind, OFF, FIGURES)
     print(format_table(medians, paired, spans))
     results = {
         "model": args.model,

@@ -25,7 +25,6 @@ import collections
 import contextlib
 import json
 import shlex
-import statistics
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -52,27 +51,21 @@ from benchmarks.h2load import (
     start_bare,
 )
 from benchmarks.options import add_server_args_option
+from benchmarks.rounds import median, medians_by
 from benchmarks.server import start_server
 
 # The same server under the same concurrency over one connection: what one channel gets.
 ONE_CONNECTION = "served, 1 conn"
 RESULTS_FILE = "results.json"
 PLOT_FILE = "workers.png"
+# What each round measures of each server, as medians over rounds.
+FIGURES = ("requests_per_s", "cpu_cores", "cpu_ms_per_request")
 
 
 def _median_rounds(rounds: Sequence[Round]) -> dict[tuple[str, int], dict[str, float]]:
-    by: dict[tuple[str, int], list[Round]] = collections.defaultdict(list)
-    for one in rounds:
-        by[(one.kind, one.workers)].append(one)
-    return {
-        key: {
-            "requests_per_s": statistics.median(r.requests_per_s for r in group),
-            "cpu_cores": statistics.median(r.cpu_cores for r in group),
-            "cpu_ms_per_request": statistics.median(r.cpu_ms_per_request for r in group),
-            "rounds": len(group),
-        }
-        for key, group in sorted(by.items())
-    }
+    """Per server and worker count, in that order, each figure's median over rounds."""
+    found = medians_by(rounds, lambda r: (r.kind, r.workers), FIGURES)
+    return dict(sorted(found.items()))
 
 
 def format_table(medians: dict[tuple[str, int], dict[str, float]]) -> str:
@@ -153,14 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _lone_medians(values: Sequence[Lone]) -> dict[str, Any]:
     """Medians over rounds of the concurrency-1 figures (and of each stage inside the server)."""
     figures: dict[str, Any] = {
-        "p50_ms": statistics.median(v.p50_ms for v in values),
-        "p99_ms": statistics.median(v.p99_ms for v in values),
+        "p50_ms": median(v.p50_ms for v in values),
+        "p99_ms": median(v.p99_ms for v in values),
     }
     inside = [v.inside_us for v in values if v.inside_us is not None]
     if inside:
-        figures["inside_us"] = {
-            stage: statistics.median(one[stage] for one in inside) for stage in inside[0]
-        }
+        figures["inside_us"] = {stage: median(one[stage] for one in inside) for stage in inside[0]}
     return figures
 
 

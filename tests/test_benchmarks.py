@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import operator
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from benchmarks.clients import LATE_TOLERANCE_S, ClientPool, Job, split_load
 from benchmarks.common import BenchError, Config, Sample
 from benchmarks.measure import Timing, send_times
 from benchmarks.results import format_steps, late_warning, step_from
+from benchmarks.rounds import median, medians_by, paired_ratios, ratios_of
 from modelrepo.layout import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
 from server.app import NULL_COMPUTE_WARNING
 from server.config import parse_settings
@@ -189,6 +191,27 @@ def test_a_late_client_is_flagged_in_the_json_and_the_table() -> None:
     assert "0.400 s" in (late_warning([step]) or "")
     on_time = step_from("served", jobs, 1, replace(sample, start_late_s=(0.001, 0.002)), 1.0)
     assert on_time.late_clients == [] and late_warning([on_time]) is None
+
+
+# --- rounds: medians and paired ratios -------------------------------------------------------
+
+
+def test_paired_ratios_cancel_the_drift_that_moves_a_whole_round() -> None:
+    """Each round the machine is busier or calmer, moving both servers alike: the medians move
+    with it, the ratio within each round does not."""
+    run = collections.namedtuple("run", "kind requests_per_s")
+    rounds = [[run("off", 100 * f), run("on", 90 * f)] for f in (1.0, 0.5, 0.75)]
+    kind, figures = operator.attrgetter("kind"), ["requests_per_s"]
+    assert medians_by([r for one in rounds for r in one], kind, figures) == {
+        "off": {"requests_per_s": 75.0, "rounds": 3},
+        "on": {"requests_per_s": 67.5, "rounds": 3},
+    }
+    assert paired_ratios(rounds, kind, "off", figures) == {
+        "off": {"requests_per_s": 1.0},
+        "on": {"requests_per_s": 0.9},
+    }
+    assert median([None, 3.0, 1.0, None], 3) == 2.0 and median([None]) is None
+    assert ratios_of({"a": (3.0, 2.0), "b": (None, 2.0), "c": (1.0, 0.0)}) == {"a": 1.5}
 
 
 def test_client_pool_starts_only_once_every_process_is_ready(server: ServerProcess) -> None:

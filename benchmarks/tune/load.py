@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import math
 import shutil
-import statistics
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from benchmarks.common import BenchError, Config
 from benchmarks.figures import pooled
 from benchmarks.h2load import MISSING, PATH, build_request, check_answer, frame, h2load_time
 from benchmarks.measure import Timing
+from benchmarks.rounds import median
 
 H2LOAD, PYTHON = "h2load", "python"
 # Connections a load point opens at most (fewer when its concurrency is lower): enough to
@@ -222,16 +222,11 @@ def median_result(results: Sequence[PointResult]) -> PointResult:
     errors: collections.Counter[str] = collections.Counter()
     for result in results:
         errors.update(result.errors)
-
-    def median(values: list[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return round(statistics.median(known), 3) if known else None
-
     return PointResult(
-        images_per_s=median([r.images_per_s for r in results]) or 0.0,
+        images_per_s=median((r.images_per_s for r in results), 3) or 0.0,
         requests=sum(r.requests for r in results),
-        p50_ms=median([r.p50_ms for r in results]),
-        p99_ms=median([r.p99_ms for r in results]),
+        p50_ms=median((r.p50_ms for r in results), 3),
+        p99_ms=median((r.p99_ms for r in results), 3),
         errors=dict(errors),
-        server_cpu_cores=median([r.server_cpu_cores for r in results]),
+        server_cpu_cores=median((r.server_cpu_cores for r in results), 3),
     )
