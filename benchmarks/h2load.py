@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PATH = "/inference.GRPCInferenceService/ModelInfer"
 STATISTICS_PATH = "/inference.GRPCInferenceService/ModelStatistics"
 SERVED, BARE = "served", "do-nothing"
+# The served server under the same load over one connection: what one channel gets.
+ONE_CONNECTION = "served, 1 conn"
 _FINISHED = re.compile(r"finished in [\d.]+s, ([\d.]+) req/s")
 _REQUESTS = re.compile(
     r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed"

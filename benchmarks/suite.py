@@ -45,7 +45,7 @@ from benchmarks.options import (
     add_timing_options,
     bounded,
 )
-from benchmarks.plots import write_plots
+from benchmarks.plots import write_suite_plots
 from benchmarks.results import (
     SERVED,
     TRANSPORT,
@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     save(args.out / RESULTS_FILE, settings_used, ceiling, steps, found)
-    plots = write_plots(args.out, steps, plan.model)
+    plots = write_suite_plots(args.out, steps, plan.model)
     if ceiling:
         alone = f"runtime alone, {ceiling[0].instances} instance(s) at once"
         print(f"Compute ceiling ({plan.model}, {alone}):\n{format_ceiling(ceiling)}\n")

@@ -34,6 +34,7 @@ from benchmarks.common import exit_code
 from benchmarks.h2load import (
     BARE,
     INSIDE,
+    ONE_CONNECTION,
     SERVED,
     STAGES,
     Lone,
@@ -51,13 +52,11 @@ from benchmarks.h2load import (
     start_bare,
 )
 from benchmarks.options import add_server_args_option
+from benchmarks.plots import write_workers_plot
 from benchmarks.rounds import median, medians_by
 from benchmarks.server import start_server
 
-# The same server under the same concurrency over one connection: what one channel gets.
-ONE_CONNECTION = "served, 1 conn"
 RESULTS_FILE = "results.json"
-PLOT_FILE = "workers.png"
 # What each round measures of each server, as medians over rounds.
 FIGURES = ("requests_per_s", "cpu_cores", "cpu_ms_per_request")
 
@@ -85,29 +84,6 @@ def format_table(medians: dict[tuple[str, int], dict[str, float]]) -> str:
             f"{m['cpu_ms_per_request']:>12.3f}{scale:>13}{versus:>15}"
         )
     return "\n".join(lines)
-
-
-def write_plot(folder: Path, medians: dict[tuple[str, int], dict[str, float]], title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.5, 4.2))
-    for kind, style in ((SERVED, "-o"), (ONE_CONNECTION, ":^"), (BARE, "--s")):
-        points = sorted((w, m["requests_per_s"]) for (k, w), m in medians.items() if k == kind)
-        if points:
-            axes.plot(*zip(*points, strict=True), style, label=kind)
-    axes.set_xlabel("worker processes")
-    axes.set_ylabel("requests/s (median of rounds)")
-    axes.set_title(title, fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    path = folder / PLOT_FILE
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
 
 
 def _counts(text: str) -> list[int]:
@@ -226,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     title = (
         f"{args.model}, {args.images} image(s)/request, h2load {args.connections}x{args.streams}"
     )
-    plot = write_plot(args.out, medians, title)
+    plot = write_workers_plot(args.out, medians, title)
     results = {
         "model": args.model,
         "images_per_request": args.images,

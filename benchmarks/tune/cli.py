@@ -55,6 +55,7 @@ from benchmarks.options import (
     add_timing_options,
     bounded,
 )
+from benchmarks.plots import write_tune_plot
 from benchmarks.tune.apply import Refused, apply_config, diff
 from benchmarks.tune.bench import POINT_OVERHEAD_S, Bench, generator_for
 from benchmarks.tune.configs import current_setting, render
@@ -67,14 +68,12 @@ from benchmarks.tune.load import (
 )
 from benchmarks.tune.progress import Progress, trial_line
 from benchmarks.tune.report import (
-    PLOT_FILE,
     RESULTS_FILE,
     explain,
     format_results,
     recorded_trials,
     save,
     workers_advice,
-    write_plot,
 )
 from benchmarks.tune.search import (
     MEASURED,
@@ -433,7 +432,7 @@ def _report(
         },
     )
     title = f"{args.model}: images/s against p99 of every setting tried (p99 budget dashed)"
-    plot = write_plot(out / PLOT_FILE, outcome, points, args.p99_ms, title)
+    plot = write_tune_plot(out, outcome, points, args.p99_ms, title)
     print(format_results(outcome, points, args.p99_ms))
     print("\n" + paragraph + "\n")
     print(f"results: {out / RESULTS_FILE}, plot: {plot}")

@@ -1,5 +1,6 @@
-"""What the tuner shows: the table of every setting tried, the plot, the paragraph that explains
-the choice, and results.json (also the journal a resumed run replays)."""
+"""What the tuner shows: the table of every setting tried, the paragraph that explains the
+choice, and results.json (also the journal a resumed run replays); its plot is drawn by
+benchmarks.plots."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from benchmarks.tune.space import Setting
 from client.table import format_table
 
 RESULTS_FILE = "results.json"
-PLOT_FILE = "tune.png"
 
 
 # --- the journal -----------------------------------------------------------------------------
@@ -263,75 +263,3 @@ def explain(
         + "."
     )
     return " ".join(parts)
-
-
-# --- the plot --------------------------------------------------------------------------------
-
-
-def write_plot(
-    path: Path, outcome: Outcome, points: Sequence[LoadPoint], p99_budget_ms: float, title: str
-) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = min(len(points), 2)
-    rows = -(-len(points) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.9 * rows), squeeze=False)
-    for axes in grid.flat[len(points) :]:
-        axes.set_visible(False)
-    for axes, point in zip(grid.flat, points, strict=False):
-        others = [
-            e.points[point.label]
-            for e in outcome.evaluations.values()
-            if point.label in e.points and e.points[point.label].p99_ms is not None
-        ]
-        axes.scatter(
-            [r.p99_ms for r in others],
-            [r.images_per_s for r in others],
-            s=22,
-            color="tab:blue",
-            alpha=0.6,
-            label="settings tried",
-        )
-        for setting, marker, color, label in (
-            (outcome.start, "s", "black", f"start {outcome.start.key}"),
-            (outcome.chosen, "*", "tab:red", f"chosen {outcome.chosen.key}"),
-        ):
-            result = outcome.evaluations[setting].points.get(point.label)
-            if result is not None and result.p99_ms is not None:
-                axes.scatter(
-                    [result.p99_ms],
-                    [result.images_per_s],
-                    s=160 if marker == "*" else 60,
-                    marker=marker,
-                    facecolors="none" if marker == "s" else color,
-                    edgecolors=color,
-                    label=label,
-                    zorder=3,
-                )
-        axes.axvline(p99_budget_ms, color="gray", linestyle="--", label="p99 budget")
-        axes.set_xscale("log")
-        _plain_ticks(axes)
-        axes.set_xlabel("p99 latency (ms)")
-        axes.set_ylabel("images/s")
-        axes.set_title(f"{point.concurrency} in flight x {point.images} image(s)", fontsize=10)
-        axes.grid(alpha=0.3)
-    grid[0][0].legend(fontsize="small")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
-
-
-def _plain_ticks(axes: object) -> None:
-    """Log-scale ticks as plain numbers (40, not 4x10^1); the minor ones labelled only when
-    the axis spans less than a decade, where there would be no label otherwise."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    plain = FuncFormatter(lambda value, _position: f"{value:g}")
-    low, high = axes.get_xlim()  # type: ignore[attr-defined]
-    axes.xaxis.set_major_formatter(plain)  # type: ignore[attr-defined]
-    axes.xaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())  # type: ignore[attr-defined]
