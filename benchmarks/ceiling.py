@@ -19,8 +19,8 @@ import numpy as np
 
 from benchmarks.common import BenchError
 from server.config import Settings, parse_settings
-from server.errors import ModelNotFoundError
 from server.core.repository import RepositoryError, read_model
+from server.errors import ModelNotFoundError
 from server.runtimes import Runtime, RuntimeLoadError, create_runtime
 
 # Runs timed at each batch size: at least this many, then as many as fit in the time given.

@@ -45,8 +45,8 @@ from modelrepo.precision import (
     precision_of,
 )
 from server.config import Settings
-from server.errors import ModelNotFoundError
 from server.core.repository import ModelSpec, RepositoryError, model_names, read_model
+from server.errors import ModelNotFoundError
 
 
 @dataclass

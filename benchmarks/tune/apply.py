@@ -20,9 +20,9 @@ from benchmarks.ceiling import server_settings
 from benchmarks.tune.servers import scratch_repository, write_atomically
 from modelrepo.layout import CONFIG_FILE
 from modelrepo.precision import PrecisionError
-from server.errors import ModelNotFoundError
 from server.core.loading import LoadCancelled, prepare_version
 from server.core.repository import RepositoryError, read_model
+from server.errors import ModelNotFoundError
 from server.runtimes import RuntimeLoadError
 
 

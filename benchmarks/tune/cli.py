@@ -97,9 +97,9 @@ from benchmarks.tune.space import (
 from modelrepo.layout import CONFIG_FILE, PLATFORM_ONNX
 from modelrepo.precision import PrecisionError
 from server.config import Settings
-from server.processes.cpus import usable_cpus
-from server.errors import ModelNotFoundError
 from server.core.repository import ModelSpec, RepositoryError, read_model
+from server.errors import ModelNotFoundError
+from server.processes.cpus import usable_cpus
 
 # Defaults: one request at a time (latency-bound) and a busy server, 1-image and 8-image
 # requests; a budget the seed models can meet on 2 shared cores at that load.
