@@ -49,6 +49,9 @@ class Settings:
     grace_period_s: float = 10.0
     # RepositoryModelLoad/Unload change what is served: off unless the operator asks for it.
     enable_model_control: bool = False
+    # Off: a config.pbtxt that is missing or leaves out inputs, outputs or max_batch_size is
+    # completed from the ONNX graph, as Triton does by default (server.core.autocomplete).
+    disable_auto_complete_config: bool = False
     # Benchmarking only: every model answers uniform probabilities without computing.
     null_compute: bool = False
     # gRPC message limit, both ways, and HTTP request body limit; 64 MiB fits a batch of 1024
@@ -122,6 +125,12 @@ _FLAGS = (
     _Flag("reference_tolerance", float, "Largest abs difference allowed by the load-time check."),
     _Flag("grace_period_s", float, "Seconds to finish accepted requests after SIGTERM/SIGINT."),
     _Flag("enable_model_control", bool, "Allow RepositoryModelLoad/Unload (default: refused)."),
+    _Flag(
+        "disable_auto_complete_config",
+        bool,
+        "Do not complete config.pbtxt from the ONNX graph, as Triton does by default: a model "
+        "folder without one is refused, a partial one is read as written.",
+    ),
     _Flag("null_compute", bool, "Benchmarking only: answer uniform probabilities, no compute."),
     _Flag("max_message_bytes", int, "Largest gRPC message or HTTP request body, in bytes."),
     _Flag("tls_cert", Path, "PEM certificate chain: serve TLS on gRPC and HTTP (with --tls-key)."),

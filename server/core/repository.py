@@ -27,6 +27,7 @@ from modelrepo.layout import (
 )
 from modelrepo.precision import PrecisionError, precision_of
 from server.config import Settings
+from server.core.autocomplete import AutoCompleteError, complete_config, folder_platform
 from server.core.queues import QueuePolicy, SchedulePolicy
 from server.errors import ModelNotFoundError
 from wire import model_config_pb2
@@ -138,13 +139,26 @@ def select_versions(
 def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
     """Read and check one model folder. Raises ModelNotFoundError or RepositoryError."""
     directory = model_dir(repository, name)
+    complete = not settings.disable_auto_complete_config
+    found = (directory / CONFIG_FILE).exists()
     try:
-        config = load_config(directory / CONFIG_FILE, shown=f"{name}/{CONFIG_FILE}")
+        # As in Triton, a folder without config.pbtxt is auto-completed unless that is off.
+        config = (
+            load_config(directory / CONFIG_FILE, shown=f"{name}/{CONFIG_FILE}")
+            if found or not complete
+            else ModelConfig()
+        )
     except ConfigError as exc:
-        raise RepositoryError(f"bad config: {exc}") from None
+        off = "" if found else " (auto-complete is off: --disable-auto-complete-config)"
+        raise RepositoryError(f"bad config: {exc}{off}") from None
     if config.name and config.name != name:
         raise RepositoryError(f"{CONFIG_FILE} names the model {config.name!r}, its folder {name!r}")
     config.name = name
+    if complete:
+        try:
+            config = complete_config(config, directory, folder_platform(config, directory))
+        except AutoCompleteError as exc:
+            raise RepositoryError(str(exc)) from None
     platform = _platform(config)
     try:
         precision_of(config)
