@@ -5,11 +5,14 @@ states, statistics, model load and unload) asks the others over the control chan
 (server.processes.control) and combines their answers. A lone server has no peers and answers alone,
 through the same code.
 
-- Ready: the server's first start is over (every worker was ready at once, seen by this worker
-  or by a peer: `whole`) and every worker whose client ports are bound is ready. A restarted
-  worker binds its ports only once its models are loaded, so no connection reaches a loading
-  worker while the server says it is ready; a worker that cannot answer in time counts as
-  not ready.
+- Ready: the server's first start is over (every worker had started and was ready at once,
+  seen by this worker or by a peer: `whole`) and every worker whose client ports are bound is
+  ready. A restarted worker binds its ports only once its models are loaded, so no connection
+  reaches a loading worker while the server says it is ready; a worker that cannot answer in
+  time counts as not ready. Each worker answers the control channel before it loads anything
+  and says it has started (LocalWorker.started) only once it has, so a caller told "ready"
+  (or a script that read the supervisor's "startup complete ... ready", logged once every
+  worker reported its start) finds every worker started: model control is not refused.
 - Model states: READY where every worker with bound ports serves the version; otherwise the
   states of the first worker that does not.
 - Exemplars (tracing on): every answering worker's, for the worker answering a scrape.
@@ -64,10 +67,11 @@ class View:
 
     @property
     def whole(self) -> bool:
-        """The first start is over: all workers were ready at once (now, or seen before)."""
+        """The first start is over: all workers had started and were ready at once (now, or
+        seen before). Started, not just ready: model control asks for every worker started."""
         if any(s.whole for s in self.statuses):
             return True
-        ready = {s.index for s in self.statuses if s.accepting and s.ready}
+        ready = {s.index for s in self.statuses if s.started and s.ready}
         return len(ready) == self.count
 
     def model_ready(self, name: str, version: str = "") -> bool:

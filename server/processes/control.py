@@ -8,6 +8,13 @@ another worker, so server.processes.cluster treats every worker alike.
 
 Core errors cross the channel by name (trailing metadata `x-error`), so a peer's
 ModelUnavailableError is raised here as one, and is told apart from a peer that is gone.
+
+A peer counts as gone exactly while nothing listens on its socket. gRPC would say so for up
+to its reconnect backoff after the peer came up (a channel that failed to connect fails every
+call fast until its next attempt), and workers start together, so each dials some peers
+before they listen: the server said ready while a worker still found a peer gone and refused
+model control. A call on a channel in that backoff is made on a new channel instead, which
+connects at once (a Unix socket answers a connect immediately, yes or no).
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ PREPARED_TTL_S = 120.0
 STATUS_TIMEOUT_S = 2.0
 CHANGE_TIMEOUT_S = 60.0
 LOAD_TIMEOUT_S = 600.0
-# A restarted peer is found again within this (gRPC's reconnect backoff is capped by it).
+# gRPC's own reconnects in the background, while nobody calls; a call does not wait for them
+# (RemoteWorker._stub).
 _CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -242,15 +250,17 @@ class RemoteWorker:
 
     def __init__(self, index: int, path: Path) -> None:
         self.index = index
-        self._channel = grpc.aio.insecure_channel(f"unix:{path}", options=_CHANNEL_OPTIONS)
-        self._stub = control_pb2_grpc.ControlStub(self._channel)
+        self._target = f"unix:{path}"
+        self._channel = grpc.aio.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
+        self._control = control_pb2_grpc.ControlStub(self._channel)
+        self._retired: set[asyncio.Task[None]] = set()  # channels replaced, closing
         # Whether its client ports took connections when it last answered (False once it is
         # found gone): what a status call that times out is taken to mean.
         self.accepting = False
 
     async def status(self) -> pb.WorkerStatus:
         try:
-            status = await self._call(self._stub.Status, pb.StatusRequest(), STATUS_TIMEOUT_S)
+            status = await self._call("Status", pb.StatusRequest(), STATUS_TIMEOUT_S)
         except WorkerGone as exc:
             if exc.absent:
                 self.accepting = False
@@ -260,36 +270,50 @@ class RemoteWorker:
 
     async def statistics(self, name: str, version: str) -> list[inference_pb.ModelStatistics]:
         request = inference_pb.ModelStatisticsRequest(name=name, version=version)
-        response = await self._call(self._stub.Statistics, request, STATUS_TIMEOUT_S)
+        response = await self._call("Statistics", request, STATUS_TIMEOUT_S)
         return list(response.model_stats)
 
     async def prepare(self, name: str) -> pb.PrepareResponse:
-        return await self._call(self._stub.Prepare, pb.ModelRequest(name=name), LOAD_TIMEOUT_S)
+        return await self._call("Prepare", pb.ModelRequest(name=name), LOAD_TIMEOUT_S)
 
     async def commit(self, name: str) -> None:
-        await self._call(self._stub.Commit, pb.ModelRequest(name=name), CHANGE_TIMEOUT_S)
+        await self._call("Commit", pb.ModelRequest(name=name), CHANGE_TIMEOUT_S)
 
     async def abort(self, name: str) -> None:
-        await self._call(self._stub.Abort, pb.ModelRequest(name=name), CHANGE_TIMEOUT_S)
+        await self._call("Abort", pb.ModelRequest(name=name), CHANGE_TIMEOUT_S)
 
     async def unload(self, name: str) -> bool:
         request = pb.ModelRequest(name=name)
-        response = await self._call(self._stub.Unload, request, CHANGE_TIMEOUT_S)
+        response = await self._call("Unload", request, CHANGE_TIMEOUT_S)
         return response.unloaded
 
     async def changed(self) -> None:
-        await self._call(self._stub.Changed, pb.ChangedRequest(), STATUS_TIMEOUT_S)
+        await self._call("Changed", pb.ChangedRequest(), STATUS_TIMEOUT_S)
 
     async def exemplars(self) -> list[Exemplar]:
-        response = await self._call(self._stub.Exemplars, pb.ExemplarsRequest(), STATUS_TIMEOUT_S)
+        response = await self._call("Exemplars", pb.ExemplarsRequest(), STATUS_TIMEOUT_S)
         return [_exemplar(m) for m in response.exemplars]
 
     async def close(self) -> None:
         await self._channel.close()
+        await asyncio.gather(*self._retired)
 
-    async def _call(self, method: Any, request: Any, timeout: float) -> Any:
+    def _stub(self) -> control_pb2_grpc.ControlStub:
+        """A stub on a channel that connects now: the current one, or a new one when the current
+        one waits out its reconnect backoff (module doc). The old one closes once its calls,
+        failing fast, are done."""
+        if self._channel.get_state() is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            old = self._channel
+            self._channel = grpc.aio.insecure_channel(self._target, options=_CHANNEL_OPTIONS)
+            self._control = control_pb2_grpc.ControlStub(self._channel)
+            closing = asyncio.ensure_future(old.close(grace=STATUS_TIMEOUT_S))
+            self._retired.add(closing)
+            closing.add_done_callback(self._retired.discard)
+        return self._control
+
+    async def _call(self, method: str, request: Any, timeout: float) -> Any:
         try:
-            return await method(request, timeout=timeout)
+            return await getattr(self._stub(), method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             name = dict(exc.trailing_metadata() or ()).get(ERROR_KEY)
             error = _ERRORS.get(name) if isinstance(name, str) else None
