@@ -30,6 +30,7 @@ from server.api import classifier, inference, security, status
 from server.api.common import ApiState
 from server.api.health import Health, enable_reflection
 from server.api.kserve import KServe
+from server.api.rest import handlers as rest_handlers
 from server.api.rest.app import RestServer
 from server.api.traced import RpcNames
 from server.config import Settings
@@ -93,7 +94,9 @@ async def serve(settings: Settings, role: WorkerRole | None = None) -> int:
     # `*_created` series double the metrics page and no dashboard reads them. The switch is
     # process-wide, so it belongs to the process that serves, not to each Metrics().
     disable_created_metrics()
-    metrics = Metrics()
+    # Each serving version's request series exist from the start, per front-end that counts them.
+    apis = (inference.API_LABEL, classifier.API_LABEL)
+    metrics = Metrics(apis if settings.disable_http else (*apis, rest_handlers.API_LABEL))
     if role is not None and role.restart_cause is not None:
         metrics.worker_restarts.inc()  # the supervisor logged the cause
     server = _Server(settings, metrics, role)

@@ -288,6 +288,7 @@ class ModelManager:
             model = self._served.get(name, {}).get(int(version)) if ready else None
             if model is not None:
                 self._metrics.describe_version(name, version, model.platform, model.precision)
+                self._metrics.serving(name, version)
             else:
                 self._metrics.describe_version(name, version)
 

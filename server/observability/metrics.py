@@ -8,6 +8,12 @@ value in a file per process under PROMETHEUS_MULTIPROC_DIR (the supervisor sets 
 workers start), and whichever worker answers /metrics reads them all: one server from the
 outside. Counters and histograms of a worker that died keep counting in the totals; each gauge
 says how its workers' values combine (its `multiprocess_mode`), over live workers only.
+
+Every family, and every label set known in advance, exists at zero from the start (Prometheus's
+instrumentation advice): multiprocess mode shows only the families some worker wrote, and the
+dashboard and alert rules query them all before the first request. Unlabelled metrics and the
+authentication outcomes are touched here; a model version's series when it starts serving
+(`serving`), the batcher's when its batcher is built (server.core.batcher).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from socketserver import ThreadingMixIn
 from threading import Thread
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -39,6 +45,9 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The `code` values of imgserve_auth_rejections_total (gRPC status names, as server.api.security
+# counts them).
+AUTH_REJECTION_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 # How often each worker samples its event loop's task count.
 EVENT_LOOP_SAMPLE_S = 1.0
 
@@ -49,7 +58,10 @@ def multiprocess() -> bool:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, apis: Sequence[str] = ()) -> None:
+        """`apis`: the `api` labels of the front-ends this process serves, whose request series
+        each serving version gets from the start (`serving`)."""
+        self.apis = tuple(apis)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -173,6 +185,8 @@ class Metrics:
             ("code",),
             registry=r,
         )
+        for code in AUTH_REJECTION_CODES:  # whether or not tokens are configured
+            self.auth_rejections.labels(code)
         self._gpu = GpuCollector()
         self.registry.register(self._gpu)
 
@@ -188,6 +202,14 @@ class Metrics:
         if platform:
             self.model_info.labels(model, version, platform, precision).set(1)
             self._described[key] = (platform, precision)
+
+    def serving(self, model: str, version: str) -> None:
+        """A version serves on this worker: its request series exist (at 0) before its first
+        request, each API's success count among them, so rates and ratios have a base."""
+        for api in self.apis:
+            self.requests.labels(model, version, api, "OK")
+        self.request_duration.labels(model, version)
+        self.inflight.labels(model)
 
     def watch_event_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Sample the task count of `loop` (the server's) every EVENT_LOOP_SAMPLE_S, from it."""
