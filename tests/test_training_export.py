@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from modelrepo import layout
+from modelrepo import imageprep, layout
 from modelrepo.config import load_config, write_config
 from modelrepo.precision import PRECISION_PARAMETER
 from training.checkpoint import classifier_from_checkpoint, load_checkpoint
@@ -97,7 +97,14 @@ def test_round_trip_both_formats(runs: dict[str, Any], tmp_path: Path, arch: str
             string_value=layout.SYNTHETIC_DATASET
         ),
         PRECISION_PARAMETER: model_config_pb2.ModelParameter(string_value="fp32"),
+        # How the server prepares images for it (modelrepo.imageprep): [0, 1] pixels in,
+        # probabilities out; layout, size and datatype are the input's own fields.
+        imageprep.SCALING_PARAMETER: model_config_pb2.ModelParameter(string_value="UNIT"),
+        imageprep.CHANNEL_ORDER_PARAMETER: model_config_pb2.ModelParameter(string_value="RGB"),
+        imageprep.OUTPUT_PARAMETER: model_config_pb2.ModelParameter(string_value="probabilities"),
     }
+    prep = imageprep.ImagePrep.from_config(config)
+    assert (prep.layout, prep.shape, prep.datatype) == ("NCHW", tuple(shape), "FP32")
     assert 'key: "training_dataset"' in (tmp_path / "model" / layout.CONFIG_FILE).read_text()
     assert layout.read_labels(tmp_path / "model" / layout.LABELS_FILE) == run.data.class_names
 

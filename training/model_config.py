@@ -8,6 +8,8 @@ from pathlib import Path
 
 from modelrepo import layout
 from modelrepo.config import ConfigError, ModelConfig, load_config
+from modelrepo.imageprep import NCHW, PROBABILITIES, UNIT, ImagePrep
+from modelrepo.imageprep import PARAMETERS as IMAGE_PARAMETERS
 from modelrepo.precision import (
     ACCURACY_PARAMETER,
     FP32,
@@ -49,7 +51,8 @@ def build_config(
     current config) the fields export does not own, e.g. version_policy, are kept; a serving
     option left None keeps the base's value (instance groups included), else its default.
     The precision and `parameters` (what the accuracy gate measured, how int8 was quantized)
-    go into `parameters` too, replacing what an earlier export recorded there.
+    go into `parameters` too, replacing what an earlier export recorded there, and so do the
+    image-preparation keys (modelrepo.imageprep) that any classifier's config carries.
     """
     config = ModelConfig()
     if base is not None:
@@ -89,6 +92,15 @@ def build_config(
         if key in config.parameters:
             del config.parameters[key]
     config.parameters[PRECISION_PARAMETER].string_value = precision
+    # How the server prepares images for it, in the keys every classifier's config uses: the
+    # normalisation and softmax are inside the graph, so pixels in [0, 1] in, probabilities out.
+    channels, height, width = shape
+    prep = ImagePrep(NCHW, channels, height, width, scaling=UNIT, output=PROBABILITIES)
+    for key in IMAGE_PARAMETERS:  # no mean or std an earlier config may carry: none applies
+        if key in config.parameters:
+            del config.parameters[key]
+    for key, value in prep.to_parameters().items():
+        config.parameters[key].string_value = value
     for key, value in (parameters or {}).items():
         config.parameters[key].string_value = value
     return config
