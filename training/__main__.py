@@ -1,4 +1,4 @@
-"""`python -m training train|evaluate|export|build-repository`."""
+"""`python -m training train|evaluate|export|build-repository|import`."""
 
 from training.cli import main
 

@@ -14,6 +14,7 @@ from training.data import DATASETS
 from training.errors import TrainingError
 from training.export import FORMATS
 from training.gate import DEFAULT_MAX_DROP
+from training.importer import add_parser as add_import_parser
 from training.models import ARCHITECTURES
 from training.quantize import DEFAULT_CALIBRATION_IMAGES, INT8_FORMATS, PER_CHANNEL
 from training.train import DEVICES, OPTIMIZERS
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
         description="Train the seed image classifiers and export them into a Triton-layout "
-        "model repository for the server.",
+        "model repository for the server, or import a model trained elsewhere.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     datasets = ", ".join(DATASETS)
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _precision_options(build)
     _synthetic_options(build)
+    add_import_parser(commands, _positive, _non_negative)
     return parser
 
 
@@ -309,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from training.evaluate import main as run
         elif args.command == "export":
             from training.export import main as run
+        elif args.command == "import":
+            from training.importer import main as run
         else:
             from training.repository_build import main as run
         return run(args)
