@@ -19,9 +19,11 @@ import numpy as np
 
 from benchmarks.common import BenchError
 from server.config import Settings, parse_settings
+from server.core.loading import runtime_interface, sample_inputs
 from server.core.repository import RepositoryError, read_model
 from server.errors import ModelNotFoundError
 from server.runtimes import Runtime, RuntimeLoadError, create_runtime
+from server.runtimes.base import Tensors
 
 # Runs timed at each batch size: at least this many, then as many as fit in the time given.
 MIN_RUNS = 3
@@ -67,13 +69,21 @@ def measure_ceiling(
     try:
         for _ in range(spec.instance_count):
             threads = spec.intra_op_threads
-            runtimes.append(create_runtime(spec.platform, path, spec.device_pref, threads))
+            runtimes.append(
+                create_runtime(
+                    spec.platform, path, spec.device_pref, threads, runtime_interface(spec)
+                )
+            )
         points = []
         rng = np.random.default_rng(0)
         with ThreadPoolExecutor(len(runtimes), thread_name_prefix="ceiling") as pool:
-            wanted = batch_sizes(spec.max_batch_size) if sizes is None else sizes
-            for size in sorted({min(max(s, 1), spec.max_batch_size) for s in wanted}):
-                batch = rng.random((size, *spec.input_shape), dtype=np.float32)
+            largest = max(spec.max_batch_size, 1)
+            wanted = batch_sizes(largest) if sizes is None else sizes
+            for size in sorted({min(max(s, 1), largest) for s in wanted}):
+                zeros = sample_inputs(spec, size)
+                if zeros is None:
+                    raise BenchError(f"model {model!r} takes strings: no batch can be made up")
+                batch = {n: rng.random(z.shape).astype(z.dtype) for n, z in zeros.items()}
                 n = len(runtimes)
                 timed = list(pool.map(_timed_runs, runtimes, [batch] * n, [seconds_per_size] * n))
                 span = max(t.end for t in timed) - min(t.began for t in timed)
@@ -101,7 +111,7 @@ class _Runs:
     end: float  # ... and when the last one ended
 
 
-def _timed_runs(runtime: Runtime, batch: np.ndarray, seconds: float) -> _Runs:
+def _timed_runs(runtime: Runtime, batch: Tensors, seconds: float) -> _Runs:
     """One instance: an untimed first run (it allocates), then runs for `seconds`."""
     runtime.run(batch)
     times: list[float] = []

@@ -36,6 +36,7 @@ from server.api.traced import RpcNames
 from server.config import Settings
 from server.core.loading import SYNTHETIC_WARNING
 from server.core.manager import ModelManager
+from server.core.served import ServedModel
 from server.errors import StartupError
 from server.observability import tracing, tracing_config
 from server.observability.exemplars import Exemplar
@@ -394,17 +395,30 @@ def _on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, handle, signum)
 
 
+def _interface(model: ServedModel) -> str:
+    """An image classifier's input and classes; any other model's tensors."""
+    if model.image is not None and model.image.layout == "NCHW":
+        c, h, w = model.input_shape
+        return f"input [N,{c},{h},{w}], {model.num_classes} classes"
+    signature = model.signature
+    tensors = ", ".join(
+        f"{t.name} {t.datatype.name} [{','.join(map(str, t.shown_dims(signature.batched)))}]"
+        for t in signature.inputs
+    )
+    classes = f", {model.num_classes} classes" if model.image is not None else ""
+    return f"inputs {tensors}{classes}"
+
+
 def _report_models(manager: ModelManager) -> None:
     """One line per model: its version serving, or why it does not."""
     served = {(m.name, str(m.version)): m for m in manager.served()}
     for model in manager.index():
         one = served.get((model.name, model.version))
         if one is not None:
-            c, h, w = one.input_shape
             log.log(
                 logging.WARNING if one.synthetic else logging.INFO,
-                "model %s version %s: READY (%s on %s, input [N,%d,%d,%d], %d classes%s)",
-                model.name, model.version, one.platform, one.device, c, h, w, one.num_classes,
+                "model %s version %s: READY (%s on %s, %s%s)",
+                model.name, model.version, one.platform, one.device, _interface(one),
                 f"; {SYNTHETIC_WARNING}" if one.synthetic else "",
             )  # fmt: skip
         else:

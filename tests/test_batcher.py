@@ -7,6 +7,7 @@ import selectors
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,11 +24,21 @@ from server.errors import (
 )
 from server.observability.metrics import Metrics
 from server.runtimes import Runtime, create_runtime
+from server.runtimes.base import Tensors
 
 MODEL, VERSION = "fashion_mnist", "1"
 LABELS = {"model": MODEL, "version": VERSION}
 SHAPE = (1, 28, 28)
 MARKER = 7.0  # a pixel value no real image has: batches holding it fail in FailingOnMarker
+
+
+async def submit(batcher: Batcher, images: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
+    """The seed model's images in, its probabilities out."""
+    return (await batcher.submit({"input": images}, *args, **kwargs))["probabilities"]
+
+
+def run(runtime: Runtime, images: np.ndarray) -> np.ndarray:
+    return runtime.run({"input": images})["probabilities"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +56,9 @@ class FailingOnMarker:
         self.device = inner.device
         self.calls: list[int] = []
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        self.calls.append(batch.shape[0])
-        if (batch == MARKER).any():
+    def run(self, batch: Tensors) -> dict[str, np.ndarray]:
+        self.calls.append(batch["input"].shape[0])
+        if (batch["input"] == MARKER).any():
             raise ValueError("marker in batch")
         return self.inner.run(batch)
 
@@ -62,7 +73,7 @@ class Slow:
         self.inner, self.seconds, self.device = inner, seconds, inner.device
         self.batches = 0
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: Tensors) -> dict[str, np.ndarray]:
         self.batches += 1
         time.sleep(self.seconds)
         return self.inner.run(batch)
@@ -113,7 +124,7 @@ def test_concurrent_single_images_form_batches_and_each_caller_gets_its_row(
 
     async def main() -> list[np.ndarray]:
         batcher = make_batcher(runtime, metrics, delay_s=0.05)
-        outputs = await asyncio.gather(*(batcher.submit(x[i : i + 1]) for i in range(64)))
+        outputs = await asyncio.gather(*(submit(batcher, x[i : i + 1]) for i in range(64)))
         await batcher.close()
         return outputs
 
@@ -128,7 +139,7 @@ def test_concurrent_single_images_form_batches_and_each_caller_gets_its_row(
     assert sample(metrics, "queue_depth") == 0
     for i, out in enumerate(outputs):
         assert out.shape == (1, 10)
-        np.testing.assert_allclose(out, runtime.run(x[i : i + 1]), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(out, run(runtime, x[i : i + 1]), rtol=0, atol=1e-6)
 
 
 def test_full_batch_closes_without_waiting_for_the_delay(runtime: Runtime) -> None:
@@ -137,11 +148,11 @@ def test_full_batch_closes_without_waiting_for_the_delay(runtime: Runtime) -> No
     async def main() -> tuple[float, float]:
         batcher = make_batcher(runtime, metrics, max_batch_size=4, delay_s=30.0)
         began = time.monotonic()
-        await asyncio.gather(*(batcher.submit(images(1, i)) for i in range(4)))
+        await asyncio.gather(*(submit(batcher, images(1, i)) for i in range(4)))
         full = time.monotonic() - began
         short = make_batcher(runtime, metrics, max_batch_size=4, delay_s=0.05)
         began = time.monotonic()
-        await short.submit(images(1))
+        await submit(short, images(1))
         alone = time.monotonic() - began
         await asyncio.gather(batcher.close(), short.close())
         return full, alone
@@ -157,13 +168,13 @@ def test_oversize_request_is_split_and_answered_whole_in_order(runtime: Runtime)
 
     async def main() -> np.ndarray:
         batcher = make_batcher(runtime, metrics, max_batch_size=64)
-        out = await batcher.submit(x)
+        out = await submit(batcher, x)
         await batcher.close()
         return out
 
     out = asyncio.run(main())
     assert out.shape == (150, 10)
-    np.testing.assert_allclose(out, runtime.run(x), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out, run(runtime, x), rtol=0, atol=1e-6)
     assert sample(metrics, "batch_size_sum") == 150
     assert sample(metrics, "batch_size_count") == 3
     assert sample(metrics, "batch_size_bucket", le="64.0") == 3  # no batch over 64 rows
@@ -176,10 +187,10 @@ def test_expired_deadlines_are_dropped_before_compute(runtime: Runtime) -> None:
     async def main() -> np.ndarray:
         batcher = make_batcher(spy, metrics, delay_s=0.2)
         with pytest.raises(DeadlineExceededError):
-            await batcher.submit(images(1), deadline=time.monotonic() - 1.0)
+            await submit(batcher, images(1), deadline=time.monotonic() - 1.0)
         # Passes while queued: the batch closes after 0.2 s, the deadline is at 0.02 s.
-        expiring = asyncio.ensure_future(batcher.submit(images(1), time.monotonic() + 0.02))
-        living = asyncio.ensure_future(batcher.submit(images(2), time.monotonic() + 30.0))
+        expiring = asyncio.ensure_future(submit(batcher, images(1), time.monotonic() + 0.02))
+        living = asyncio.ensure_future(submit(batcher, images(2), time.monotonic() + 30.0))
         with pytest.raises(DeadlineExceededError):
             await expiring
         out = await living
@@ -197,25 +208,25 @@ def test_full_queue_refuses_at_once_and_close_finishes_accepted_work(runtime: Ru
 
     async def main() -> list[np.ndarray]:
         batcher = make_batcher(runtime, metrics, max_queue_size=2, delay_s=30.0)
-        accepted = [asyncio.ensure_future(batcher.submit(images(1, i))) for i in range(2)]
+        accepted = [asyncio.ensure_future(submit(batcher, images(1, i))) for i in range(2)]
         await asyncio.sleep(0)  # both enqueued
         assert batcher.queue_depth == 2
         assert sample(metrics, "queue_depth") == 2
         began = time.monotonic()
         with pytest.raises(QueueFullError, match="queue full"):
-            await batcher.submit(images(1, 9))
+            await submit(batcher, images(1, 9))
         assert time.monotonic() - began < 1.0
         with pytest.raises(QueueFullError):  # all chunks of a request fit, or none is queued
-            await batcher.submit(images(100))  # two chunks: room for them once the queue drains
+            await submit(batcher, images(100))  # two chunks: room for them once the queue drains
         await batcher.close()  # does not wait out the 30 s delay, and answers both
         assert all(task.done() for task in accepted)
         with pytest.raises(ModelUnavailableError):
-            await batcher.submit(images(1))
+            await submit(batcher, images(1))
         return [task.result() for task in accepted]
 
     results = asyncio.run(main())
     for i, out in enumerate(results):
-        np.testing.assert_allclose(out, runtime.run(images(1, i)), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(out, run(runtime, images(1, i)), rtol=0, atol=1e-6)
 
 
 def test_request_larger_than_the_whole_queue_is_invalid_not_retryable(runtime: Runtime) -> None:
@@ -225,19 +236,19 @@ def test_request_larger_than_the_whole_queue_is_invalid_not_retryable(runtime: R
         # Room for 2 chunks of 64 rows: 128 images per request at most, whatever the load.
         batcher = make_batcher(runtime, metrics, max_queue_size=2, delay_s=0.01)
         with pytest.raises(InvalidInputError) as raised:
-            await batcher.submit(images(129))
+            await submit(batcher, images(129))
         assert str(raised.value) == (
             "request of 129 images is too large for this server's queue: model "
             "'fashion_mnist' version 1 takes at most 128 images per request"
         )
         assert batcher.queue_depth == 0
-        out = await batcher.submit(images(128, seed=3))  # the largest request that fits
+        out = await submit(batcher, images(128, seed=3))  # the largest request that fits
         await batcher.close()
         return out
 
     out = asyncio.run(main())
     assert out.shape == (128, 10)
-    np.testing.assert_allclose(out, runtime.run(images(128, seed=3)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out, run(runtime, images(128, seed=3)), rtol=0, atol=1e-6)
 
 
 def test_cancelled_caller_is_dropped_and_the_loop_goes_on(runtime: Runtime) -> None:
@@ -246,14 +257,14 @@ def test_cancelled_caller_is_dropped_and_the_loop_goes_on(runtime: Runtime) -> N
 
     async def main() -> tuple[np.ndarray, np.ndarray]:
         batcher = make_batcher(spy, metrics, delay_s=0.05)
-        gone = asyncio.ensure_future(batcher.submit(images(3)))
-        split = asyncio.ensure_future(batcher.submit(images(100)))  # two queue items
-        kept = asyncio.ensure_future(batcher.submit(images(1, 5)))
+        gone = asyncio.ensure_future(submit(batcher, images(3)))
+        split = asyncio.ensure_future(submit(batcher, images(100)))  # two queue items
+        kept = asyncio.ensure_future(submit(batcher, images(1, 5)))
         await asyncio.sleep(0)
         gone.cancel()
         split.cancel()
         first = await kept
-        second = await batcher.submit(images(2, 6))
+        second = await submit(batcher, images(2, 6))
         assert gone.cancelled() and split.cancelled()
         await batcher.close()
         return first, second
@@ -269,20 +280,20 @@ def test_cancelled_caller_frees_its_queue_slot_at_once(runtime: Runtime) -> None
 
     async def main() -> np.ndarray:
         batcher = make_batcher(runtime, metrics, delay_s=30.0, max_queue_size=1)
-        gone = asyncio.ensure_future(batcher.submit(images(1)))
+        gone = asyncio.ensure_future(submit(batcher, images(1)))
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError):
-            await batcher.submit(images(1))
+            await submit(batcher, images(1))
         gone.cancel()
         await asyncio.sleep(0)  # the done-callback runs: the slot is free, no 30 s wait
         assert batcher.queue_depth == 0
-        kept = asyncio.ensure_future(batcher.submit(images(1, 4)))
+        kept = asyncio.ensure_future(submit(batcher, images(1, 4)))
         await asyncio.sleep(0)
         await batcher.close()  # flushes the kept request without waiting out the delay
         return await kept
 
     out = asyncio.run(main())
-    np.testing.assert_allclose(out, runtime.run(images(1, 4)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out, run(runtime, images(1, 4)), rtol=0, atol=1e-6)
     assert sample(metrics, "requests_dropped_total", reason="cancelled") == 1
 
 
@@ -295,12 +306,12 @@ def test_failing_batch_fails_only_its_own_requests(runtime: Runtime) -> None:
     async def main() -> list[object]:
         batcher = make_batcher(spy, metrics, delay_s=0.05)
         first = await asyncio.gather(
-            batcher.submit(images(1, 1)),
-            batcher.submit(poisoned),
-            batcher.submit(images(3, 2)),
+            submit(batcher, images(1, 1)),
+            submit(batcher, poisoned),
+            submit(batcher, images(3, 2)),
             return_exceptions=True,
         )
-        after = await batcher.submit(images(4, 3))
+        after = await submit(batcher, images(4, 3))
         await batcher.close()
         return [*first, after]
 
@@ -346,16 +357,16 @@ def test_batch_with_wrong_row_count_fails_and_the_next_batch_succeeds(tmp_path: 
     async def main() -> tuple[list[object], np.ndarray]:
         batcher = make_batcher(broken, metrics, delay_s=0.05)
         pair = await asyncio.gather(
-            batcher.submit(images(1, 1)), batcher.submit(images(1, 2)), return_exceptions=True
+            submit(batcher, images(1, 1)), submit(batcher, images(1, 2)), return_exceptions=True
         )
-        alone = await batcher.submit(images(1, 3))  # one row in, one row out: fine
+        alone = await submit(batcher, images(1, 3))  # one row in, one row out: fine
         await batcher.close()
         return pair, alone
 
     pair, alone = asyncio.run(main())
     for result in pair:
         assert isinstance(result, BatchError)
-        assert str(result) == "runtime returned 1 rows for a batch of 2"
+        assert str(result) == "runtime returned 1 rows of 'probabilities' for a batch of 2"
     assert alone.shape == (1, 10)
     assert sample(metrics, "batches_total", outcome="failure") == 1
     broken.close()
@@ -368,7 +379,7 @@ def test_instances_share_one_queue_and_run_side_by_side(runtime: Runtime) -> Non
     async def main() -> list[np.ndarray]:
         batcher = make_batcher(list(instances), metrics, max_batch_size=2, delay_s=0.001)
         x = images(4)
-        out = await asyncio.gather(*(batcher.submit(x[i : i + 1]) for i in range(4)))
+        out = await asyncio.gather(*(submit(batcher, x[i : i + 1]) for i in range(4)))
         await batcher.close()
         return out
 
@@ -406,7 +417,7 @@ def test_idle_batcher_does_not_poll(runtime: Runtime) -> None:
     async def main() -> tuple[int, int]:
         # Two instance loops with a 0.1 ms window, both idle once the request is answered.
         batcher = make_batcher([runtime, runtime], metrics, delay_s=0.0001)
-        await batcher.submit(images(1))
+        await submit(batcher, images(1))
         idle = await wake_ups(0.5)
         poller = asyncio.ensure_future(poll(0.01))  # what a 10 ms poller would cost
         polled = await wake_ups(0.5)
@@ -435,7 +446,7 @@ def test_high_priority_requests_overtake_queued_low_priority_ones(runtime: Runti
         done: list[str] = []
 
         async def ask(name: str, priority: int) -> None:
-            await batcher.submit(images(1), priority=priority)
+            await submit(batcher, images(1), priority=priority)
             done.append(name)
 
         low = [asyncio.ensure_future(ask(f"low{i}", 0)) for i in range(5)]
@@ -455,12 +466,12 @@ def test_a_full_priority_level_refuses_while_others_still_take_requests(runtime:
 
     async def main() -> None:
         batcher = make_batcher(runtime, metrics, delay_s=30.0, schedule=schedule)
-        queued = [asyncio.ensure_future(batcher.submit(images(1), priority=p)) for p in (1, 2)]
+        queued = [asyncio.ensure_future(submit(batcher, images(1), priority=p)) for p in (1, 2)]
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError, match="priority level 2"):
-            await batcher.submit(images(1), priority=2)
+            await submit(batcher, images(1), priority=2)
         with pytest.raises(InvalidInputError, match="at most 64 images"):
-            await batcher.submit(images(65), priority=2)  # two chunks never fit level 2
+            await submit(batcher, images(65), priority=2)  # two chunks never fit level 2
         await batcher.close()
         await asyncio.gather(*queued)
 
@@ -473,10 +484,10 @@ def test_a_timeout_passing_in_the_queue_rejects_the_request(runtime: Runtime) ->
 
     async def main() -> None:
         batcher = make_batcher(slow, metrics, max_batch_size=1, delay_s=0.0)
-        first = asyncio.ensure_future(batcher.submit(images(1)))
+        first = asyncio.ensure_future(submit(batcher, images(1)))
         await asyncio.sleep(0.01)  # computing for 100 ms
         with pytest.raises(DeadlineExceededError, match="timeout passed while it was queued"):
-            await batcher.submit(images(1), timeout_us=20_000)
+            await submit(batcher, images(1), timeout_us=20_000)
         await first
         await batcher.close()
 
@@ -493,13 +504,13 @@ def test_batches_are_timed_per_batch_size_and_per_request(runtime: Runtime) -> N
         timings = [Timing() for _ in range(4)]
         for timing in timings:
             timing.decoded()
-        first = asyncio.ensure_future(batcher.submit(images(1), timing=timings[0]))
+        first = asyncio.ensure_future(submit(batcher, images(1), timing=timings[0]))
         await asyncio.sleep(0.005)  # computing alone; the next three queue behind it
         await asyncio.gather(
-            first, *(batcher.submit(images(1), timing=timings[i]) for i in (1, 2, 3))
+            first, *(submit(batcher, images(1), timing=timings[i]) for i in (1, 2, 3))
         )
         big = Timing()
-        await batcher.submit(images(6), timing=big)  # chunks of 4 and 2
+        await submit(batcher, images(6), timing=big)  # chunks of 4 and 2
         await batcher.close()
         return batcher, [*timings, big]
 
@@ -534,7 +545,7 @@ def test_without_a_delay_a_lone_request_does_not_wait_for_the_load_window(
         took = []
         for i in range(5):
             began = time.monotonic()
-            await batcher.submit(images(1, seed=i))
+            await submit(batcher, images(1, seed=i))
             took.append(time.monotonic() - began)
         await batcher.close()
         return took
@@ -550,9 +561,9 @@ def test_without_a_delay_a_loaded_queue_waits_the_window_and_batches(runtime: Ru
 
     async def main() -> None:
         batcher = make_batcher(runtime, metrics, delay_s=0.0, load_window_s=0.3)
-        first = [asyncio.ensure_future(batcher.submit(images(1, seed=i))) for i in range(2)]
+        first = [asyncio.ensure_future(submit(batcher, images(1, seed=i))) for i in range(2)]
         await asyncio.sleep(0.05)  # inside the window: these join the same batch
-        later = [asyncio.ensure_future(batcher.submit(images(1, seed=9 + i))) for i in range(3)]
+        later = [asyncio.ensure_future(submit(batcher, images(1, seed=9 + i))) for i in range(3)]
         await asyncio.gather(*first, *later)
         await batcher.close()
 
@@ -569,9 +580,9 @@ def test_without_a_delay_and_no_window_batches_hold_what_queued_together(
 
     async def main() -> None:
         batcher = make_batcher(runtime, metrics, delay_s=0.0, load_window_s=0.0)
-        first = [asyncio.ensure_future(batcher.submit(images(1, seed=i))) for i in range(2)]
+        first = [asyncio.ensure_future(submit(batcher, images(1, seed=i))) for i in range(2)]
         await asyncio.sleep(0.05)
-        later = [asyncio.ensure_future(batcher.submit(images(1, seed=9 + i))) for i in range(3)]
+        later = [asyncio.ensure_future(submit(batcher, images(1, seed=9 + i))) for i in range(3)]
         await asyncio.gather(*first, *later)
         await batcher.close()
 

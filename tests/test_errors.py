@@ -174,12 +174,28 @@ def _no_data(request: pb.ModelInferRequest) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (_rename_input, "expected exactly one input named 'input' of shape [N,1,28,28] (N>=1)"),
-        (_reshape, "input 'input': expected shape [N,1,28,28] (N>=1), got [2,3,28,28]"),
-        (_retype, "expected datatype FP32 (pixels in [0,1]) or UINT8 (0..255), got 'INT32'"),
-        (_truncate, "shape [1,1,28,28] of FP32 needs 3136 bytes (784 values), got 3132"),
-        (_second_input, "expected exactly one input named 'input'"),
-        (_unknown_output, "unknown output 'logits': this model has one output, 'probabilities'"),
+        (_rename_input, "unexpected inference input 'pixels' for model 'fashion_mnist'"),
+        (
+            _reshape,
+            "unexpected shape for input 'input' for model 'fashion_mnist'. "
+            "Expected [-1,1,28,28], got [2,3,28,28]",
+        ),
+        (
+            _retype,
+            "inference input 'input' data-type is 'INT32', "
+            "but model 'fashion_mnist' expects 'FP32'",
+        ),
+        (
+            _truncate,
+            "input byte size mismatch for input 'input' for model 'fashion_mnist'. "
+            "Expected 3136, got 3132",
+        ),
+        (
+            _second_input,
+            "unexpected inference input 'mask' for model 'fashion_mnist', "
+            "allowed inputs are: input",
+        ),
+        (_unknown_output, "unexpected inference output 'logits' for model 'fashion_mnist'"),
         (_bad_class_count, "'classification' must be an int64 class count >= 1"),
         (_no_data, "needs 784 values in contents.fp32_contents"),
     ],

@@ -84,7 +84,7 @@ def test_loads_and_serves_the_fixture_repository(model_repository: Path) -> None
             assert model.config.dynamic_batching.max_queue_delay_microseconds == 0  # no waiting
             inputs, expected = reference(model_repository, name)
             assert model.input_shape == inputs.shape[1:]
-            out = await model.infer(inputs)
+            out = await model.classify(inputs)
             np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
             assert model.stats.success_count == 1
             assert model.stats.inference_count >= len(inputs)
@@ -93,7 +93,7 @@ def test_loads_and_serves_the_fixture_repository(model_repository: Path) -> None
         assert manager.get("fashion_mnist").platform == "onnxruntime_onnx"
         assert manager.get("fashion_mnist_ts").platform == "pytorch_libtorch"
         with pytest.raises(InvalidInputError, match=r"expects float32 \[N, 1, 28, 28\]"):
-            await manager.get("fashion_mnist").infer(np.zeros((1, 3, 32, 32), np.float32))
+            await manager.get("fashion_mnist").classify(np.zeros((1, 3, 32, 32), np.float32))
         await manager.close()
         assert manager.served() == []
         assert gauge(metrics, "model_ready", "cifar10", "1") == 0
@@ -142,7 +142,8 @@ def test_broken_versions_are_unavailable_with_reasons_and_others_serve(
         assert reasons["wrong_dims"].startswith("warm-up at batch 1 failed:")
         assert "dimensions" in reasons["wrong_dims"]
         assert reasons["wrong_classes"] == (
-            "model returns shape (1, 10) at batch 1; the config expects (1, 12)"
+            "model returns shape (1, 10) for output 'probabilities' at batch 1; "
+            "the config expects (1, 12)"
         )
         assert reasons["few_labels"] == (
             "few_labels/labels.txt has 2 labels, the output has 10 classes"
@@ -170,7 +171,7 @@ def test_broken_versions_are_unavailable_with_reasons_and_others_serve(
         with pytest.raises(ModelUnavailableError, match="not UTF-8") as raised:
             await manager.load("bad_utf8")
         assert str(repo) not in str(raised.value)
-        out = await manager.get("cifar10").infer(inputs)
+        out = await manager.get("cifar10").classify(inputs)
         np.testing.assert_allclose(out, outputs, rtol=0, atol=1e-5)
         await manager.close()
 
@@ -215,7 +216,7 @@ def test_version_policies_latest_all_specific(writable_repository: Path) -> None
         assert manager.get("fashion_mnist", "1").version == 1
         assert manager.get("fashion_mnist", "2") is not first  # replaced by the new load
         with pytest.raises(ModelUnavailableError):
-            await first.infer(np.zeros((1, 1, 28, 28), np.float32))
+            await first.classify(np.zeros((1, 1, 28, 28), np.float32))
 
         edit_config(repo, "fashion_mnist", policy(specific=[1]))
         await manager.load("fashion_mnist")
@@ -238,7 +239,7 @@ def test_version_policies_latest_all_specific(writable_repository: Path) -> None
         await manager.load("fashion_mnist")
         assert versions(manager) == [1, 2]
         assert [s.state for s in state_of(manager, "fashion_mnist")] == ["READY", "READY"]
-        out = await manager.get("fashion_mnist", "1").infer(np.zeros((2, 1, 28, 28), np.float32))
+        out = await manager.get("fashion_mnist", "1").classify(np.zeros((2, 1, 28, 28), np.float32))
         assert out.shape == (2, 10)
         await manager.close()
 
@@ -256,9 +257,12 @@ def test_instance_group_count_creates_that_many_runtimes(writable_repository: Pa
         assert len(model.runtimes) == 2
         assert model.runtimes[0] is not model.runtimes[1]
         x = np.random.default_rng(0).random((150, 1, 28, 28), dtype=np.float32)
-        results = await asyncio.gather(*(model.infer(x[i : i + 50]) for i in range(0, 150, 50)))
+        results = await asyncio.gather(*(model.classify(x[i : i + 50]) for i in range(0, 150, 50)))
         np.testing.assert_allclose(
-            np.concatenate(results), model.runtimes[1].run(x), rtol=0, atol=1e-6
+            np.concatenate(results),
+            model.runtimes[1].run({"input": x})["probabilities"],
+            rtol=0,
+            atol=1e-6,
         )
         await manager.close()
 
@@ -291,7 +295,7 @@ def test_lookups_unload_and_reload(model_repository: Path) -> None:
 
         model = manager.get("cifar10")
         pending = [
-            asyncio.ensure_future(model.infer(np.zeros((1, 3, 32, 32), np.float32)))
+            asyncio.ensure_future(model.classify(np.zeros((1, 3, 32, 32), np.float32)))
             for _ in range(8)
         ]
         await asyncio.sleep(0)  # each task runs up to its queue wait: all 8 are accepted
@@ -301,7 +305,7 @@ def test_lookups_unload_and_reload(model_repository: Path) -> None:
         with pytest.raises(ModelUnavailableError, match="unloaded"):
             manager.get("cifar10")
         with pytest.raises(ModelUnavailableError):
-            await model.infer(np.zeros((1, 3, 32, 32), np.float32))
+            await model.classify(np.zeros((1, 3, 32, 32), np.float32))
         assert state_of(manager, "cifar10") == [
             ModelState("cifar10", "1", "UNAVAILABLE", "unloaded")
         ]
@@ -315,7 +319,7 @@ def test_lookups_unload_and_reload(model_repository: Path) -> None:
         assert state_of(manager, "cifar10") == [ModelState("cifar10", "1", "READY", "")]
         assert gauge(metrics, "model_ready", "cifar10", "1") == 1
         inputs, expected = reference(model_repository, "cifar10")
-        np.testing.assert_allclose(await again.infer(inputs), expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(await again.classify(inputs), expected, rtol=0, atol=1e-5)
 
         await manager.load("fashion_mnist")
         assert [m.name for m in manager.served()] == ["cifar10", "fashion_mnist"]

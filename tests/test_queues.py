@@ -19,6 +19,7 @@ class Item:
     expires: float | None = None
     size: int = 1
     queued: bool = False
+    key: object = None
 
     @property
     def rows(self) -> int:
@@ -191,3 +192,14 @@ def test_inconsistent_schedule_policies_are_refused(text: str, problem: str) -> 
     config = parse_config(f"dynamic_batching {{ {text} }}")
     with pytest.raises(RepositoryError, match=problem):
         schedule_policy(config.dynamic_batching)
+
+
+def test_a_request_of_other_tensor_shapes_ends_the_batch() -> None:
+    """Variable dims: requests whose shapes differ cannot be stacked, so the first of
+    another key ends the batch and starts the next one, in arrival order."""
+    queue = _queue(SchedulePolicy())
+    queue.push([Item("a", 0, key=(8,)), Item("b", 0, key=(8,)), Item("c", 0, key=(16,))])
+    queue.push([Item("d", 0, key=(8,))])
+    assert _names(queue.take(max_rows=10, now=0.0)[0]) == ["a", "b"]
+    assert _names(queue.take(max_rows=10, now=0.0)[0]) == ["c"]
+    assert _names(queue.take(max_rows=10, now=0.0)[0]) == ["d"]

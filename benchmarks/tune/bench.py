@@ -115,7 +115,7 @@ def generator_for(
     name: str, model: str, spec: ModelSpec, args: argparse.Namespace
 ) -> Iterator[LoadGenerator]:
     generator: LoadGenerator = (
-        H2Load(model, spec.input_shape, args.images)
+        H2Load(model, spec.image.shape if spec.image else (), args.images)
         if name == H2LOAD
         else PythonClients(model, args.client_processes)
     )

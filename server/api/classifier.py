@@ -85,7 +85,7 @@ class ClassifierServicer:
             raise
         with recorded(served, timing):
             timing.decoded()
-            probabilities = await served.infer(images, deadline, timing=timing)
+            probabilities = await served.classify(images, deadline, timing=timing)
             response = pb.ClassifyResponse(
                 model=served.name, version=str(served.version), id=request.id
             )

@@ -1,7 +1,8 @@
 """Protocol tensors and encoded images <-> numpy arrays, validated.
 
-The servicers call these to turn messages into the one thing the core accepts, a float32
-N x C x H x W array with pixels in [0, 1], and to turn its answer back into messages. Every
+The servicers call these to turn messages into what the core accepts (a model's tensors by
+name, checked against its config; for the native API, float32 N x C x H x W images with pixels
+in [0, 1]) and to turn its answers back into messages. Every
 check raises InvalidInputError with a message that says what was expected, so a caller can
 fix the request without reading the server's code. Both APIs share the pixel conversions,
 so the same pixels give the same answer whichever API carried them.
@@ -12,22 +13,22 @@ from __future__ import annotations
 import io
 import math
 import struct
-from collections.abc import MutableSequence, Sequence
+from collections.abc import Iterable, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from modelrepo.layout import INPUT_NAME, OUTPUT_NAME
+from modelrepo.datatypes import DATATYPES, Datatype
+from server.core.imagemodel import ImageModel
+from server.core.signature import Signature
 from server.errors import InvalidInputError, UnsupportedError
 from wire import classifier_pb2, grpc_service_pb2
 
 Shape = tuple[int, int, int]
 
-# Little-endian on the wire, whatever the host's byte order.
+# The native API's image tensors: float pixels in [0, 1] or 8-bit pixels (little-endian).
 INPUT_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
-# Typed-contents field that carries each input datatype (KServe v2).
-_CONTENTS_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 CLASSIFICATION_PARAM = "classification"
 DEFAULT_TOP_K = 5
 # Refuse images whose decoded pixels would not fit a sane budget (decompression bombs).
@@ -82,9 +83,9 @@ def dtype_name(dtype: np.dtype) -> str:
 
 @dataclass(frozen=True)
 class InferInputs:
-    """A decoded ModelInferRequest: the images, and whether to answer in raw_output_contents."""
+    """A decoded ModelInferRequest: its tensors, and whether to answer in raw_output_contents."""
 
-    images: np.ndarray
+    tensors: dict[str, np.ndarray]
     raw: bool
 
 
@@ -154,44 +155,80 @@ def request_schedule(request: grpc_service_pb2.ModelInferRequest) -> Schedule:
 @dataclass(frozen=True)
 class RequestedOutput:
     name: str
-    # 0: the probabilities; k > 0: the top k classes as BYTES (classification extension).
+    # 0: the tensor; k > 0: its top k classes as BYTES (classification extension).
     class_count: int = 0
 
 
-_WHAT = f"input {INPUT_NAME!r}"
-
-
 def decode_infer_inputs(
-    request: grpc_service_pb2.ModelInferRequest, input_shape: Shape
+    request: grpc_service_pb2.ModelInferRequest,
+    signature: Signature,
+    image: ImageModel | None = None,
 ) -> InferInputs:
-    """The request's one input `input` as float32 N x C x H x W in [0, 1]."""
+    """The request's inputs as arrays by name, checked against the model's signature as
+    Triton checks them. An image classifier that takes float pixels in [0, 1] (our exports)
+    also takes UINT8 pixels for its image input, divided by 255."""
     inputs = request.inputs
-    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-        names = [t.name for t in inputs]
+    declared: dict[str, tuple[str, list[int]]] = {}
+    pixels = image.input if image is not None and image.takes_unit_pixels else None
+    widened = ""
+    for tensor in inputs:
+        if "shared_memory_region" in tensor.parameters:
+            raise UnsupportedError("shared-memory tensors are not supported; send the data inline")
+        if tensor.name in declared:
+            raise InvalidInputError(f"input '{tensor.name}' is given more than once")
+        datatype = tensor.datatype
+        if tensor.name == pixels and datatype == "UINT8":
+            datatype, widened = "FP32", tensor.name
+        declared[tensor.name] = (datatype, list(tensor.shape))
+    signature.check_inputs(declared)
+    raw = bool(request.raw_input_contents)
+    if raw and len(request.raw_input_contents) != len(inputs):
         raise InvalidInputError(
-            f"expected exactly one input named {INPUT_NAME!r} of shape "
-            f"{expected_batch(input_shape)}, got {names or 'none'}"
+            f"expected {len(inputs)} raw_input_contents entries (one per input), "
+            f"got {len(request.raw_input_contents)}"
         )
-    tensor = inputs[0]
-    what = _WHAT
-    if "shared_memory_region" in tensor.parameters:
-        raise UnsupportedError("shared-memory tensors are not supported; send the data inline")
-    dtype = _check_datatype(tensor.datatype, what)
-    shape = list(tensor.shape)
-    if len(shape) != 4 or shape[0] < 1 or tuple(shape[1:]) != tuple(input_shape):
-        raise InvalidInputError(
-            f"{what}: expected shape {expected_batch(input_shape)}, got {_shape_text(shape)}"
-        )
-    _check_contents(tensor, request)
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
+    decoded = {}
+    for index, tensor in enumerate(inputs):
+        datatype = DATATYPES[tensor.datatype]
+        shape = list(tensor.shape)
+        what = f"input '{tensor.name}' for model '{signature.model}'"
+        _check_contents(tensor, request, datatype)
+        if raw:
+            array = _from_raw(request.raw_input_contents[index], datatype, shape, what)
+        else:
+            array = _from_contents(tensor, datatype, shape, what)
+        decoded[tensor.name] = to_unit_float(array) if tensor.name == widened else array
+    return InferInputs(decoded, raw=raw)
+
+
+def _from_raw(data: bytes, datatype: Datatype, shape: Sequence[int], what: str) -> np.ndarray:
+    """Zero-copy view of little-endian bytes (BYTES: Triton's 4-byte length prefixes); the
+    length must match the shape exactly."""
+    count = math.prod(shape)
+    if datatype.is_bytes:
+        items = parse_bytes_tensor(data, what)
+        if len(items) != count:
             raise InvalidInputError(
-                "expected one raw_input_contents entry (one per input), "
-                f"got {len(request.raw_input_contents)}"
+                f"{what}: shape {_shape_text(shape)} needs {count} BYTES elements, got {len(items)}"
             )
-        pixels = _from_bytes(request.raw_input_contents[0], dtype, shape, what)
-        return InferInputs(to_unit_float(pixels), raw=True)
-    field = _CONTENTS_FIELD[tensor.datatype]
+        return np.array(items, dtype=object).reshape(shape)
+    expected = count * datatype.itemsize
+    if len(data) != expected:
+        raise InvalidInputError(
+            f"input byte size mismatch for {what}. Expected {expected}, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=datatype.dtype).reshape(shape)
+
+
+def _from_contents(
+    tensor: grpc_service_pb2.ModelInferRequest.InferInputTensor,
+    datatype: Datatype,
+    shape: Sequence[int],
+    what: str,
+) -> np.ndarray:
+    field = datatype.contents_field
+    if field is None:
+        raise InvalidInputError(f"{what}: {datatype.name} data goes in raw_input_contents")
     values = getattr(tensor.contents, field)
     count = math.prod(shape)
     if len(values) != count:
@@ -199,19 +236,25 @@ def decode_infer_inputs(
             f"{what}: shape {_shape_text(shape)} needs {count} values in contents.{field} "
             f"(or the bytes in raw_input_contents), got {len(values)}"
         )
-    if dtype == np.uint8:
-        wide = np.asarray(values, dtype=np.uint32)
-        if wide.size and int(wide.max()) > 255:
-            raise InvalidInputError(f"{what}: UINT8 values must be 0..255, got {int(wide.max())}")
-        pixels = wide.astype(np.uint8)
-    else:
-        pixels = np.asarray(values, dtype=np.float32)
-    return InferInputs(to_unit_float(pixels.reshape(shape)), raw=False)
+    if datatype.is_bytes:
+        return np.array(list(values), dtype=object).reshape(shape)
+    dtype = datatype.dtype
+    if dtype.kind in "iu" and dtype.itemsize < 4 and values:
+        wide = np.asarray(values, dtype=np.int64)
+        info = np.iinfo(dtype)
+        if int(wide.min()) < info.min or int(wide.max()) > info.max:
+            raise InvalidInputError(
+                f"{what}: {datatype.name} values must be {info.min}..{info.max}, got "
+                f"{int(wide.min())}..{int(wide.max())}"
+            )
+        return wide.astype(dtype).reshape(shape)
+    return np.asarray(values, dtype=dtype).reshape(shape)
 
 
 def _check_contents(
     tensor: grpc_service_pb2.ModelInferRequest.InferInputTensor,
     request: grpc_service_pb2.ModelInferRequest,
+    datatype: Datatype,
 ) -> None:
     """The protocol's MUST NOTs: typed contents beside raw_input_contents, or typed contents
     in a field other than the datatype's."""
@@ -221,46 +264,46 @@ def _check_contents(
         raise InvalidInputError(
             f"input {tensor.name!r}: contents must not be set when raw_input_contents is used"
         )
-    expected = _CONTENTS_FIELD[tensor.datatype]
+    expected = datatype.contents_field
     for field, values in tensor.contents.ListFields():
         if field.name != expected and len(values):
+            where = f"contents.{expected}" if expected else "raw_input_contents"
             raise InvalidInputError(
-                f"input {tensor.name!r}: {tensor.datatype} data goes in contents.{expected}, "
+                f"input {tensor.name!r}: {tensor.datatype} data goes in {where}, "
                 f"not contents.{field.name}"
             )
 
 
-_EVERY_OUTPUT = (RequestedOutput(OUTPUT_NAME),)
-
-
 def requested_outputs(
-    request: grpc_service_pb2.ModelInferRequest, num_classes: int
+    request: grpc_service_pb2.ModelInferRequest, signature: Signature
 ) -> Sequence[RequestedOutput]:
     """What to answer: every output when none is named, else the named ones in order."""
     if not request.outputs:
-        return _EVERY_OUTPUT
+        return [RequestedOutput(name) for name in signature.output_names]
     outputs = []
     names = [tensor.name for tensor in request.outputs]
-    if len(set(names)) != len(names):
-        raise InvalidInputError(f"output {OUTPUT_NAME!r} is requested more than once")
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise InvalidInputError(f"output {duplicate!r} is requested more than once")
     for tensor in request.outputs:
-        if tensor.name != OUTPUT_NAME:
-            raise InvalidInputError(
-                f"unknown output {tensor.name!r}: this model has one output, {OUTPUT_NAME!r}"
-            )
+        spec = signature.check_output(tensor.name)
         if "shared_memory_region" in tensor.parameters:
             raise UnsupportedError("shared-memory tensors are not supported")
         count = 0
         if CLASSIFICATION_PARAM in tensor.parameters:
             param = tensor.parameters[CLASSIFICATION_PARAM]
-            if param.WhichOneof("parameter_choice") == "int64_param":
-                count = param.int64_param
+            if param.WhichOneof("parameter_choice") in ("int64_param", "uint64_param"):
+                count = param.int64_param or param.uint64_param
             if count < 1:
                 raise InvalidInputError(
-                    f"output {OUTPUT_NAME!r}: parameter {CLASSIFICATION_PARAM!r} must be an "
+                    f"output {tensor.name!r}: parameter {CLASSIFICATION_PARAM!r} must be an "
                     "int64 class count >= 1"
                 )
-        outputs.append(RequestedOutput(tensor.name, min(count, num_classes)))
+            if spec.datatype.is_bytes:
+                raise InvalidInputError(
+                    f"output {tensor.name!r}: classification needs a numeric output, not BYTES"
+                )
+        outputs.append(RequestedOutput(tensor.name, count))
     return outputs
 
 
@@ -269,10 +312,11 @@ def top_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
 
 
-def classification_strings(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[bytes]:
-    """Triton's classification format, row-major N x k: b"probability:index:label"."""
+def classification_strings(scores: np.ndarray, k: int, labels: Sequence[str]) -> list[bytes]:
+    """Triton's classification format, row-major N x k: b"score:index:label" (no label part
+    when the output has no label file)."""
     items = []
-    for row, indices in zip(probabilities, top_indices(probabilities, k), strict=True):
+    for row, indices in zip(scores, top_indices(scores, k), strict=True):
         for i in indices:
             text = f"{float(row[i]):f}:{int(i)}"
             if i < len(labels):
@@ -281,37 +325,71 @@ def classification_strings(probabilities: np.ndarray, k: int, labels: Sequence[s
     return items
 
 
-def serialize_bytes_tensor(items: Sequence[bytes]) -> bytes:
+def serialize_bytes_tensor(items: Iterable[bytes]) -> bytes:
     """The raw BYTES layout: each element prefixed by its 4-byte little-endian length."""
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
+def parse_bytes_tensor(data: bytes, what: str = "BYTES tensor") -> list[bytes]:
+    """The raw BYTES layout back into its elements; a length past the end is refused."""
+    items, offset, end = [], 0, len(data)
+    while offset < end:
+        if offset + 4 > end:
+            raise InvalidInputError(f"{what}: BYTES data ends inside an element's 4-byte length")
+        (size,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + size > end:
+            raise InvalidInputError(
+                f"{what}: a BYTES element of {size} bytes runs past the data's end"
+            )
+        items.append(bytes(data[offset : offset + size]))
+        offset += size
+    return items
+
+
 def encode_infer_outputs(
     response: grpc_service_pb2.ModelInferResponse,
-    probabilities: np.ndarray,
+    results: Mapping[str, np.ndarray],
     outputs: Sequence[RequestedOutput],
-    labels: Sequence[str],
+    signature: Signature,
+    labels: Mapping[str, Sequence[str]],
     raw: bool,
 ) -> None:
-    """Fill `outputs` (and raw_output_contents when the request was raw) from the model's answer."""
-    n, classes = probabilities.shape
+    """Fill `outputs` (and raw_output_contents when the request was raw, or an output has no
+    typed-contents field) from the model's answer."""
+    raw = raw or any(
+        signature.output(o.name).datatype.contents_field is None  # type: ignore[union-attr]
+        for o in outputs
+    )
+    batched = signature.batched
     for spec in outputs:
+        array = results[spec.name]
         tensor = response.outputs.add(name=spec.name)
         if spec.class_count:
-            items = classification_strings(probabilities, spec.class_count, labels)
+            scores = array.reshape(array.shape[0], -1) if batched else array.reshape(1, -1)
+            k = min(spec.class_count, scores.shape[1])
+            items = classification_strings(scores, k, labels.get(spec.name, ()))
             tensor.datatype = "BYTES"
-            tensor.shape.extend([n, spec.class_count])
+            tensor.shape.extend([array.shape[0], k] if batched else [k])
             if raw:
                 response.raw_output_contents.append(serialize_bytes_tensor(items))
             else:
                 tensor.contents.bytes_contents.extend(items)
-        else:
-            tensor.datatype = "FP32"
-            tensor.shape.extend([n, classes])
+            continue
+        datatype = signature.output(spec.name).datatype  # type: ignore[union-attr]
+        tensor.datatype = datatype.name
+        tensor.shape.extend(array.shape)
+        if datatype.is_bytes:
+            items = [bytes(item) for item in array.ravel()]
             if raw:
-                response.raw_output_contents.append(probabilities.astype("<f4").tobytes())
+                response.raw_output_contents.append(serialize_bytes_tensor(items))
             else:
-                tensor.contents.fp32_contents.extend(probabilities.ravel().tolist())
+                tensor.contents.bytes_contents.extend(items)
+        elif raw:
+            response.raw_output_contents.append(array.astype(datatype.dtype, copy=False).tobytes())
+        else:
+            field = getattr(tensor.contents, datatype.contents_field)  # type: ignore[arg-type]
+            field.extend(array.ravel().tolist())
 
 
 # --- native Classifier API -------------------------------------------------------------------

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import TypeVar
 
-from modelrepo.layout import INPUT_NAME, OUTPUT_NAME
 from server.api import codecs
 from server.api.common import ApiState, recorded
 from server.api.health import Health
@@ -89,12 +88,20 @@ class KServe:
         served = manager.get(name, version)
         versions = [str(m.version) for m in manager.served() if m.name == served.name]
         tensor = pb.ModelMetadataResponse.TensorMetadata
+        signature = served.signature
+        batched = signature.batched
         return pb.ModelMetadataResponse(
             name=served.name,
             versions=versions if not version else [str(served.version)],
             platform=served.platform,
-            inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, *served.input_shape])],
-            outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, served.num_classes])],
+            inputs=[
+                tensor(name=t.name, datatype=t.datatype.name, shape=t.shown_dims(batched))
+                for t in signature.inputs
+            ],
+            outputs=[
+                tensor(name=t.name, datatype=t.datatype.name, shape=t.shown_dims(batched))
+                for t in signature.outputs
+            ],
         )
 
     def model_config(self, name: str, version: str) -> pb.ModelConfigResponse:
@@ -165,16 +172,19 @@ class KServe:
         served = self._state.resolve(request.model_name, request.model_version, call)
         with recorded(served, timing):
             schedule = codecs.request_schedule(request)
-            inputs = codecs.decode_infer_inputs(request, served.input_shape)
-            outputs = codecs.requested_outputs(request, served.num_classes)
+            signature = served.signature
+            inputs = codecs.decode_infer_inputs(request, signature, served.image)
+            outputs = codecs.requested_outputs(request, signature)
             timing.decoded()
-            probabilities = await served.infer(
-                inputs.images, deadline,
+            results = await served.infer(
+                inputs.tensors, deadline,
                 priority=schedule.priority, timeout_us=schedule.timeout_us, timing=timing,
             )  # fmt: skip
             response = pb.ModelInferResponse(
                 model_name=served.name, model_version=str(served.version), id=request.id
             )
             raw = inputs.raw if raw_outputs is None else raw_outputs
-            codecs.encode_infer_outputs(response, probabilities, outputs, served.labels, raw)
+            codecs.encode_infer_outputs(
+                response, results, outputs, signature, served.output_labels, raw
+            )
             return render(response)

@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,7 +52,7 @@ from server.errors import (
 )
 from server.observability import tracing
 from server.observability.metrics import Metrics
-from server.runtimes.base import Runtime
+from server.runtimes.base import Runtime, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ class BatchError(RuntimeError):
 
 @dataclass(eq=False)
 class _Item:
-    images: np.ndarray  # float32 (rows, C, H, W)
-    future: asyncio.Future[np.ndarray]
+    inputs: Tensors  # by name; each with `rows` rows when the model batches
+    future: asyncio.Future[dict[str, np.ndarray]]
     enqueued: float  # time.monotonic()
     deadline: float | None  # time.monotonic() seconds: the caller's own (gRPC's deadline)
     expires: float | None  # time.monotonic() seconds: the queue policy's timeout
@@ -73,10 +73,8 @@ class _Item:
     share: float  # this chunk's share of the request's rows
     queued: bool = False  # in the queue (not yet taken into a batch)
     trace: tracing.RequestTrace | None = None  # a sampled request's (tracing on only)
-    rows: int = field(init=False)  # images: read many times per batch, kept once
-
-    def __post_init__(self) -> None:
-        self.rows = self.images.shape[0]
+    rows: int = 1  # read many times per batch, kept once
+    key: object = None  # the tensors' shapes past the batch dim: equal keys stack
 
 
 class Batcher:
@@ -97,6 +95,7 @@ class Batcher:
         load_window_s: float = 0.0,
         inline_rows: int = 0,
         schedule: SchedulePolicy | None = None,
+        batched: bool = True,
     ) -> None:
         if not runtimes:
             raise ValueError("a batcher needs at least one runtime instance")
@@ -104,7 +103,10 @@ class Batcher:
             raise ValueError("max_batch_size and max_queue_size >= 1, max_queue_delay_s >= 0")
         self.model = model
         self.version = str(version)
-        self.max_batch_size = max_batch_size
+        # False (max_batch_size 0 in the config): the tensors have no batch dimension, and
+        # each request is a batch of its own, run as it came.
+        self.batched = batched
+        self.max_batch_size = max_batch_size if batched else 1
         self.max_queue_delay_s = max_queue_delay_s
         # Adaptive: a lone request runs at once unless the last batch held several requests
         # (evidence of concurrent load, where waiting pays); see _next_batch.
@@ -199,23 +201,27 @@ class Batcher:
 
     async def submit(
         self,
-        images: np.ndarray,
+        inputs: Tensors,
         deadline: float | None = None,
         *,
         priority: int = 0,
         timeout_us: int = 0,
         timing: Timing | None = None,
-    ) -> np.ndarray:
-        """Queue float32 (N, C, H, W) images; returns (N, classes), row i answering image i.
+    ) -> dict[str, np.ndarray]:
+        """Queue a request's input tensors (N rows each, when the model batches); returns
+        every output, row i answering row i.
 
         `priority` and `timeout_us` are the request's schedule-policy parameters (0: the
         model's defaults); `timing` collects its queue and compute times. A request larger
         than max_batch_size becomes several queue items, answered whole. If the caller is
         cancelled, its queued items are dropped before compute.
         """
-        n = images.shape[0]
+        n = next(iter(inputs.values())).shape[0] if self.batched and inputs else 1
         size = self.max_batch_size
-        chunks = [images] if n <= size else [images[i : i + size] for i in range(0, n, size)]
+        if n <= size:
+            chunks = [inputs]
+        else:
+            chunks = [{k: v[i : i + size] for k, v in inputs.items()} for i in range(0, n, size)]
         trace = tracing.CURRENT.get() if self._tracing is not None else None
         items = self.enqueue(
             chunks, deadline, priority=priority, timeout_us=timeout_us, timing=timing, trace=trace
@@ -239,11 +245,11 @@ class Batcher:
             raise
         if trace is not None:
             trace.answered()
-        return np.concatenate(parts)
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def enqueue(
         self,
-        chunks: Sequence[np.ndarray],
+        chunks: Sequence[Tensors],
         deadline: float | None = None,
         *,
         priority: int = 0,
@@ -262,8 +268,9 @@ class Batcher:
             )
         queue = self._queue
         level = queue.schedule.level_of(priority)
+        counts = [self._rows(chunk) for chunk in chunks]
         if len(chunks) > queue.limit(level):  # "retry later" would never come true
-            rows = sum(chunk.shape[0] for chunk in chunks)
+            rows = sum(counts)
             raise InvalidInputError(
                 f"request of {rows} images is too large for this server's queue: model "
                 f"{self.model!r} version {self.version} takes at most "
@@ -279,13 +286,14 @@ class Batcher:
         if deadline is not None and deadline <= now:
             self._m_deadline.inc()
             raise DeadlineExceededError("deadline passed before the request was queued")
-        if any(chunk.shape[0] > self.max_batch_size or chunk.shape[0] < 1 for chunk in chunks):
+        if any(count > self.max_batch_size or count < 1 for count in counts):
             raise ValueError(f"each chunk must have 1..{self.max_batch_size} rows")
         assert self._loop is not None
         timeout = queue.timeout_s(level, timeout_us)
         expires = None if timeout is None else now + timeout
         was_empty = not queue
-        total = sum(chunk.shape[0] for chunk in chunks)
+        total = sum(counts)
+        key = self._key(chunks[0])
         items = [
             _Item(
                 chunk,
@@ -295,10 +303,12 @@ class Batcher:
                 expires,
                 level,
                 timing,
-                chunk.shape[0] / total,
+                count / total,
                 trace=trace,
+                rows=count,
+                key=key,
             )
-            for chunk in chunks
+            for chunk, count in zip(chunks, counts, strict=True)
         ]
         queue.push(items)
         self._m_depth.set(len(queue))
@@ -310,6 +320,18 @@ class Batcher:
         if was_empty or queue.rows >= self.max_batch_size:
             self._wake()
         return items
+
+    def _rows(self, tensors: Tensors) -> int:
+        if not self.batched or not tensors:
+            return 1
+        return next(iter(tensors.values())).shape[0]
+
+    def _key(self, tensors: Tensors) -> object:
+        """Requests stack when their tensors' names and shapes past the batch dim agree."""
+        if len(tensors) == 1:  # the common case, kept cheap
+            ((name, array),) = tensors.items()
+            return (name, array.shape[1:])
+        return tuple((name, array.shape[1:]) for name, array in tensors.items())
 
     # -- the batch loop --------------------------------------------------------------------
 
@@ -428,7 +450,7 @@ class Batcher:
             self._m_queue.observe(waited)
         rows = sum(item.rows for item in live)
         t0 = time.perf_counter_ns()
-        batch = live[0].images if len(live) == 1 else np.concatenate([i.images for i in live])
+        batch = live[0].inputs if len(live) == 1 else _stack([i.inputs for i in live])
         t1 = time.perf_counter_ns()
         self._m_batch_size.observe(rows)
         assert self._loop is not None
@@ -437,7 +459,8 @@ class Batcher:
                 output = runtime.run(batch)
             else:
                 output = await self._loop.run_in_executor(executor, runtime.run, batch)
-            _check_output(output, rows)
+            if self.batched:
+                _check_output(output, rows)
         except Exception as exc:
             self._m_failed.inc()
             if self._tracing is not None:
@@ -452,11 +475,16 @@ class Batcher:
         t2 = time.perf_counter_ns()
         if self._tracing is not None:
             self._tracing.record_batch(self.model, self.version, live, started, t2 - t1, None)
-        offset = 0
-        for item in live:
-            if not item.future.done():  # cancelled callers are skipped, never set twice
-                item.future.set_result(output[offset : offset + item.rows])
-            offset += item.rows
+        if len(live) == 1:
+            if not live[0].future.done():
+                live[0].future.set_result(output)
+        else:
+            offset = 0
+            for item in live:
+                if not item.future.done():  # cancelled callers are skipped, never set twice
+                    end = offset + item.rows
+                    item.future.set_result({k: v[offset:end] for k, v in output.items()})
+                offset += item.rows
         t3 = time.perf_counter_ns()
         self._m_ok.inc()
         self._m_inferences.inc(rows)
@@ -482,9 +510,18 @@ def _wake_one(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+def _stack(parts: list[Tensors]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
 def _check_output(output: object, rows: int) -> None:
-    if not isinstance(output, np.ndarray) or output.ndim != 2:
-        shape = getattr(output, "shape", type(output).__name__)
-        raise BatchError(f"runtime returned {shape}, expected a (rows, classes) array")
-    if output.shape[0] != rows:
-        raise BatchError(f"runtime returned {output.shape[0]} rows for a batch of {rows}")
+    if not isinstance(output, dict):
+        raise BatchError(f"runtime returned {type(output).__name__}, expected tensors by name")
+    for name, tensor in output.items():
+        if not isinstance(tensor, np.ndarray) or tensor.ndim < 1:
+            shape = getattr(tensor, "shape", type(tensor).__name__)
+            raise BatchError(f"runtime returned {shape} for output {name!r}, expected rows")
+        if tensor.shape[0] != rows:
+            raise BatchError(
+                f"runtime returned {tensor.shape[0]} rows of {name!r} for a batch of {rows}"
+            )

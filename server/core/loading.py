@@ -22,7 +22,8 @@ from modelrepo.layout import REFERENCE_FILE, SYNTHETIC_DATASET
 from modelrepo.precision import FP16, FP32, REFERENCE_PRECISION_KEY, REFERENCE_TOLERANCE_KEY
 from server.config import Settings
 from server.core.repository import ModelSpec
-from server.runtimes import Runtime, RuntimeLoadError, create_runtime
+from server.core.signature import TensorSpec
+from server.runtimes import Interface, Runtime, RuntimeLoadError, create_runtime
 from server.runtimes.base import first_line
 from server.runtimes.null import NullRuntime
 
@@ -59,14 +60,17 @@ def prepare_version(
     if not path.is_file():
         raise RuntimeLoadError(f"model file {spec.shown(path)} not found")
     if settings.null_compute:  # benchmarking: nothing to warm up, nothing to check
-        nulls: list[Runtime] = [NullRuntime(spec.num_classes) for _ in range(spec.instance_count)]
-        return LoadedVersion(nulls, spec.max_batch_size)
+        shapes = {t.name: (_model_dims(t), t.datatype.dtype) for t in spec.signature.outputs}
+        batched = spec.signature.batched
+        nulls: list[Runtime] = [NullRuntime(shapes, batched) for _ in range(spec.instance_count)]
+        return LoadedVersion(nulls, max(spec.max_batch_size, 1))
+    interface = runtime_interface(spec)
     runtimes: list[Runtime] = []
     try:
         for _ in range(spec.instance_count):
             _check(cancel)
             threads = spec.intra_op_threads
-            runtime = create_runtime(spec.platform, path, spec.device_pref, threads)
+            runtime = create_runtime(spec.platform, path, spec.device_pref, threads, interface)
             runtimes.append(runtime)
             warm_up(runtime, spec, cancel)
         if spec.precision == FP16 and runtimes[0].device == "cpu":
@@ -84,6 +88,14 @@ def prepare_version(
     return LoadedVersion(runtimes, inline)
 
 
+def runtime_interface(spec: ModelSpec) -> Interface:
+    """The config's tensors as a runtime checks and feeds them."""
+    return Interface(
+        tuple((t.name, t.datatype) for t in spec.signature.inputs),
+        tuple((t.name, t.datatype) for t in spec.signature.outputs),
+    )
+
+
 def inline_rows(runtime: Runtime, spec: ModelSpec, cancel: threading.Event) -> int:
     """The largest batch the runtime computes within INLINE_BUDGET_S (0: none does).
 
@@ -91,7 +103,9 @@ def inline_rows(runtime: Runtime, spec: ModelSpec, cancel: threading.Event) -> i
     interpolates between them. Measured once, at load, where nothing else waits for the GIL:
     timings taken while serving would count that wait as compute.
     """
-    largest = spec.max_batch_size
+    if sample_inputs(spec, 1) is None:  # inputs that cannot be made up: never inline
+        return 0
+    largest = max(spec.max_batch_size, 1)
     one = _best_time(runtime, 1, spec, cancel)
     if one > INLINE_BUDGET_S:
         return 0
@@ -105,7 +119,8 @@ def inline_rows(runtime: Runtime, spec: ModelSpec, cancel: threading.Event) -> i
 
 
 def _best_time(runtime: Runtime, rows: int, spec: ModelSpec, cancel: threading.Event) -> float:
-    batch = np.zeros((rows, *spec.input_shape), np.float32)
+    batch = sample_inputs(spec, rows)
+    assert batch is not None
     best = float("inf")
     for _ in range(TIMED_RUNS):
         _check(cancel)
@@ -115,19 +130,53 @@ def _best_time(runtime: Runtime, rows: int, spec: ModelSpec, cancel: threading.E
     return best
 
 
+def _model_dims(tensor: TensorSpec) -> tuple[int, ...]:
+    """A tensor's dims as the model itself takes or gives them (reshape wins), past the
+    batch dimension."""
+    return tensor.reshape if tensor.reshape is not None else tensor.dims
+
+
+def sample_inputs(spec: ModelSpec, rows: int) -> dict[str, np.ndarray] | None:
+    """Zeros in every required input's shape (variable dims as 1), for warm-up and timing;
+    None when an input holds strings, whose meaningful values cannot be made up."""
+    signature = spec.signature
+    lead = (rows,) if signature.batched else ()
+    inputs = {}
+    for tensor in signature.inputs:
+        if tensor.optional:
+            continue
+        if tensor.datatype.is_bytes:
+            return None
+        dims = tuple(1 if d == -1 else d for d in _model_dims(tensor))
+        inputs[tensor.name] = np.zeros((*lead, *dims), tensor.datatype.dtype)
+    return inputs
+
+
 def warm_up(runtime: Runtime, spec: ModelSpec, cancel: threading.Event) -> None:
     """First runs allocate and optimise; doing them here keeps them out of request latency,
-    and checks that the model takes the config's input dims and returns its classes."""
-    for rows in sorted({1, spec.max_batch_size}):
+    and checks that the model takes the config's input dims and gives its outputs' dims.
+    Models with string inputs are not warmed up (Triton warms up only when told how)."""
+    batched = spec.signature.batched
+    for rows in sorted({1, spec.max_batch_size}) if batched else [1]:
         _check(cancel)
-        zeros = np.zeros((rows, *spec.input_shape), np.float32)
-        output = _run(runtime, zeros, f"warm-up at batch {rows}")
-        expected = (rows, spec.num_classes)
-        if not isinstance(output, np.ndarray) or output.shape != expected:
-            shape = getattr(output, "shape", type(output).__name__)
-            raise RuntimeLoadError(
-                f"model returns shape {shape} at batch {rows}; the config expects {expected}"
-            )
+        inputs = sample_inputs(spec, rows)
+        if inputs is None:
+            return
+        outputs = _run(runtime, inputs, f"warm-up at batch {rows}" if batched else "warm-up")
+        for tensor in spec.signature.outputs:
+            got = outputs.get(tensor.name) if isinstance(outputs, dict) else None
+            shape = getattr(got, "shape", None)
+            expected = ((rows,) if batched else ()) + _model_dims(tensor)
+            if (
+                shape is None
+                or len(shape) != len(expected)
+                or any(e not in (-1, s) for e, s in zip(expected, shape, strict=True))
+            ):
+                where = f" at batch {rows}" if batched else ""
+                raise RuntimeLoadError(
+                    f"model returns shape {shape} for output {tensor.name!r}{where}; "
+                    f"the config expects {tuple(expected)}"
+                )
 
 
 def check_reference(
@@ -143,6 +192,9 @@ def check_reference(
     tolerance its outputs need; the larger of that and the server's `tolerance` applies.
     """
     path = spec.reference_path(version)
+    image = spec.image
+    if image is None:  # a reference records images in and class scores out
+        return
     if not path.is_file():
         log.warning(
             "model %s version %d has no %s; serving without the reference check",
@@ -151,7 +203,7 @@ def check_reference(
         return
     try:
         with np.load(path) as data:
-            inputs = np.ascontiguousarray(data["inputs"], dtype=np.float32)
+            inputs = np.ascontiguousarray(data["inputs"], dtype=image.datatype.dtype)
             expected = np.asarray(data["outputs"], dtype=np.float32)
             recorded = (
                 str(data[REFERENCE_PRECISION_KEY])
@@ -172,25 +224,35 @@ def check_reference(
         raise RuntimeLoadError(
             f"{REFERENCE_FILE} was exported at {recorded}, but config.pbtxt says {spec.precision}"
         )
-    if inputs.ndim != 4 or tuple(inputs.shape[1:]) != spec.input_shape or len(inputs) < 1:
+    spec_input = spec.signature.input(image.input)
+    assert spec_input is not None
+    dims = spec_input.dims
+    if inputs.ndim != 1 + len(dims) or tuple(inputs.shape[1:]) != dims or len(inputs) < 1:
         raise RuntimeLoadError(
             f"{REFERENCE_FILE} inputs have shape {list(inputs.shape)}, "
-            f"expected [N, {', '.join(map(str, spec.input_shape))}]"
+            f"expected [N, {', '.join(map(str, dims))}]"
         )
-    if expected.shape != (len(inputs), spec.num_classes):
+    expected = expected.reshape(len(expected), -1) if expected.ndim > 1 else expected
+    if expected.shape != (len(inputs), image.classes):
         raise RuntimeLoadError(
             f"{REFERENCE_FILE} outputs have shape {list(expected.shape)}, "
-            f"expected [{len(inputs)}, {spec.num_classes}]"
+            f"expected [{len(inputs)}, {image.classes}]"
         )
-    step = spec.max_batch_size
+    batched = spec.signature.batched
+    step = spec.max_batch_size if batched else 1
+    model_dims = _model_dims(spec_input)
     for runtime in runtimes:
         _check(cancel)
-        got = np.concatenate(
-            [
-                _run(runtime, inputs[i : i + step], "reference check")
-                for i in range(0, len(inputs), step)
-            ]
-        )
+        parts = []
+        for i in range(0, len(inputs), step):
+            chunk = inputs[i : i + step]
+            if batched:
+                fed = chunk.reshape((len(chunk), *model_dims))
+            else:
+                fed = chunk[0].reshape(model_dims)
+            out = _run(runtime, {image.input: fed}, "reference check")[image.output]
+            parts.append(np.asarray(out, np.float32).reshape(len(chunk), -1))
+        got = np.concatenate(parts)
         diff = float(np.max(np.abs(got - expected)))
         if not diff <= tolerance:  # also catches NaN
             raise RuntimeLoadError(
@@ -217,8 +279,8 @@ def _check(cancel: threading.Event) -> None:
         raise LoadCancelled("the server is shutting down")
 
 
-def _run(runtime: Runtime, batch: np.ndarray, step: str) -> np.ndarray:
+def _run(runtime: Runtime, inputs: dict[str, np.ndarray], step: str) -> dict[str, np.ndarray]:
     try:
-        return runtime.run(batch)
+        return runtime.run(inputs)
     except Exception as exc:
         raise RuntimeLoadError(f"{step} failed: {first_line(exc)}") from exc

@@ -79,6 +79,7 @@ class Queued(Protocol):
     expires: float | None  # when its policy timeout passes, on the same clock
     level: int
     queued: bool
+    key: object  # items ride in one batch only when their keys are equal (tensor shapes)
 
 
 Item = TypeVar("Item", bound=Queued)
@@ -192,7 +193,8 @@ class PriorityQueue(Generic[Item]):
         """(the next batch, requests rejected because their timeout passed).
 
         Levels in priority order, each level's requests in time first, then its delayed ones;
-        requests are never split, so the first that does not fit ends the batch.
+        requests are never split, so the first that does not fit ends the batch, and so does
+        the first whose key differs (tensors of other shapes cannot be stacked with these).
         """
         batch: list[Item] = []
         rejected: list[Item] = []
@@ -206,7 +208,7 @@ class PriorityQueue(Generic[Item]):
                         queue.popleft()
                         self._timed_out(state, item, rejected)
                         continue
-                    if batch and rows + item.rows > max_rows:
+                    if batch and (rows + item.rows > max_rows or item.key != batch[0].key):
                         return batch, rejected
                     queue.popleft()
                     if queue is state.items:

@@ -14,10 +14,8 @@ from pathlib import Path
 from modelrepo.config import ConfigError, ModelConfig, load_config
 from modelrepo.layout import (
     CONFIG_FILE,
-    INPUT_NAME,
     INTRA_OP_THREADS_PARAMETER,
     MODEL_FILES,
-    OUTPUT_NAME,
     PLATFORM_ONNX,
     PLATFORM_TORCHSCRIPT,
     REFERENCE_FILE,
@@ -28,14 +26,14 @@ from modelrepo.layout import (
 from modelrepo.precision import PrecisionError, precision_of
 from server.config import Settings
 from server.core.autocomplete import AutoCompleteError, complete_config, folder_platform
+from server.core.imagemodel import ImageModel, image_model, is_own_export
 from server.core.queues import QueuePolicy, SchedulePolicy
+from server.core.signature import Signature, SignatureError, from_config
 from server.errors import ModelNotFoundError
 from wire import model_config_pb2
 
 # Triton's backend names, accepted where a config names a backend instead of a platform.
 _BACKENDS = {"onnxruntime": PLATFORM_ONNX, "pytorch": PLATFORM_TORCHSCRIPT}
-_FP32 = model_config_pb2.TYPE_FP32
-_NCHW_OK = (model_config_pb2.ModelInput.FORMAT_NCHW, model_config_pb2.ModelInput.FORMAT_NONE)
 _KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
 # More intra-op threads than this per instance is a typo, not a setting.
 MAX_INTRA_OP_THREADS = 1024
@@ -53,10 +51,10 @@ class ModelSpec:
     directory: Path
     config: ModelConfig  # max_batch_size and dynamic_batching filled from Settings when unset
     platform: str
-    labels: list[str]
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    max_batch_size: int
+    signature: Signature
+    labels: dict[str, list[str]]  # output name -> class names (outputs with a label_filename)
+    image: ImageModel | None  # how to feed it images, when it is an image classifier
+    max_batch_size: int  # 0: no batch dimension, requests run one at a time
     max_queue_delay_us: int
     schedule: SchedulePolicy  # dynamic_batching's priority levels and queue policies
     instance_count: int
@@ -164,17 +162,25 @@ def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
         precision_of(config)
     except PrecisionError as exc:
         raise RepositoryError(f"{CONFIG_FILE} parameters: {exc}") from None
-    input_shape = _check_input(config)
-    num_classes = _check_output(config)
-    labels = _labels(directory, config, num_classes)
     if config.max_batch_size < 0:
         raise RepositoryError(f"max_batch_size cannot be negative ({config.max_batch_size})")
-    if config.max_batch_size == 0:
+    if config.max_batch_size == 0 and is_own_export(config):
+        # Our own exports before max_batch_size was written: batch as the server's default.
         config.max_batch_size = settings.max_batch_size
-    config.dynamic_batching.SetInParent()  # the server always batches dynamically
-    if config.dynamic_batching.max_queue_delay_microseconds == 0:
-        # proto3 cannot tell 0 from unset: 0 means "the server's default".
-        config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    try:
+        signature = from_config(config)
+    except SignatureError as exc:
+        raise RepositoryError(f"{CONFIG_FILE}: {exc}") from None
+    labels = _labels(directory, signature)
+    try:
+        image = image_model(config, signature)
+    except ValueError as exc:
+        raise RepositoryError(f"{CONFIG_FILE} parameters: {exc}") from None
+    if config.max_batch_size > 0:
+        config.dynamic_batching.SetInParent()  # a batching model always batches dynamically
+        if config.dynamic_batching.max_queue_delay_microseconds == 0:
+            # proto3 cannot tell 0 from unset: 0 means "the server's default".
+            config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     schedule = schedule_policy(config.dynamic_batching)
     groups = list(config.instance_group)
     if any(g.count < 0 for g in groups):
@@ -191,9 +197,9 @@ def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
         directory=directory,
         config=config,
         platform=platform,
+        signature=signature,
         labels=labels,
-        input_shape=input_shape,
-        num_classes=num_classes,
+        image=image,
         max_batch_size=config.max_batch_size,
         max_queue_delay_us=config.dynamic_batching.max_queue_delay_microseconds,
         schedule=schedule,
@@ -272,49 +278,23 @@ def _intra_op_threads(config: ModelConfig, platform: str, default: int) -> int:
     return int(text)
 
 
-def _check_input(config: ModelConfig) -> tuple[int, int, int]:
-    if len(config.input) != 1 or config.input[0].name != INPUT_NAME:
-        names = [i.name for i in config.input]
-        raise RepositoryError(f"config inputs {names}, expected one input named {INPUT_NAME!r}")
-    spec = config.input[0]
-    if spec.data_type != _FP32:
-        raise RepositoryError(f"input {INPUT_NAME!r} must be TYPE_FP32")
-    if spec.format not in _NCHW_OK:
-        raise RepositoryError(f"input {INPUT_NAME!r} must be FORMAT_NCHW")
-    dims = list(spec.dims)
-    if len(dims) != 3 or any(d <= 0 for d in dims):
-        raise RepositoryError(f"input dims {dims}, expected [C, H, W] with positive sizes")
-    return dims[0], dims[1], dims[2]
-
-
-def _check_output(config: ModelConfig) -> int:
-    names = [o.name for o in config.output]
-    if OUTPUT_NAME not in names:
-        raise RepositoryError(f"config outputs {names}, expected one named {OUTPUT_NAME!r}")
-    spec = config.output[names.index(OUTPUT_NAME)]
-    if spec.data_type != _FP32:
-        raise RepositoryError(f"output {OUTPUT_NAME!r} must be TYPE_FP32")
-    dims = list(spec.dims)
-    if len(dims) != 1 or dims[0] <= 0:
-        raise RepositoryError(f"output dims {dims}, expected [classes]")
-    return dims[0]
-
-
-def _labels(directory: Path, config: ModelConfig, num_classes: int) -> list[str]:
-    """Class names from the output's label_filename; class indices when it names none."""
-    spec = next(o for o in config.output if o.name == OUTPUT_NAME)
-    if not spec.label_filename:
-        return [str(i) for i in range(num_classes)]
-    path = directory / spec.label_filename
-    shown = f"{directory.name}/{spec.label_filename}"
-    try:
-        labels = read_labels(path)
-    except OSError as exc:
-        raise RepositoryError(f"cannot read labels {shown}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise RepositoryError(f"cannot read labels {shown}: not UTF-8 text") from None
-    if len(labels) != num_classes:
-        raise RepositoryError(
-            f"{shown} has {len(labels)} labels, the output has {num_classes} classes"
-        )
-    return labels
+def _labels(directory: Path, signature: Signature) -> dict[str, list[str]]:
+    """Class names of every output that names a label_filename (Triton: any output may)."""
+    found = {}
+    for spec in signature.outputs:
+        if not spec.label_filename:
+            continue
+        path = directory / spec.label_filename
+        shown = f"{directory.name}/{spec.label_filename}"
+        try:
+            found[spec.name] = read_labels(path)
+        except OSError as exc:
+            raise RepositoryError(f"cannot read labels {shown}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise RepositoryError(f"cannot read labels {shown}: not UTF-8 text") from None
+        classes = spec.dims[-1] if spec.dims else 0
+        if classes > 0 and len(found[spec.name]) != classes:
+            raise RepositoryError(
+                f"{shown} has {len(found[spec.name])} labels, the output has {classes} classes"
+            )
+    return found

@@ -17,8 +17,9 @@ from server.core.batcher import Batcher
 from server.core.loading import LoadedVersion, is_synthetic
 from server.core.modelstats import ModelStats, Timing
 from server.core.repository import ModelSpec
-from server.errors import InvalidInputError
+from server.errors import InvalidInputError, UnsupportedError
 from server.observability.metrics import Metrics
+from server.runtimes.base import Tensors
 
 
 class ServedModel:
@@ -38,9 +39,13 @@ class ServedModel:
         self.platform = spec.platform
         self.config = ModelConfig()
         self.config.CopyFrom(spec.config)
-        self.labels = list(spec.labels)
-        self.input_shape = spec.input_shape
-        self.num_classes = spec.num_classes
+        self.signature = spec.signature
+        self.image = spec.image  # None: not an image classifier (no native API)
+        self.output_labels = spec.labels
+        # The image classifier's shape and classes, for the native API and the ready line.
+        self.input_shape = spec.image.shape if spec.image else ()
+        self.num_classes = spec.image.classes if spec.image else 0
+        self.labels = spec.labels.get(spec.image.output, []) if spec.image else []
         self.max_batch_size = spec.max_batch_size
         self.training_dataset = spec.training_dataset  # "" when export recorded none
         self.precision = spec.precision  # fp32, fp16 or int8
@@ -48,11 +53,13 @@ class ServedModel:
         self.runtimes = tuple(runtimes)
         self.device = runtimes[0].device
         self.stats = ModelStats()
+        self._reshaped_inputs = {t.name: t.reshape for t in spec.signature.inputs if t.reshape}
+        self._reshaped_outputs = {t.name: t for t in spec.signature.outputs if t.reshape}
         self._batcher = Batcher(
             runtimes,
             model=spec.name,
             version=version,
-            max_batch_size=spec.max_batch_size,
+            max_batch_size=max(spec.max_batch_size, 1),
             max_queue_delay_s=spec.max_queue_delay_us / 1e6,
             max_queue_size=settings.max_queue_size,
             metrics=metrics,
@@ -61,6 +68,7 @@ class ServedModel:
             load_window_s=settings.batch_window_us / 1e6,
             inline_rows=loaded.inline_rows,
             schedule=spec.schedule,
+            batched=spec.max_batch_size > 0,
         )
         self.inline_rows = loaded.inline_rows
 
@@ -79,17 +87,18 @@ class ServedModel:
 
     async def infer(
         self,
-        images: np.ndarray,
+        inputs: Tensors,
         deadline: float | None = None,
         *,
         priority: int = 0,
         timeout_us: int = 0,
         timing: Timing | None = None,
-    ) -> np.ndarray:
-        """images: float32 (N, C, H, W) in [0, 1]; deadline: time.monotonic() seconds or None;
+    ) -> dict[str, np.ndarray]:
+        """The request's inputs by name, as the config declares them (server.api.codecs has
+        checked them against the signature); deadline: time.monotonic() seconds or None;
         priority and timeout_us: the schedule-policy parameters (0: the model's defaults).
 
-        Returns float32 (N, num_classes), row i answering image i. Raises QueueFullError,
+        Returns every output by name, in the config's dims. Raises QueueFullError,
         DeadlineExceededError, ModelUnavailableError, or the runtime's exception for the batch.
 
         With `timing` the caller encodes the answer and records the request itself
@@ -100,11 +109,12 @@ class ServedModel:
         clock = Timing() if timing is None else timing
         if own:
             clock.decoded()
+        if self._reshaped_inputs:
+            inputs = self._reshape_inputs(inputs)
         try:
             result = await self._batcher.submit(
-                self._checked(images), deadline, priority=priority, timeout_us=timeout_us,
-                timing=clock,
-            )  # fmt: skip
+                inputs, deadline, priority=priority, timeout_us=timeout_us, timing=clock
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -114,16 +124,50 @@ class ServedModel:
         clock.answered = time.perf_counter_ns()
         if own:
             self.stats.succeeded(clock)
-        return result
+        return self._reshape_outputs(result) if self._reshaped_outputs else result
 
-    def _checked(self, images: np.ndarray) -> np.ndarray:
-        """The codecs validate; this guards the batcher against a caller that did not."""
-        if images.ndim != 4 or images.shape[0] < 1 or tuple(images.shape[1:]) != self.input_shape:
+    async def classify(
+        self, images: np.ndarray, deadline: float | None = None, *, timing: Timing | None = None
+    ) -> np.ndarray:
+        """float32 N x C x H x W images in [0, 1] -> float32 N x classes probabilities, for
+        an image classifier (self.image), whatever its own input and output are."""
+        image = self.image
+        if image is None:
+            raise UnsupportedError(
+                f"model {self.name!r} is not an image classifier (one image input of [C,H,W] "
+                "or [H,W,C] and one output of class scores): use the KServe v2 API"
+            )
+        if images.ndim != 4 or images.shape[0] < 1 or tuple(images.shape[1:]) != image.shape:
             raise InvalidInputError(
-                f"model {self.name!r} expects float32 [N, {', '.join(map(str, self.input_shape))}]"
+                f"model {self.name!r} expects float32 [N, {', '.join(map(str, image.shape))}]"
                 f" with N >= 1, got shape {list(images.shape)}"
             )
-        return images if images.dtype == np.float32 else images.astype(np.float32)
+        tensor = image.to_model(images.astype(np.float32, copy=False))
+        if not self.signature.batched:  # one image at a time, without a batch dimension
+            parts = [
+                (await self.infer({image.input: row}, deadline, timing=timing))[image.output]
+                for row in tensor
+            ]
+            return image.probabilities(np.stack(parts))
+        outputs = await self.infer({image.input: tensor}, deadline, timing=timing)
+        return image.probabilities(outputs[image.output])
+
+    def _reshape_inputs(self, inputs: Tensors) -> dict[str, np.ndarray]:
+        lead = 1 if self.signature.batched else 0
+        return {
+            name: array.reshape((*array.shape[:lead], *shape))
+            if (shape := self._reshaped_inputs.get(name)) is not None
+            else array
+            for name, array in inputs.items()
+        }
+
+    def _reshape_outputs(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        lead = 1 if self.signature.batched else 0
+        for name, spec in self._reshaped_outputs.items():
+            array = outputs.get(name)
+            if array is not None:
+                outputs[name] = array.reshape((*array.shape[:lead], *spec.dims))
+        return outputs
 
     async def close(self) -> None:
         """Finish accepted requests, then free the runtimes."""

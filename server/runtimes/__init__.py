@@ -9,15 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelrepo.layout import PLATFORM_ONNX, PLATFORM_TORCHSCRIPT
-from server.runtimes.base import Runtime, RuntimeLoadError
+from server.runtimes.base import OWN_EXPORT, Interface, Runtime, RuntimeLoadError
 
 DEVICE_PREFERENCES = ("auto", "cpu", "cuda")
 
-__all__ = ["DEVICE_PREFERENCES", "Runtime", "RuntimeLoadError", "create_runtime"]
+__all__ = ["DEVICE_PREFERENCES", "Interface", "Runtime", "RuntimeLoadError", "create_runtime"]
 
 
 def create_runtime(
-    platform: str, model_path: Path, device_pref: str = "auto", intra_op_threads: int = 0
+    platform: str,
+    model_path: Path,
+    device_pref: str = "auto",
+    intra_op_threads: int = 0,
+    interface: Interface = OWN_EXPORT,
 ) -> Runtime:
     """Load `model_path` for `platform` ("onnxruntime_onnx" | "pytorch_libtorch").
 
@@ -36,11 +40,11 @@ def create_runtime(
     if platform == PLATFORM_ONNX:
         from server.runtimes.onnx import OnnxRuntime
 
-        return OnnxRuntime(Path(model_path), device_pref, intra_op_threads)
+        return OnnxRuntime(Path(model_path), device_pref, intra_op_threads, interface)
     if platform == PLATFORM_TORCHSCRIPT:
         from server.runtimes.torchscript import TorchScriptRuntime
 
-        return TorchScriptRuntime(Path(model_path), device_pref, intra_op_threads)
+        return TorchScriptRuntime(Path(model_path), device_pref, intra_op_threads, interface)
     raise RuntimeLoadError(
         f"unsupported platform {platform!r} (expected {PLATFORM_ONNX} or {PLATFORM_TORCHSCRIPT})"
     )

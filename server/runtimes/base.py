@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from modelrepo.datatypes import DATATYPES, Datatype
+from modelrepo.layout import INPUT_NAME, OUTPUT_NAME
+
+# A batch's tensors by name: the runtime's input and output.
+Tensors = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Interface:
+    """The tensors the config declares, in its order: what a runtime checks its model file
+    against at load and feeds or returns at run."""
+
+    inputs: tuple[tuple[str, Datatype], ...]
+    outputs: tuple[tuple[str, Datatype], ...]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [name for name, _ in self.outputs]
+
+
+# Our training package's exports: float32 pixels `input`, float32 `probabilities`.
+OWN_EXPORT = Interface(((INPUT_NAME, DATATYPES["FP32"]),), ((OUTPUT_NAME, DATATYPES["FP32"]),))
 
 
 class RuntimeLoadError(Exception):
@@ -26,8 +51,9 @@ class Runtime(Protocol):
 
     device: str  # "cpu" or "cuda:0": where it actually runs
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, C, H, W) in [0, 1] -> float32 (N, classes)."""
+    def run(self, inputs: Tensors) -> dict[str, np.ndarray]:
+        """The model's inputs by name (in the model's own shapes and dtypes; BYTES as object
+        arrays of bytes) -> every output the config names, by name."""
         ...
 
     def close(self) -> None:

@@ -8,13 +8,28 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from modelrepo.layout import INPUT_NAME, OUTPUT_NAME
-from server.runtimes.base import RuntimeLoadError, first_line
+from server.runtimes.base import Interface, RuntimeLoadError, Tensors, first_line
 
 log = logging.getLogger(__name__)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
+# onnxruntime's tensor types by the protocol's datatype names.
+ONNX_TYPES = {
+    "BOOL": "tensor(bool)",
+    "UINT8": "tensor(uint8)",
+    "UINT16": "tensor(uint16)",
+    "UINT32": "tensor(uint32)",
+    "UINT64": "tensor(uint64)",
+    "INT8": "tensor(int8)",
+    "INT16": "tensor(int16)",
+    "INT32": "tensor(int32)",
+    "INT64": "tensor(int64)",
+    "FP16": "tensor(float16)",
+    "FP32": "tensor(float)",
+    "FP64": "tensor(double)",
+    "BYTES": "tensor(string)",
+}
 
 
 def cuda_usable() -> bool:
@@ -40,10 +55,28 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     return options
 
 
+def _text(array: np.ndarray, name: str) -> np.ndarray:
+    """BYTES elements as the str objects onnxruntime's string tensors hold (UTF-8)."""
+    try:
+        return np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array)
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"input '{name}': onnxruntime holds strings as UTF-8 text; this BYTES element is not"
+        ) from None
+
+
+def _bytes(array: np.ndarray) -> np.ndarray:
+    return np.vectorize(lambda s: s.encode("utf-8") if isinstance(s, str) else s, otypes=[object])(
+        array
+    )
+
+
 class OnnxRuntime:
     """One InferenceSession. Host numpy arrays in and out, also on CUDA: correctness first."""
 
-    def __init__(self, model_path: Path, device_pref: str, intra_op_threads: int) -> None:
+    def __init__(
+        self, model_path: Path, device_pref: str, intra_op_threads: int, interface: Interface
+    ) -> None:
         use_cuda = device_pref != "cpu" and cuda_usable()
         if device_pref == "cuda" and not use_cuda:
             raise RuntimeLoadError(
@@ -69,20 +102,36 @@ class OnnxRuntime:
                 )
             log.warning("%s: CUDA execution provider failed to start; using CPU", model_path)
         self.device = "cuda:0" if CUDA_PROVIDER in active else "cpu"
-        inputs = [i.name for i in self._session.get_inputs()]
-        outputs = [o.name for o in self._session.get_outputs()]
-        if inputs != [INPUT_NAME]:
-            raise RuntimeLoadError(
-                f"{model_path.name} has inputs {inputs}, expected one named {INPUT_NAME!r}"
-            )
-        if OUTPUT_NAME not in outputs:
-            raise RuntimeLoadError(
-                f"{model_path.name} has outputs {outputs}, expected one named {OUTPUT_NAME!r}"
-            )
-        self._outputs = [OUTPUT_NAME]
+        graph_inputs = {i.name: i.type for i in self._session.get_inputs()}
+        graph_outputs = {o.name: o.type for o in self._session.get_outputs()}
+        for kind, declared, graph in (
+            ("input", interface.inputs, graph_inputs),
+            ("output", interface.outputs, graph_outputs),
+        ):
+            for name, datatype in declared:
+                if name not in graph:
+                    raise RuntimeLoadError(
+                        f"{model_path.name} has no {kind} '{name}' (its {kind}s: "
+                        f"{', '.join(graph)})"
+                    )
+                if graph[name] != ONNX_TYPES[datatype.name]:
+                    raise RuntimeLoadError(
+                        f"{kind} '{name}' is {graph[name]} in {model_path.name}, but the config "
+                        f"says TYPE_{'STRING' if datatype.is_bytes else datatype.name}"
+                    )
+        self._outputs = interface.output_names
+        self._texts = {name for name, d in interface.inputs if d.is_bytes}
+        self._byte_outputs = {name for name, d in interface.outputs if d.is_bytes}
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run(self._outputs, {INPUT_NAME: batch})[0]
+    def run(self, inputs: Tensors) -> dict[str, np.ndarray]:
+        feed = inputs
+        if self._texts:
+            feed = {n: _text(a, n) if n in self._texts else a for n, a in inputs.items()}
+        results = self._session.run(self._outputs, feed)
+        answer = dict(zip(self._outputs, results, strict=True))
+        for name in self._byte_outputs:
+            answer[name] = _bytes(answer[name])
+        return answer
 
     def close(self) -> None:
         # Dropping the last reference frees the session (and its GPU memory).

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from server.runtimes.base import RuntimeLoadError, first_line
+from server.runtimes.base import Interface, RuntimeLoadError, Tensors, first_line
 
 _threads_lock = threading.Lock()
 _threads_configured = False
@@ -37,9 +37,31 @@ def _configure_threads(torch: Any, intra_op_threads: int) -> None:
             torch.set_num_interop_threads(1)
 
 
+def positional(names: list[str]) -> list[str]:
+    """Tensors in the order TorchScript takes or gives them: by Triton's `NAME__<index>`
+    convention when every name follows it, else in the config's order."""
+    indices = [name.rpartition("__")[2] for name in names]
+    if all("__" in n and i.isdigit() for n, i in zip(names, indices, strict=True)):
+        return [n for _, n in sorted(zip((int(i) for i in indices), names, strict=True))]
+    return list(names)
+
+
 class TorchScriptRuntime:
-    def __init__(self, model_path: Path, device_pref: str, intra_op_threads: int) -> None:
+    def __init__(
+        self, model_path: Path, device_pref: str, intra_op_threads: int, interface: Interface
+    ) -> None:
         import torch
+
+        for kind, tensors in (("input", interface.inputs), ("output", interface.outputs)):
+            for name, datatype in tensors:
+                if datatype.is_bytes:
+                    raise RuntimeLoadError(
+                        f"{kind} '{name}' is TYPE_STRING: TorchScript models take and give "
+                        "tensors of numbers only"
+                    )
+        self._inputs = positional([name for name, _ in interface.inputs])
+        self._outputs = positional(interface.output_names)
+        self._dtypes = {name: d.dtype for name, d in interface.outputs}
 
         use_cuda = device_pref != "cpu" and torch.cuda.is_available()
         if device_pref == "cuda" and not use_cuda:
@@ -62,18 +84,31 @@ class TorchScriptRuntime:
         module.eval()
         self._module = module
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, inputs: Tensors) -> dict[str, np.ndarray]:
         torch = self._torch
-        if not batch.flags.writeable:  # torch.from_numpy warns on read-only buffers
-            batch = batch.copy()
+        args = []
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch))  # zero-copy on the CPU
-            if self._device.type != "cpu":
-                x = x.to(self._device, non_blocking=True)
-            y = self._module(x)
-            if isinstance(y, (tuple, list)):
-                y = y[0]
-            return y.to(dtype=torch.float32).cpu().numpy()
+            for name in self._inputs:
+                array = inputs.get(name)
+                if array is None:  # an optional input left out: the model's default
+                    continue
+                if not array.flags.writeable:  # torch.from_numpy warns on read-only buffers
+                    array = array.copy()
+                x = torch.from_numpy(np.ascontiguousarray(array))  # zero-copy on the CPU
+                if self._device.type != "cpu":
+                    x = x.to(self._device, non_blocking=True)
+                args.append(x)
+            y = self._module(*args)
+            results = list(y) if isinstance(y, (tuple, list)) else [y]
+            if len(results) < len(self._outputs):
+                raise ValueError(
+                    f"the model returned {len(results)} tensors, the config names "
+                    f"{len(self._outputs)} outputs"
+                )
+            return {
+                name: result.cpu().numpy().astype(self._dtypes[name], copy=False)
+                for name, result in zip(self._outputs, results, strict=False)
+            }
 
     def close(self) -> None:
         self._module = None

@@ -18,14 +18,15 @@ request: the whole body is one batch-1 input of the model's datatype, answered i
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from server.api.codecs import INPUT_DTYPES
+from modelrepo.datatypes import DATATYPES
+from server.api.codecs import parse_bytes_tensor, serialize_bytes_tensor
+from server.core.signature import Signature
 from server.errors import InvalidInputError, UnsupportedError
 from wire import grpc_service_pb2 as pb
 
@@ -35,9 +36,9 @@ BINARY_TYPE = "application/octet-stream"
 BINARY_SIZE = "binary_data_size"
 BINARY_OUTPUT = "binary_data"
 ALL_BINARY = "binary_data_output"
-# Each numeric JSON value as numpy reads it: which kinds a datatype accepts (BOOL and strings
-# never pass for pixels; ints coerce to floats, never the reverse).
-_ACCEPTED_KINDS = {"FP32": "fiu", "UINT8": "iu"}
+# Which kinds of JSON values (as numpy reads them) a datatype's kind accepts: ints coerce to
+# floats, never the reverse; booleans only for BOOL.
+_ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,11 @@ def header_length(value: str | None, body_size: int) -> int | None:
     return length
 
 
-def decode_infer(body: bytes, length: int | None, name: str, version: str) -> InferBody:
-    """A JSON (+ binary) inference request for model `name` (version "" = latest)."""
+def decode_infer(
+    body: bytes, length: int | None, name: str, version: str, signature: Signature
+) -> InferBody:
+    """A JSON (+ binary) inference request for model `name` (version "" = latest), whose
+    tensors `signature` declares: JSON `data` is read as the datatype the model expects."""
     header = body if length is None else body[:length]
     document = _object(_parse_json(header), "the inference request")
     request = pb.ModelInferRequest(model_name=name, model_version=version)
@@ -80,7 +84,7 @@ def decode_infer(body: bytes, length: int | None, name: str, version: str) -> In
     view = memoryview(body)
     offset = len(body) if length is None else length
     for index, tensor in enumerate(inputs):
-        offset = _input(_object(tensor, f"input {index}"), request, view, offset, length)
+        offset = _input(_object(tensor, f"input {index}"), request, view, offset, length, signature)
     if offset != len(body):
         raise InvalidInputError(
             f"unexpected additional input data: {len(body) - offset} bytes after the inputs "
@@ -90,10 +94,22 @@ def decode_infer(body: bytes, length: int | None, name: str, version: str) -> In
     return InferBody(request, binary, binary_default)
 
 
-def decode_raw(body: bytes, name: str, version: str, shape: Sequence[int]) -> InferBody:
-    """Triton's raw binary request: the body is one image of the model (`shape`: C, H, W)."""
+def decode_raw(body: bytes, name: str, version: str, signature: Signature) -> InferBody:
+    """Triton's raw binary request: the body is the model's one input, at batch size 1."""
+    if len(signature.inputs) != 1:
+        raise InvalidInputError(
+            f"a raw binary request ({HEADER_LENGTH}: 0) needs a model with one input; "
+            f"model '{signature.model}' has {len(signature.inputs)}"
+        )
+    spec = signature.inputs[0]
+    if -1 in spec.dims:
+        raise InvalidInputError(
+            f"a raw binary request cannot say the shape of input '{spec.name}' "
+            f"(dims {list(spec.dims)}): send the JSON header"
+        )
     request = pb.ModelInferRequest(model_name=name, model_version=version)
-    request.inputs.add(name="input", datatype="FP32", shape=[1, *shape])
+    shape = [1, *spec.dims] if signature.batched else list(spec.dims)
+    request.inputs.add(name=spec.name, datatype=spec.datatype.name, shape=shape)
     request.raw_input_contents.append(body)
     return InferBody(request, {}, binary_default=True)
 
@@ -158,6 +174,7 @@ def _input(
     body: memoryview,
     offset: int,
     length: int | None,
+    signature: Signature,
 ) -> int:
     """Add one input to the message; returns the offset of the next binary input."""
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
@@ -178,7 +195,12 @@ def _input(
         if key != BINARY_SIZE:
             _parameter(added.parameters[key], key, value)
     if has_data:
-        request.raw_input_contents.append(_json_data(tensor["data"], name, datatype, shape))
+        expected = signature.input(name)
+        if expected is None or expected.datatype.name != datatype:
+            # Refused by the protocol's check, which names what the model expects.
+            request.raw_input_contents.append(b"")
+        else:
+            request.raw_input_contents.append(_json_data(tensor["data"], name, datatype, shape))
         return offset
     if not _is_int(size) or size < 0:
         raise InvalidInputError(f"input {name!r}: {BINARY_SIZE!r} must be an unsigned integer")
@@ -196,27 +218,44 @@ def _input(
 
 
 def _json_data(data: Any, name: str, datatype: str, shape: Sequence[int]) -> bytes:
-    """JSON `data` (nested or flat, row-major) as the datatype's little-endian bytes.
+    """JSON `data` (nested or flat, row-major) as the datatype's raw bytes (BYTES: strings
+    with Triton's 4-byte length prefixes).
 
-    Datatypes this server does not take are left for the protocol's check to refuse, and so
+    Datatypes the protocol does not know are left for the protocol's check to refuse, and so
     is a count of values that does not match the shape.
     """
-    dtype, kinds = INPUT_DTYPES.get(datatype), _ACCEPTED_KINDS.get(datatype)
-    if dtype is None or kinds is None:
+    kind = DATATYPES.get(datatype)
+    if kind is None:
         return b""
+    if kind.is_bytes:
+        flat = _flatten(data)
+        if not all(isinstance(v, str) for v in flat):
+            raise InvalidInputError(f"input {name!r}: BYTES 'data' must be a list of strings")
+        return serialize_bytes_tensor(v.encode("utf-8") for v in flat)
     try:
         values = np.asarray(data)
     except (ValueError, TypeError):
         raise InvalidInputError(
             f"input {name!r}: 'data' must be a list of numbers, flat or nested evenly"
         ) from None
-    if values.dtype.kind not in kinds or (values.ndim == 0 and values.size == 1):
-        expected = "integers 0..255" if datatype == "UINT8" else "numbers"
+    accepted = _ACCEPTED_KINDS[kind.dtype.kind]
+    if values.dtype.kind not in accepted or (values.ndim == 0 and values.size == 1):
+        expected = {"b": "booleans", "f": "numbers"}.get(kind.dtype.kind, "integers")
         raise InvalidInputError(f"input {name!r}: 'data' must be a list of {expected}")
     # Whether the count of values fits the shape is the protocol's check, after the shape's.
-    if datatype == "UINT8" and values.size and (values.min() < 0 or values.max() > 255):
-        raise InvalidInputError(f"input {name!r}: UINT8 values must be 0..255")
-    return values.astype(dtype).tobytes()
+    if kind.dtype.kind in "iu" and values.size:
+        info = np.iinfo(kind.dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise InvalidInputError(
+                f"input {name!r}: {datatype} values must be {info.min}..{info.max}"
+            )
+    return values.astype(kind.dtype).tobytes()
+
+
+def _flatten(data: Any) -> list[Any]:
+    if isinstance(data, list):
+        return [v for item in data for v in _flatten(item)]
+    return [data]
 
 
 def _outputs(outputs: Any, request: pb.ModelInferRequest) -> dict[str, bool]:
@@ -280,15 +319,5 @@ def encode_infer(response: pb.ModelInferResponse, body: InferBody) -> tuple[byte
 
 def _json_values(datatype: str, raw: bytes) -> list[Any]:
     if datatype == "BYTES":
-        return [item.decode("utf-8", "replace") for item in _bytes_items(raw)]
-    return np.frombuffer(raw, INPUT_DTYPES[datatype]).tolist()
-
-
-def _bytes_items(raw: bytes) -> list[bytes]:
-    """The raw BYTES layout (4-byte little-endian length, then the bytes) as its items."""
-    items, offset = [], 0
-    while offset < len(raw):
-        (size,) = struct.unpack_from("<I", raw, offset)
-        items.append(raw[offset + 4 : offset + 4 + size])
-        offset += 4 + size
-    return items
+        return [item.decode("utf-8", "replace") for item in parse_bytes_tensor(raw)]
+    return np.frombuffer(raw, DATATYPES[datatype].dtype).tolist()

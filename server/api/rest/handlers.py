@@ -130,11 +130,11 @@ class Handlers:
         with self._state.call(API_LABEL, None, name=span, carrier=request.headers.items()) as call:
             timing = Timing()
             length = codec.header_length(request.headers.get(codec.HEADER_LENGTH), len(body))
-            if length == 0:  # Triton's raw binary request: one image, no JSON
-                shape = self._state.manager.get(name, version).input_shape
-                decoded = codec.decode_raw(body, name, version, shape)
+            signature = self._state.manager.get(name, version).signature
+            if length == 0:  # Triton's raw binary request: the one input's bytes, no JSON
+                decoded = codec.decode_raw(body, name, version, signature)
             else:
-                decoded = codec.decode_infer(body, length, name, version)
+                decoded = codec.decode_infer(body, length, name, version, signature)
 
             def render(response: pb.ModelInferResponse) -> web.Response:
                 data, header = codec.encode_infer(response, decoded)

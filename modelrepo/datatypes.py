@@ -1,0 +1,69 @@
+"""The tensor datatypes of Triton's model configuration and of the KServe v2 protocol.
+
+One table: the config's `TYPE_*` enum, the protocol's datatype name, the numpy dtype a tensor
+of that type is held in (little-endian, as the protocol's raw bytes are), and the typed-contents
+field of InferTensorContents that carries it (None: raw bytes only, as Triton has it for FP16).
+BYTES (`TYPE_STRING`) tensors are numpy object arrays of `bytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from wire import model_config_pb2
+
+
+@dataclass(frozen=True)
+class Datatype:
+    name: str  # the protocol's: "FP32"
+    config_type: int  # model_config_pb2.TYPE_FP32
+    dtype: np.dtype
+    contents_field: str | None  # InferTensorContents field; None: raw only
+
+    @property
+    def is_bytes(self) -> bool:
+        return self.name == "BYTES"
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element in raw contents (0 for BYTES: each element says its length)."""
+        return 0 if self.is_bytes else self.dtype.itemsize
+
+
+_T = model_config_pb2
+DATATYPES: dict[str, Datatype] = {
+    d.name: d
+    for d in (
+        Datatype("BOOL", _T.TYPE_BOOL, np.dtype("?"), "bool_contents"),
+        Datatype("UINT8", _T.TYPE_UINT8, np.dtype("u1"), "uint_contents"),
+        Datatype("UINT16", _T.TYPE_UINT16, np.dtype("<u2"), "uint_contents"),
+        Datatype("UINT32", _T.TYPE_UINT32, np.dtype("<u4"), "uint_contents"),
+        Datatype("UINT64", _T.TYPE_UINT64, np.dtype("<u8"), "uint64_contents"),
+        Datatype("INT8", _T.TYPE_INT8, np.dtype("i1"), "int_contents"),
+        Datatype("INT16", _T.TYPE_INT16, np.dtype("<i2"), "int_contents"),
+        Datatype("INT32", _T.TYPE_INT32, np.dtype("<i4"), "int_contents"),
+        Datatype("INT64", _T.TYPE_INT64, np.dtype("<i8"), "int64_contents"),
+        Datatype("FP16", _T.TYPE_FP16, np.dtype("<f2"), None),
+        Datatype("FP32", _T.TYPE_FP32, np.dtype("<f4"), "fp32_contents"),
+        Datatype("FP64", _T.TYPE_FP64, np.dtype("<f8"), "fp64_contents"),
+        Datatype("BYTES", _T.TYPE_STRING, np.dtype(object), "bytes_contents"),
+    )
+}
+BY_CONFIG_TYPE: dict[int, Datatype] = {d.config_type: d for d in DATATYPES.values()}
+
+
+def from_config_type(value: int) -> Datatype | None:
+    """The datatype of a config `data_type`; None for types this server does not serve."""
+    return BY_CONFIG_TYPE.get(value)
+
+
+def of_array(array: np.ndarray) -> Datatype:
+    """The datatype a numpy array is answered as (object arrays are BYTES)."""
+    if array.dtype.kind == "O":
+        return DATATYPES["BYTES"]
+    for d in DATATYPES.values():
+        if d.dtype.kind == array.dtype.kind and d.dtype.itemsize == array.dtype.itemsize:
+            return d
+    raise ValueError(f"no protocol datatype holds numpy {array.dtype}")
