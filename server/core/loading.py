@@ -203,7 +203,7 @@ def check_reference(
         return
     try:
         with np.load(path) as data:
-            inputs = np.ascontiguousarray(data["inputs"], dtype=image.datatype.dtype)
+            inputs = np.ascontiguousarray(data["inputs"], dtype=image.prep.dtype)
             expected = np.asarray(data["outputs"], dtype=np.float32)
             recorded = (
                 str(data[REFERENCE_PRECISION_KEY])

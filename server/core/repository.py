@@ -174,8 +174,8 @@ def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
     labels = _labels(directory, signature)
     try:
         image = image_model(config, signature)
-    except ValueError as exc:
-        raise RepositoryError(f"{CONFIG_FILE} parameters: {exc}") from None
+    except ValueError as exc:  # the image-preparation keys; the message names the key
+        raise RepositoryError(str(exc)) from None
     if config.max_batch_size > 0:
         config.dynamic_batching.SetInParent()  # a batching model always batches dynamically
         if config.dynamic_batching.max_queue_delay_microseconds == 0:
