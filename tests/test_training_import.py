@@ -1,9 +1,11 @@
 """`python -m training import` on models trained elsewhere: torchvision architectures exported to
 ONNX here, a Keras-style NHWC classifier, a TorchScript file, Triton's two-input `simple` shape;
-the config it writes, the reference that reproduces, and what it refuses."""
+the config it writes, the reference that reproduces, what it refuses, and a real server that
+loads the imported classifiers and answers tritonclient and the native API with them."""
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -17,8 +19,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import tritonclient.grpc as triton
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+from server_process import ServerProcess
 
+from client import ClassifierClient
 from modelrepo import layout
 from modelrepo.config import load_config
 from modelrepo.imageprep import ImagePrep
@@ -478,3 +484,54 @@ def test_image_model_without_batching(tmp_path: Path, capsys: pytest.CaptureFixt
     assert prep.explicit_batch and prep.output == "logits"
     ref = reproduce_with_onnxruntime(tmp_path / "models" / "unbatched" / "1", batched=False)
     assert ref["inputs"].shape == (4, 1, 3, 8, 8) and ref["outputs"].shape == (4, 1, 5)
+
+
+def test_an_imported_classifier_serves(
+    torchvision_models: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real server on imported models: tritonclient's classification answers the labels and
+    scores reference.npz recorded, and the native API prepares an encoded image as the keys
+    say (torchvision normalisation and logits for resnet18; NHWC with VGG, or BGR with mean and
+    std, for the Keras one)."""
+    repo = tmp_path / "models"
+    path, _ = torchvision_models["resnet18"]
+    resnet = ["--labels", labels_file(tmp_path, 1000), "--mean", TORCHVISION_MEAN,
+              "--std", TORCHVISION_STD]  # fmt: skip
+    assert import_cli(capsys, path, repo, "resnet18", *resnet)[0] == 0
+    keras = keras_style_nhwc(tmp_path / "keras.onnx")
+    assert import_cli(capsys, keras, repo, "keras", "--scaling", "VGG")[0] == 0
+    bgr = ["--channel-order", "BGR", "--mean", "0.1,0.2,0.3", "--std", "0.5"]
+    assert import_cli(capsys, keras, repo, "keras_bgr", *bgr)[0] == 0
+    pixels = np.random.default_rng(11).integers(0, 256, (48, 80, 3), np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+
+    with ServerProcess(repo) as server:
+        client = triton.InferenceServerClient(server.target)
+        assert client.is_model_ready("resnet18") and client.is_model_ready("keras"), server.log
+        ref = reference(repo / "resnet18" / "1")
+        tensor = triton.InferInput("pixels", list(ref["inputs"].shape), "FP32")
+        tensor.set_data_from_numpy(ref["inputs"])
+        wanted = triton.InferRequestedOutput("logits", class_count=3)
+        answers = client.infer("resnet18", [tensor], outputs=[wanted]).as_numpy("logits")
+        for answer, expected in zip(answers, ref["outputs"], strict=True):
+            top = [a.decode().split(":") for a in answer]
+            assert [int(index) for _, index, _ in top] == list(np.argsort(-expected)[:3])
+            assert [label for _, _, label in top] == [f"class {index}" for _, index, _ in top]
+            np.testing.assert_allclose([float(s) for s, _, _ in top], np.sort(expected)[::-1][:3],
+                                       atol=1e-4)  # fmt: skip
+        client.close()
+
+        with ClassifierClient(server.target) as native:
+            for name in ("resnet18", "keras", "keras_bgr"):
+                config = load_config(repo / name / layout.CONFIG_FILE)
+                prep = ImagePrep.from_config(config)
+                session = ort.InferenceSession(
+                    str(repo / name / "1" / layout.ONNX_FILE), providers=["CPUExecutionProvider"]
+                )
+                scores = session.run(None, {config.input[0].name: prep.prepare(pixels)[None]})[0]
+                (result,) = native.classify(name, png.getvalue(), top_k=3)
+                np.testing.assert_allclose(
+                    result.probabilities, prep.probabilities(scores)[0], atol=1e-5
+                )
+                assert result.probabilities.sum() == pytest.approx(1, abs=1e-4)
