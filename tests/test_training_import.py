@@ -130,6 +130,23 @@ def simple_add_sub(path: Path, element: int = TensorProto.INT32) -> Path:
     return save_onnx(graph, path)
 
 
+def fixed_batch_of_one(path: Path) -> Path:
+    """A classifier exported with a fixed batch of one and Triton's densenet_onnx tensor names:
+    data_0 [1, 3, 8, 8] in, fc6_1 [1, 5] logits out."""
+    weight = np.random.default_rng(5).standard_normal((3 * 8 * 8, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["data_0"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["fc6_1"]),
+        ],
+        "unbatched",
+        [helper.make_tensor_value_info("data_0", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("fc6_1", TensorProto.FLOAT, [1, 5])],
+        initializer=[numpy_helper.from_array(weight, "w")],
+    )
+    return save_onnx(graph, path)
+
+
 def reference(version_dir: Path) -> dict[str, np.ndarray]:
     with np.load(version_dir / layout.REFERENCE_FILE) as data:  # no pickle: strings are bytes
         return {key: data[key] for key in data.files}
@@ -445,6 +462,8 @@ def test_defaults_for_a_fixed_batch_and_help(
     config = load_config(tmp_path / "models" / "fixed" / layout.CONFIG_FILE)
     assert config.max_batch_size == 0 and list(config.input[0].dims) == [1, 10]
     assert not config.HasField("dynamic_batching")
+    ref = reproduce_with_onnxruntime(tmp_path / "models" / "fixed" / "1", batched=False)
+    assert ref["inputs"].shape == (4, 1, 10)  # each row one whole input
     with pytest.raises(SystemExit) as exited:
         main(["import", "--help"])
     assert exited.value.code == 0
@@ -455,35 +474,30 @@ def test_defaults_for_a_fixed_batch_and_help(
 
 
 def test_image_model_without_batching(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A fixed batch of one, as some exporters write (densenet_onnx's shape): no batching, the
-    batch dim stays in dims, and each reference row is one whole input."""
-    weight = np.random.default_rng(5).standard_normal((3 * 8 * 8, 5)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", ["data_0"], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "w"], ["fc6_1"]),
-        ],
-        "unbatched",
-        [helper.make_tensor_value_info("data_0", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("fc6_1", TensorProto.FLOAT, [1, 5])],
-        initializer=[numpy_helper.from_array(weight, "w")],
-    )
-    model = save_onnx(graph, tmp_path / "unbatched.onnx")
+    """A fixed batch of one, as some exporters write: no batching, and the config Triton's
+    densenet_onnx example has (image dims, a reshape to the model's [1, C, H, W]); each
+    reference row is one image, fed alone."""
+    model = fixed_batch_of_one(tmp_path / "unbatched.onnx")
     code, _, err = import_cli(capsys, model, tmp_path / "models", "unbatched", "--labels",
                               labels_file(tmp_path, 5))  # fmt: skip
     assert (code, err) == (0, ""), err
     config = load_config(tmp_path / "models" / "unbatched" / layout.CONFIG_FILE)
     assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
-    assert [(i.name, i.format, list(i.dims)) for i in config.input] == [
-        ("data_0", model_config_pb2.ModelInput.FORMAT_NCHW, [1, 3, 8, 8])
+    nchw = model_config_pb2.ModelInput.FORMAT_NCHW
+    assert [(i.name, i.format, list(i.dims), list(i.reshape.shape)) for i in config.input] == [
+        ("data_0", nchw, [3, 8, 8], [1, 3, 8, 8])
     ]
-    assert [(o.name, list(o.dims), o.label_filename) for o in config.output] == [
-        ("fc6_1", [1, 5], layout.LABELS_FILE)
-    ]
+    assert [
+        (o.name, list(o.dims), list(o.reshape.shape), o.label_filename) for o in config.output
+    ] == [("fc6_1", [5], [1, 5], layout.LABELS_FILE)]
     prep = ImagePrep.from_config(config)
-    assert prep.explicit_batch and prep.output == "logits"
-    ref = reproduce_with_onnxruntime(tmp_path / "models" / "unbatched" / "1", batched=False)
-    assert ref["inputs"].shape == (4, 1, 3, 8, 8) and ref["outputs"].shape == (4, 1, 5)
+    assert prep.shape == (3, 8, 8) and prep.output == "logits"
+    ref = reference(tmp_path / "models" / "unbatched" / "1")
+    assert ref["inputs"].shape == (4, 3, 8, 8) and ref["outputs"].shape == (4, 5)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for row, expected in zip(ref["inputs"], ref["outputs"], strict=True):
+        (got,) = session.run(None, {"data_0": row[np.newaxis]})
+        assert np.max(np.abs(got[0] - expected)) <= ref[REFERENCE_TOLERANCE_KEY]
 
 
 def test_an_imported_classifier_serves(
@@ -492,7 +506,7 @@ def test_an_imported_classifier_serves(
     """A real server on imported models: tritonclient's classification answers the labels and
     scores reference.npz recorded, and the native API prepares an encoded image as the keys
     say (torchvision normalisation and logits for resnet18; NHWC with VGG, or BGR with mean and
-    std, for the Keras one)."""
+    std, for the Keras one; INCEPTION for a fixed batch of one)."""
     repo = tmp_path / "models"
     path, _ = torchvision_models["resnet18"]
     resnet = ["--labels", labels_file(tmp_path, 1000), "--mean", TORCHVISION_MEAN,
@@ -502,6 +516,8 @@ def test_an_imported_classifier_serves(
     assert import_cli(capsys, keras, repo, "keras", "--scaling", "VGG")[0] == 0
     bgr = ["--channel-order", "BGR", "--mean", "0.1,0.2,0.3", "--std", "0.5"]
     assert import_cli(capsys, keras, repo, "keras_bgr", *bgr)[0] == 0
+    unbatched = fixed_batch_of_one(tmp_path / "unbatched.onnx")
+    assert import_cli(capsys, unbatched, repo, "unbatched", "--scaling", "INCEPTION")[0] == 0
     pixels = np.random.default_rng(11).integers(0, 256, (48, 80, 3), np.uint8)
     png = io.BytesIO()
     Image.fromarray(pixels).save(png, format="PNG")
@@ -523,13 +539,14 @@ def test_an_imported_classifier_serves(
         client.close()
 
         with ClassifierClient(server.target) as native:
-            for name in ("resnet18", "keras", "keras_bgr"):
+            for name in ("resnet18", "keras", "keras_bgr", "unbatched"):
                 config = load_config(repo / name / layout.CONFIG_FILE)
                 prep = ImagePrep.from_config(config)
                 session = ort.InferenceSession(
                     str(repo / name / "1" / layout.ONNX_FILE), providers=["CPUExecutionProvider"]
                 )
-                scores = session.run(None, {config.input[0].name: prep.prepare(pixels)[None]})[0]
+                image = prep.prepare(pixels)[np.newaxis]  # the batch dim, its own or ours
+                scores = session.run(None, {config.input[0].name: image})[0].reshape(1, -1)
                 (result,) = native.classify(name, png.getvalue(), top_k=3)
                 np.testing.assert_allclose(
                     result.probabilities, prep.probabilities(scores)[0], atol=1e-5

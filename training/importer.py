@@ -302,11 +302,12 @@ def _image_prep(
     into `config` (input format, `image_*` keys); None, with a note, for other models. Asking
     for image preparation on a model that cannot have it is refused."""
     flags = opts.image_flags()
-    problem = _classifier_problem(config)
+    base = _without_batch_of_one(config) or config
+    problem = _classifier_problem(base)
     prep = None
     if problem is None:
         candidate = ModelConfig()
-        candidate.CopyFrom(config)
+        candidate.CopyFrom(base)
         if opts.format is not None:
             candidate.input[0].format = imageprep.FORMATS[opts.format.upper()]
         given = {
@@ -329,10 +330,29 @@ def _image_prep(
         log(f"note: imported as a generic model, without image-preparation keys: {problem}")
         return None
     assert prep is not None
+    config.CopyFrom(base)
     config.input[0].format = imageprep.FORMATS[prep.layout]
     for key, value in prep.to_parameters().items():
         config.parameters[key].string_value = value
     return prep
+
+
+def _without_batch_of_one(config: ModelConfig) -> ModelConfig | None:
+    """A model without batching whose one input is [1, C, H, W] and one output [1, ...] (an
+    exporter's fixed batch of one) as Triton's densenet_onnx example configures one: dims
+    without the 1, and a `reshape` to the model's own shapes. None for other models."""
+    if config.max_batch_size != 0 or len(config.input) != 1 or len(config.output) != 1:
+        return None
+    if len(config.input[0].dims) != 4 or config.input[0].dims[0] != 1:
+        return None
+    if len(config.output[0].dims) < 2 or config.output[0].dims[0] != 1:
+        return None
+    reshaped = ModelConfig()
+    reshaped.CopyFrom(config)
+    for tensor in (reshaped.input[0], reshaped.output[0]):
+        tensor.reshape.shape.extend(tensor.dims)
+        del tensor.dims[0]
+    return reshaped
 
 
 def _classifier_problem(config: ModelConfig) -> str | None:
@@ -419,9 +439,16 @@ def _run_reference(
         if batching:
             outputs = model.run(inputs)
             alone = model.run([x[:1] for x in inputs])
-        else:
-            runs = [model.run([x[row] for x in inputs]) for row in range(REFERENCE_ROWS)]
-            outputs = [np.stack(each) for each in zip(*runs, strict=True)]
+        else:  # one row at a time, in the model's own shapes where a reshape says them
+            pairs = list(zip(inputs, config.input, strict=True))
+            runs = [
+                model.run([_model_shaped(x[row], t) for x, t in pairs])
+                for row in range(REFERENCE_ROWS)
+            ]
+            outputs = [
+                np.stack([np.reshape(run[i], _config_shape(run[i], t)) for run in runs])
+                for i, t in enumerate(config.output)
+            ]
     except TrainingError:
         raise
     except Exception as exc:
@@ -451,6 +478,15 @@ def _run_reference(
                     "the model cannot be batched; import it with --max-batch-size 0"
                 )
     return outputs
+
+
+def _model_shaped(array: np.ndarray, tensor: Any) -> np.ndarray:
+    return array.reshape(tuple(tensor.reshape.shape)) if tensor.HasField("reshape") else array
+
+
+def _config_shape(array: np.ndarray, tensor: Any) -> tuple[int, ...]:
+    """An output as config.pbtxt's dims say it (they differ from the model's by a reshape)."""
+    return tuple(tensor.dims) if tensor.HasField("reshape") else array.shape
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -541,8 +577,8 @@ def _check_same_model(existing: ModelConfig, config: ModelConfig, name: str) -> 
         return [
             ("platform", c.platform),
             ("max_batch_size", c.max_batch_size),
-            ("inputs", [(i.name, i.data_type, i.format, list(i.dims)) for i in c.input]),
-            ("outputs", [(o.name, o.data_type, list(o.dims), o.label_filename) for o in c.output]),
+            ("inputs", [(i.name, i.data_type, i.format, *_dims(i)) for i in c.input]),
+            ("outputs", [(o.name, o.data_type, *_dims(o), o.label_filename) for o in c.output]),
             ("image-preparation keys", image),
         ]
 
@@ -552,6 +588,10 @@ def _check_same_model(existing: ModelConfig, config: ModelConfig, name: str) -> 
                 f"{name}'s config.pbtxt has other {what} than this file gives ({_short(old)} "
                 f"there, {_short(new)} here): import it under another --name"
             )
+
+
+def _dims(tensor: Any) -> tuple[list[int], list[int]]:
+    return list(tensor.dims), list(tensor.reshape.shape)
 
 
 def _check_same_labels(model_dir: Path, labels: list[str], name: str) -> None:
