@@ -397,7 +397,7 @@ def _on_signals(stop: asyncio.Event) -> None:
 
 def _interface(model: ServedModel) -> str:
     """An image classifier's input and classes; any other model's tensors."""
-    if model.image is not None and model.image.layout == "NCHW":
+    if model.image is not None and model.image.layout == "NCHW" and model.signature.batched:
         c, h, w = model.input_shape
         return f"input [N,{c},{h},{w}], {model.num_classes} classes"
     signature = model.signature
