@@ -54,6 +54,18 @@ def error_code(error: grpc.RpcError) -> str:
     return code.name if code is not None else "UNKNOWN"
 
 
+def kserve_modules() -> tuple[Any, Any]:
+    """The KServe v2 messages and stubs: the standard client's (`tritonclient`) when installed,
+    else this project's own (wire/), which our server also answers under its package's name.
+    So the load runs on a machine that lacks tritonclient (the GPU check's bare Python)."""
+    try:
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+    except ImportError:
+        from wire import grpc_service_pb2 as service_pb2
+        from wire import grpc_service_pb2_grpc as service_pb2_grpc
+    return service_pb2, service_pb2_grpc
+
+
 def native_request(config: Config, model: ModelInfo) -> Any:
     """The ClassifyRequest every native call sends (no id: streams add their own)."""
     from wire import classifier_pb2
@@ -94,7 +106,7 @@ def native_call(
 
 def kserve_request(config: Config, model: ModelInfo) -> Any:
     """The KServe v2 ModelInferRequest every KServe call sends (no id: streams add their own)."""
-    from tritonclient.grpc import service_pb2
+    service_pb2, _ = kserve_modules()
 
     batch = _pixels(model.shape, config.batch)
     return service_pb2.ModelInferRequest(
@@ -113,7 +125,7 @@ def kserve_call(
     channel: grpc.aio.Channel, config: Config, model: ModelInfo, timeout: float
 ) -> Call:
     """KServe v2 ModelInfer through the standard client's generated stubs."""
-    from tritonclient.grpc import service_pb2_grpc
+    _, service_pb2_grpc = kserve_modules()
 
     request = kserve_request(config, model)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -151,8 +163,7 @@ async def model_info(
     v2 server. `check` raises BenchError when waiting is pointless (the started server died).
     With `settled` the server has finished loading, so a model that is not ready never will be.
     """
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
-
+    service_pb2, service_pb2_grpc = kserve_modules()
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     deadline = time.monotonic() + wait_s
     last = "no answer"
