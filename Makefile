@@ -10,9 +10,17 @@ DATA ?= data
 EPOCHS ?= 3
 PRECISION ?= fp32
 PROTOS := $(wildcard proto/wire/*.proto)
+# The GPU check (docs/benchmarks.md#gpu): the wheels the GPU machine lacks, for its Python, and
+# the folder its results go to. Its Python is the machine's own (no venv there).
+GPU_WHEELS ?= gpu-wheels
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS ?= manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64
+GPU_OUT ?= gpu-results
+GPU_ARGS ?=
 GENERATED := $(patsubst proto/wire/%.proto,wire/%_pb2.py,$(PROTOS))
 
-.PHONY: install proto run repository test lint format bench clean help test-tools docker-engine perf-analyzer
+.PHONY: install proto run repository test lint format bench clean help test-tools docker-engine perf-analyzer \
+	gpu-wheels gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -86,6 +94,19 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 bench: $(STAMP) proto  ## served path vs compute and transport ceilings on $(REPO) (run `make repository` first)
 	$(PY) -m benchmarks --model-repository $(REPO) --model fashion_mnist --out benchmark-results/fashion_mnist
 	$(PY) -m benchmarks --model-repository $(REPO) --model cifar10 --out benchmark-results/cifar10
+
+# Run here: the packages benchmarks.gpu.wheels names (pinned as pyproject.toml pins them), as
+# wheels for the GPU machine's Python on manylinux x86-64, checked for their tags and size.
+gpu-wheels: $(STAMP)  ## download the wheels the GPU machine lacks into gpu-wheels/ (for its Python 3.12)
+	rm -rf $(GPU_WHEELS)
+	$(PIP) download --quiet --no-deps --only-binary=:all: --dest $(GPU_WHEELS) \
+		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) \
+		$$($(PY) -m benchmarks.gpu.wheels requirements)
+	$(PY) -m benchmarks.gpu.wheels check $(GPU_WHEELS) --python-version $(GPU_PYTHON_VERSION)
+
+# Run on the GPU machine, with gpu-wheels/ and wire/ copied along (no venv, no proto step there).
+gpu-check:  ## on a GPU machine: the GPU path in one bounded run (8 min), results in gpu-results/
+	$(PYTHON) -m benchmarks gpu --out $(GPU_OUT) --wheels $(GPU_WHEELS) $(GPU_ARGS)
 
 clean:  ## remove the generated code and build output (keeps .venv and data)
 	rm -f wire/*_pb2*.py wire/*_pb2*.pyi
