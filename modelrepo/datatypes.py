@@ -8,7 +8,7 @@ BYTES (`TYPE_STRING`) tensors are numpy object arrays of `bytes`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,15 +21,14 @@ class Datatype:
     config_type: int  # model_config_pb2.TYPE_FP32
     dtype: np.dtype
     contents_field: str | None  # InferTensorContents field; None: raw only
+    # Read per request: kept as fields. Bytes per element in raw contents (0 for BYTES: each
+    # element says its own length).
+    is_bytes: bool = field(init=False)
+    itemsize: int = field(init=False)
 
-    @property
-    def is_bytes(self) -> bool:
-        return self.name == "BYTES"
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element in raw contents (0 for BYTES: each element says its length)."""
-        return 0 if self.is_bytes else self.dtype.itemsize
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_bytes", self.name == "BYTES")
+        object.__setattr__(self, "itemsize", 0 if self.is_bytes else self.dtype.itemsize)
 
 
 _T = model_config_pb2

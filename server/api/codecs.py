@@ -357,18 +357,17 @@ def encode_infer_outputs(
 ) -> None:
     """Fill `outputs` (and raw_output_contents when the request was raw, or an output has no
     typed-contents field) from the model's answer."""
-    raw = raw or any(
-        signature.output(o.name).datatype.contents_field is None  # type: ignore[union-attr]
-        for o in outputs
-    )
+    specs = [signature.output(o.name) for o in outputs]
+    if not raw:  # typed contents, unless an output has no field for them
+        raw = any(s.datatype.contents_field is None for s in specs)  # type: ignore[union-attr]
     batched = signature.batched
-    for spec in outputs:
-        array = results[spec.name]
-        tensor = response.outputs.add(name=spec.name)
-        if spec.class_count:
+    for wanted, spec in zip(outputs, specs, strict=True):
+        array = results[wanted.name]
+        tensor = response.outputs.add(name=wanted.name)
+        if wanted.class_count:
             scores = array.reshape(array.shape[0], -1) if batched else array.reshape(1, -1)
-            k = min(spec.class_count, scores.shape[1])
-            items = classification_strings(scores, k, labels.get(spec.name, ()))
+            k = min(wanted.class_count, scores.shape[1])
+            items = classification_strings(scores, k, labels.get(wanted.name, ()))
             tensor.datatype = "BYTES"
             tensor.shape.extend([array.shape[0], k] if batched else [k])
             if raw:
@@ -376,7 +375,7 @@ def encode_infer_outputs(
             else:
                 tensor.contents.bytes_contents.extend(items)
             continue
-        datatype = signature.output(spec.name).datatype  # type: ignore[union-attr]
+        datatype = spec.datatype  # type: ignore[union-attr]
         tensor.datatype = datatype.name
         tensor.shape.extend(array.shape)
         if datatype.is_bytes:

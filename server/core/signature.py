@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,16 +42,25 @@ class TensorSpec:
     format: str = "FORMAT_NONE"
     label_filename: str = ""
 
+    @property
+    def fixed(self) -> tuple[int, ...] | None:
+        """The dims when none is variable: a request's shape is then checked by one compare."""
+        return None if -1 in self.dims else self.dims
+
     def shown_dims(self, batched: bool) -> list[int]:
         """The dims as clients see them (ModelMetadata, messages): -1 leads when batched."""
         return [-1, *self.dims] if batched else list(self.dims)
 
     def matches(self, shape: Sequence[int], batched: bool) -> bool:
-        body = shape[1:] if batched else shape
+        body = tuple(shape[1:] if batched else shape)
         if batched and (len(shape) < 1 or shape[0] < 1):
             return False
-        return len(body) == len(self.dims) and all(
-            d == -1 or d == s for d, s in zip(self.dims, body, strict=True)
+        if body == self.dims:
+            return True
+        return (
+            -1 in self.dims
+            and len(body) == len(self.dims)
+            and all(d == -1 or d == s for d, s in zip(self.dims, body, strict=True))
         )
 
 
@@ -61,12 +70,22 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batched: bool  # max_batch_size > 0: the first dim of every tensor is the batch
+    # Looked up per request: built once.
+    _inputs: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    _outputs: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    _required: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_inputs", {t.name: t for t in self.inputs})
+        object.__setattr__(self, "_outputs", {t.name: t for t in self.outputs})
+        required = tuple(t.name for t in self.inputs if not t.optional)
+        object.__setattr__(self, "_required", required)
 
     def input(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.inputs if t.name == name), None)
+        return self._inputs.get(name)
 
     def output(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.outputs if t.name == name), None)
+        return self._outputs.get(name)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -75,14 +94,24 @@ class Signature:
     def check_inputs(self, declared: Mapping[str, tuple[str, Sequence[int]]]) -> None:
         """Triton's checks of a request's inputs (name -> (datatype, shape)), in its order:
         unknown names, missing required inputs, datatypes, shapes."""
+        specs = self._inputs
+        if len(declared) == len(specs) == 1:  # the common case: one input, known or not
+            ((name, (datatype, shape)),) = declared.items()
+            spec = specs.get(name)
+            if (
+                spec is not None
+                and datatype == spec.datatype.name
+                and spec.matches(shape, self.batched)
+            ):
+                return
         for name in declared:
-            if self.input(name) is None:
+            if name not in specs:
                 allowed = ", ".join(t.name for t in self.inputs)
                 raise InvalidInputError(
                     f"unexpected inference input '{name}' for model '{self.model}', "
                     f"allowed inputs are: {allowed}"
                 )
-        required = [t.name for t in self.inputs if not t.optional]
+        required = self._required
         missing = [n for n in required if n not in declared]
         if missing:
             raise InvalidInputError(

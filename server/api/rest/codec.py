@@ -195,12 +195,14 @@ def _input(
         if key != BINARY_SIZE:
             _parameter(added.parameters[key], key, value)
     if has_data:
-        expected = signature.input(name)
-        if expected is None or expected.datatype.name != datatype:
-            # Refused by the protocol's check, which names what the model expects.
-            request.raw_input_contents.append(b"")
-        else:
-            request.raw_input_contents.append(_json_data(tensor["data"], name, datatype, shape))
+        try:
+            data = _json_data(tensor["data"], name, datatype, shape)
+        except InvalidInputError:
+            expected = signature.input(name)
+            if expected is not None and expected.datatype.name == datatype:
+                raise
+            data = b""  # the protocol's check refuses the datatype, naming what is expected
+        request.raw_input_contents.append(data)
         return offset
     if not _is_int(size) or size < 0:
         raise InvalidInputError(f"input {name!r}: {BINARY_SIZE!r} must be an unsigned integer")
