@@ -21,6 +21,7 @@ class Datatype:
     config_type: int  # model_config_pb2.TYPE_FP32
     dtype: np.dtype
     contents_field: str | None  # InferTensorContents field; None: raw only
+    onnx_type: str  # onnxruntime's spelling of the tensor type: "tensor(float)"
     # Read per request: kept as fields. Bytes per element in raw contents (0 for BYTES: each
     # element says its own length).
     is_bytes: bool = field(init=False)
@@ -35,19 +36,19 @@ _T = model_config_pb2
 DATATYPES: dict[str, Datatype] = {
     d.name: d
     for d in (
-        Datatype("BOOL", _T.TYPE_BOOL, np.dtype("?"), "bool_contents"),
-        Datatype("UINT8", _T.TYPE_UINT8, np.dtype("u1"), "uint_contents"),
-        Datatype("UINT16", _T.TYPE_UINT16, np.dtype("<u2"), "uint_contents"),
-        Datatype("UINT32", _T.TYPE_UINT32, np.dtype("<u4"), "uint_contents"),
-        Datatype("UINT64", _T.TYPE_UINT64, np.dtype("<u8"), "uint64_contents"),
-        Datatype("INT8", _T.TYPE_INT8, np.dtype("i1"), "int_contents"),
-        Datatype("INT16", _T.TYPE_INT16, np.dtype("<i2"), "int_contents"),
-        Datatype("INT32", _T.TYPE_INT32, np.dtype("<i4"), "int_contents"),
-        Datatype("INT64", _T.TYPE_INT64, np.dtype("<i8"), "int64_contents"),
-        Datatype("FP16", _T.TYPE_FP16, np.dtype("<f2"), None),
-        Datatype("FP32", _T.TYPE_FP32, np.dtype("<f4"), "fp32_contents"),
-        Datatype("FP64", _T.TYPE_FP64, np.dtype("<f8"), "fp64_contents"),
-        Datatype("BYTES", _T.TYPE_STRING, np.dtype(object), "bytes_contents"),
+        Datatype("BOOL", _T.TYPE_BOOL, np.dtype("?"), "bool_contents", "tensor(bool)"),
+        Datatype("UINT8", _T.TYPE_UINT8, np.dtype("u1"), "uint_contents", "tensor(uint8)"),
+        Datatype("UINT16", _T.TYPE_UINT16, np.dtype("<u2"), "uint_contents", "tensor(uint16)"),
+        Datatype("UINT32", _T.TYPE_UINT32, np.dtype("<u4"), "uint_contents", "tensor(uint32)"),
+        Datatype("UINT64", _T.TYPE_UINT64, np.dtype("<u8"), "uint64_contents", "tensor(uint64)"),
+        Datatype("INT8", _T.TYPE_INT8, np.dtype("i1"), "int_contents", "tensor(int8)"),
+        Datatype("INT16", _T.TYPE_INT16, np.dtype("<i2"), "int_contents", "tensor(int16)"),
+        Datatype("INT32", _T.TYPE_INT32, np.dtype("<i4"), "int_contents", "tensor(int32)"),
+        Datatype("INT64", _T.TYPE_INT64, np.dtype("<i8"), "int64_contents", "tensor(int64)"),
+        Datatype("FP16", _T.TYPE_FP16, np.dtype("<f2"), None, "tensor(float16)"),
+        Datatype("FP32", _T.TYPE_FP32, np.dtype("<f4"), "fp32_contents", "tensor(float)"),
+        Datatype("FP64", _T.TYPE_FP64, np.dtype("<f8"), "fp64_contents", "tensor(double)"),
+        Datatype("BYTES", _T.TYPE_STRING, np.dtype(object), "bytes_contents", "tensor(string)"),
     )
 }
 BY_CONFIG_TYPE: dict[int, Datatype] = {d.config_type: d for d in DATATYPES.values()}

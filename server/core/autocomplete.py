@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from modelrepo.config import ModelConfig
+from modelrepo.datatypes import DATATYPES
 from modelrepo.layout import (
     MODEL_FILES,
     ONNX_FILE,
@@ -37,22 +38,10 @@ DEFAULT_MAX_BATCH_SIZE = 4
 BACKENDS = {PLATFORM_ONNX: "onnxruntime", PLATFORM_TORCHSCRIPT: "pytorch"}
 
 _T = model_config_pb2
-# onnxruntime's tensor types by config datatype, as Triton's onnxruntime backend maps them.
-ONNX_TYPES: dict[int, str] = {
-    _T.TYPE_BOOL: "tensor(bool)",
-    _T.TYPE_UINT8: "tensor(uint8)",
-    _T.TYPE_UINT16: "tensor(uint16)",
-    _T.TYPE_UINT32: "tensor(uint32)",
-    _T.TYPE_UINT64: "tensor(uint64)",
-    _T.TYPE_INT8: "tensor(int8)",
-    _T.TYPE_INT16: "tensor(int16)",
-    _T.TYPE_INT32: "tensor(int32)",
-    _T.TYPE_INT64: "tensor(int64)",
-    _T.TYPE_FP16: "tensor(float16)",
-    _T.TYPE_FP32: "tensor(float)",
-    _T.TYPE_FP64: "tensor(double)",
-    _T.TYPE_STRING: "tensor(string)",
-    _T.TYPE_BF16: "tensor(bfloat16)",
+# onnxruntime's tensor types by config datatype, as Triton's onnxruntime backend maps them
+# (BF16 too, which it maps and this server cannot hold in numpy).
+ONNX_TYPES: dict[int, str] = {d.config_type: d.onnx_type for d in DATATYPES.values()} | {
+    _T.TYPE_BF16: "tensor(bfloat16)"
 }
 CONFIG_TYPES: dict[str, int] = {onnx: config for config, onnx in ONNX_TYPES.items()}
 # The non-tensor ONNX types by their spelling in onnxruntime's Python API, named as Triton

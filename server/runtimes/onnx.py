@@ -14,22 +14,6 @@ log = logging.getLogger(__name__)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
-# onnxruntime's tensor types by the protocol's datatype names.
-ONNX_TYPES = {
-    "BOOL": "tensor(bool)",
-    "UINT8": "tensor(uint8)",
-    "UINT16": "tensor(uint16)",
-    "UINT32": "tensor(uint32)",
-    "UINT64": "tensor(uint64)",
-    "INT8": "tensor(int8)",
-    "INT16": "tensor(int16)",
-    "INT32": "tensor(int32)",
-    "INT64": "tensor(int64)",
-    "FP16": "tensor(float16)",
-    "FP32": "tensor(float)",
-    "FP64": "tensor(double)",
-    "BYTES": "tensor(string)",
-}
 
 
 def cuda_usable() -> bool:
@@ -114,7 +98,7 @@ class OnnxRuntime:
                         f"{model_path.name} has no {kind} '{name}' (its {kind}s: "
                         f"{', '.join(graph)})"
                     )
-                if graph[name] != ONNX_TYPES[datatype.name]:
+                if graph[name] != datatype.onnx_type:
                     raise RuntimeLoadError(
                         f"{kind} '{name}' is {graph[name]} in {model_path.name}, but the config "
                         f"says TYPE_{'STRING' if datatype.is_bytes else datatype.name}"
