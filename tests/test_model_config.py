@@ -3,12 +3,21 @@ version folders, labels, and the parameters the server reads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as triton_config
 
-from modelrepo.config import ConfigError, data_type_name, load_config, parse_config, write_config
+from modelrepo.config import (
+    ConfigError,
+    data_type_name,
+    load_config,
+    parse_config,
+    parse_json_config,
+    write_config,
+)
 from modelrepo.config_edit import ConfigEditError, set_instance_count, set_parameter, set_value
 from modelrepo.layout import list_versions, next_version, read_labels, write_labels
 from server.config import Settings
@@ -196,3 +205,30 @@ def test_the_config_sets_onnxruntime_threads_per_model(tmp_path: Path) -> None:
         _model_folder(tmp_path, f"bad{bad}", "onnxruntime_onnx", bad)
         with pytest.raises(RepositoryError, match="intra_op_thread_count must be a number"):
             read_model(tmp_path, f"bad{bad}", settings)
+
+
+@pytest.mark.parametrize("proto_names", [True, False], ids=["field_names", "json_names"])
+def test_a_json_config_from_tritons_schema_reads_as_its_text_does(proto_names: bool) -> None:
+    """The `config` load parameter: protobuf's JSON of Triton's own ModelConfig, fields this
+    server does not use included, reads as config.pbtxt does; enums in any case, as in Triton."""
+    triton = text_format.Parse(TRITON_CONFIG, triton_config.ModelConfig())
+    document = json_format.MessageToDict(triton, preserving_proto_field_name=proto_names)
+    assert {"optimization", "model_warmup" if proto_names else "modelWarmup"} <= set(document)
+    document["input"][0]["data_type" if proto_names else "dataType"] = "type_fp32"
+    assert parse_json_config(json.dumps(document)) == parse_config(TRITON_CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("{max_batch_size: 2}", "not valid JSON: Expecting property name"),
+        ('"max_batch_size"', "expected a JSON object, got str"),
+        ('{"max_batch_size": 2.5}', "Failed to parse max_batch_size field"),
+        ('{"input": [{"data_type": "TYPE_FLOAT"}]}', "Invalid enum value TYPE_FLOAT"),
+        ('{"version_policy": {"specific": {"versions": "1"}}}', "must be in []"),
+    ],
+)
+def test_a_malformed_json_config_is_refused_with_the_reason(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_json_config(text)
+    assert reason in str(caught.value)
