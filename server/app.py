@@ -36,6 +36,7 @@ from server.api.traced import RpcNames
 from server.config import Settings
 from server.core.loading import SYNTHETIC_WARNING
 from server.core.manager import ModelManager
+from server.core.overrides import OverrideFolders
 from server.core.served import ServedModel
 from server.errors import StartupError
 from server.observability import tracing, tracing_config
@@ -52,6 +53,8 @@ log = logging.getLogger("server")
 # The lock file in the supervisor's run folder that serializes model control
 # (server.processes.cluster).
 CONTROL_LOCK = "control.lock"
+# Loads' override folders, in the run folder: every worker loads from them.
+OVERRIDES = "overrides"
 # How long a stopping server keeps answering new calls with UNAVAILABLE before it closes.
 REFUSE_BEFORE_STOP_S = 0.25
 # The least any step of the stop waits, even once the grace period is spent: the batchers'
@@ -120,7 +123,8 @@ class _Server:
         self.settings = settings
         self.metrics = metrics
         self.role = role
-        self.manager = ModelManager(settings, metrics)
+        overrides = OverrideFolders(role.run_path / OVERRIDES) if role is not None else None
+        self.manager = ModelManager(settings, metrics, overrides)
         self.state = ApiState(self.manager, metrics)
         self.local = LocalWorker(self.state, role.index if role else 0)
         peers, lock = [], None

@@ -83,7 +83,7 @@ class InferenceServicer:
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        await self._kserve.load(request.model_name, overridden=bool(request.parameters))
+        await self._kserve.load(request.model_name, request.parameters)
         return pb.RepositoryModelLoadResponse()
 
     @guarded

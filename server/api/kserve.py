@@ -8,7 +8,7 @@ errors (the core's exceptions; each transport maps them with server.api.status).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import TypeVar
 
@@ -17,11 +17,12 @@ from server.api.common import ApiState, recorded
 from server.api.health import Health
 from server.api.status import Call
 from server.core.modelstats import Timing
+from server.core.overrides import CONFIG_PARAMETER, FILE_PREFIX, parse_override
 from server.errors import (
+    InvalidInputError,
     ModelControlDisabledError,
     ModelNotFoundError,
     ModelUnavailableError,
-    UnsupportedError,
 )
 from wire import grpc_service_pb2 as pb
 
@@ -50,6 +51,33 @@ def _server_version() -> str:
 
 def _same(response: pb.ModelInferResponse) -> pb.ModelInferResponse:
     return response
+
+
+def _override_parameters(
+    parameters: Mapping[str, pb.ModelRepositoryParameter],
+) -> tuple[str | None, dict[str, bytes]]:
+    """A load's `config` and `file:` parameters, with the value types and the messages of
+    Triton's gRPC front-end (its HTTP one reads every value as a string)."""
+    config: str | None = None
+    files: dict[str, bytes] = {}
+    for key in sorted(parameters):
+        value = parameters[key]
+        kind = value.WhichOneof("parameter_choice")
+        if key == CONFIG_PARAMETER:
+            if kind != "string_param":
+                raise InvalidInputError(
+                    f"invalid value type for load parameter '{key}', expected string_param."
+                )
+            config = value.string_param
+        elif key.startswith(FILE_PREFIX):
+            if kind != "bytes_param":
+                raise InvalidInputError(
+                    f"invalid value type for load parameter '{key}', expected bytes_param."
+                )
+            files[key] = value.bytes_param
+        else:
+            raise InvalidInputError(f"unrecognized load parameter '{key}'.")
+    return config, files
 
 
 class KServe:
@@ -124,16 +152,16 @@ class KServe:
             ]
         )
 
-    async def load(self, name: str, overridden: bool) -> None:
-        """`overridden`: the call carries a config or files to load instead (unsupported)."""
+    async def load(
+        self, name: str, parameters: Mapping[str, pb.ModelRepositoryParameter] | None = None
+    ) -> None:
+        """Load (or reload) `name` on every worker. `parameters`: Triton's `config` (a JSON
+        ModelConfig instead of config.pbtxt) and `file:<path>` (the model folder's files),
+        checked as Triton checks them (server.core.overrides)."""
         self._check_model_control()
-        if overridden:
-            raise UnsupportedError(
-                "loading with a config override or files is not supported; "
-                "edit the repository and load by name"
-            )
+        override = parse_override(name, *_override_parameters(parameters or {}))
         try:
-            await self._state.cluster.load(name)
+            await self._state.cluster.load(name, override)
         finally:
             await self._health.refresh()
 

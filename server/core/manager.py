@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from server.config import Settings
 from server.core.loading import (
@@ -23,6 +24,7 @@ from server.core.loading import (
     is_synthetic,
     prepare_version,
 )
+from server.core.overrides import OverrideFolders
 from server.core.repository import ModelSpec, RepositoryError, model_names, read_model
 from server.core.served import ServedModel
 from server.errors import ModelNotFoundError, ModelUnavailableError
@@ -65,9 +67,13 @@ class ModelState:
 
 
 class ModelManager:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, overrides: OverrideFolders | None = None
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
+        # Loads with a config or files of their own (server.core.overrides).
+        self.overrides = OverrideFolders() if overrides is None else overrides
         self._served: dict[str, dict[int, ServedModel]] = {}
         self._latest: dict[str, ServedModel] = {}  # highest ready version: the hot path of get()
         self._states: dict[str, dict[str, ModelState]] = {}  # name -> version ("" model-wide)
@@ -105,8 +111,8 @@ class ModelManager:
         for name in names:
             if self._closing:
                 break
-            try:
-                await self.load(name)
+            try:  # a restarted worker loads the overrides the others serve
+                await self.load(name, self.overrides.current(name))
             except ModelNotFoundError as exc:
                 log.error("model %s not loaded: %s", name, exc)
                 self._states[name] = {"": ModelState(name, "", UNAVAILABLE, str(exc))}
@@ -120,14 +126,17 @@ class ModelManager:
             await _notify(on_change)
         self._started = True
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, override: Path | None = None) -> None:
         """(Re)load a model; the versions it serves are replaced only once new ones are ready."""
-        detail = await self.commit(await self.prepare(name))
+        detail = await self.commit(await self.prepare(name, override))
         if detail:
             raise ModelUnavailableError(f"model {name!r}: {detail}")
 
-    async def prepare(self, name: str) -> PreparedLoad:
+    async def prepare(self, name: str, override: Path | None = None) -> PreparedLoad:
         """Load the versions of `name` beside those serving now; `commit` or `abort` follows.
+
+        `override`: a folder of server.core.overrides.OverrideFolders to load from instead of
+        the repository's (None: the repository).
 
         The model's lock is held from here until then, so loads of one model never interleave.
         With several workers, every worker prepares before any commits (server.processes.cluster).
@@ -138,18 +147,20 @@ class ModelManager:
         try:
             if self._closing:
                 raise ModelUnavailableError("the server is shutting down")
-            return await self._prepare(name, lock)
+            return await self._prepare(name, lock, override)
         except BaseException:
             lock.release()
             raise
 
-    async def _prepare(self, name: str, lock: asyncio.Lock) -> PreparedLoad:
+    async def _prepare(self, name: str, lock: asyncio.Lock, override: Path | None) -> PreparedLoad:
         settings = self._settings
         try:
-            spec = await asyncio.to_thread(read_model, settings.model_repository, name, settings)
+            spec = await asyncio.to_thread(
+                read_model, settings.model_repository, name, settings, override
+            )
         except (RepositoryError, OSError) as exc:
             log.error("model %s not loaded: %s", name, exc)
-            reason = self._hidden(str(exc))
+            reason = self._hidden(str(exc), override)
             if name not in self._served:
                 self._states[name] = {"": ModelState(name, "", UNAVAILABLE, reason)}
             raise ModelUnavailableError(f"model {name!r}: {reason}") from None
@@ -233,7 +244,7 @@ class ModelManager:
             except Exception as exc:  # any failure to load is this version's, not the server's
                 raw = str(exc) or type(exc).__name__
                 log.debug("model %s version %d failed to load: %s", name, version, raw)
-                failures[version] = self._hidden(raw)
+                failures[version] = self._hidden(raw, spec.directory)
             else:
                 served = ServedModel(spec, version, loaded, settings, self._metrics)
                 served.start()
@@ -247,9 +258,11 @@ class ModelManager:
             self._metrics.load_duration.labels(name, str(version)).set(time.monotonic() - began)
         return failures
 
-    def _hidden(self, reason: str) -> str:
-        """A reason fit for clients: no paths of the server's file system."""
-        return hide_paths(reason, self._settings.model_repository)
+    def _hidden(self, reason: str, folder: Path | None = None) -> str:
+        """A reason fit for clients: no paths of the server's file system. `folder`: the model's
+        folder, when it is not in the repository (an override's), named as "NAME/..." too."""
+        reason = hide_paths(reason, self._settings.model_repository)
+        return reason if folder is None else hide_paths(reason, folder.parent)
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of `name` once their accepted requests finish."""
@@ -277,6 +290,7 @@ class ModelManager:
         self._served.clear()
         self._latest.clear()
         await _close_all(served)
+        self.overrides.close()
 
     def _set_states(
         self, name: str, states: dict[str, ModelState], previous: dict[int, ServedModel]

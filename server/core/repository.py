@@ -27,6 +27,7 @@ from modelrepo.precision import PrecisionError, precision_of
 from server.config import Settings
 from server.core.autocomplete import AutoCompleteError, complete_config, folder_platform
 from server.core.imagemodel import ImageModel, image_model, is_own_export
+from server.core.overrides import config_only
 from server.core.queues import QueuePolicy, SchedulePolicy
 from server.core.signature import Signature, SignatureError, from_config
 from server.errors import ModelNotFoundError
@@ -134,15 +135,25 @@ def select_versions(
     return list(available[-count:]), []
 
 
-def read_model(repository: Path, name: str, settings: Settings) -> ModelSpec:
-    """Read and check one model folder. Raises ModelNotFoundError or RepositoryError."""
-    directory = model_dir(repository, name)
+def read_model(
+    repository: Path, name: str, settings: Settings, override: Path | None = None
+) -> ModelSpec:
+    """Read and check one model folder. Raises ModelNotFoundError or RepositoryError.
+
+    `override`: a load's override folder (server.core.overrides): its config.pbtxt replaces
+    the repository's, and its files, when it has any, the whole model folder.
+    """
+    if override is None or config_only(override):
+        directory = model_dir(repository, name)
+    else:
+        directory = override
+    config_dir = directory if override is None else override
     complete = not settings.disable_auto_complete_config
-    found = (directory / CONFIG_FILE).exists()
+    found = (config_dir / CONFIG_FILE).exists()
     try:
         # As in Triton, a folder without config.pbtxt is auto-completed unless that is off.
         config = (
-            load_config(directory / CONFIG_FILE, shown=f"{name}/{CONFIG_FILE}")
+            load_config(config_dir / CONFIG_FILE, shown=f"{name}/{CONFIG_FILE}")
             if found or not complete
             else ModelConfig()
         )

@@ -22,7 +22,10 @@ through the same code.
   in the run folder; the kernel drops it if its holder dies), every worker prepares the load
   beside what it serves; only if all prepared the same versions do all commit, otherwise all
   abort and the caller gets one reason. Refused while a worker is (re)starting: it could miss
-  the change.
+  the change. A load's override (its config and files) is written once, by the worker that
+  took the call, into a folder in the run folder that every worker loads from; it stays the
+  model's while the model serves it, so a restarted worker loads it too
+  (server.core.overrides).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from server.core.manager import READY, ModelState
+from server.core.overrides import Override
 from server.core.statistics import merge
 from server.errors import ModelNotFoundError, ModelUnavailableError
 from server.observability.exemplars import Exemplar
@@ -128,6 +132,9 @@ class Cluster:
         self.peers = tuple(peers)
         self.count = 1 + len(self.peers)
         self._lock_path = lock_path
+        # One load or unload of a model at a time in this process (the lock file orders them
+        # across processes): its override folder changes after the workers commit.
+        self._changing: dict[str, asyncio.Lock] = {}
 
     # -- what the server is --------------------------------------------------------------
 
@@ -169,45 +176,64 @@ class Cluster:
 
     # -- changing what it serves ---------------------------------------------------------
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, override: Override | None = None) -> None:
         """Load (or reload) `name` on every worker, or on none; see the module doc.
 
-        A caller that goes away does not stop it half-way: it runs to its end regardless.
+        `override`: the load's config and files, instead of the repository's. A caller that
+        goes away does not stop it half-way: it runs to its end regardless.
         """
-        await asyncio.shield(asyncio.ensure_future(self._load(name)))
+        await asyncio.shield(asyncio.ensure_future(self._load(name, override)))
 
     async def unload(self, name: str) -> None:
         """Stop serving `name` on every worker (each finishes what it accepted first)."""
         await asyncio.shield(asyncio.ensure_future(self._unload(name)))
 
-    async def _load(self, name: str) -> None:
-        async with self.exclusive():
+    async def _load(self, name: str, override: Override | None) -> None:
+        async with self._changing.setdefault(name, asyncio.Lock()), self.exclusive():
             await self._check_all_started("loaded")
-            workers: list[Worker] = [self.local, *self.peers]
-            answers = await _each(workers, lambda w: w.prepare(name))
-            prepared = [
-                w
-                for w, a in zip(workers, answers, strict=True)
-                if isinstance(a, pb.PrepareResponse)
-            ]
-            problem = _disagreement(name, workers, answers)
-            if problem is not None:
-                await _each(prepared, lambda w: w.abort(name))
-                raise problem
-            for worker, answer in zip(
-                workers, await _each(workers, lambda w: w.commit(name)), strict=True
-            ):
-                if isinstance(answer, BaseException):  # it died since: it reloads when restarted
-                    log.error("model %s: worker %d did not commit: %s", name, worker.index, answer)
+            folders = self.local.overrides
+            staged = None
+            if override is not None:
+                staged = await asyncio.to_thread(folders.stage, name, override)
+            kept = False
+            try:
+                workers: list[Worker] = [self.local, *self.peers]
+                answers = await _each(workers, lambda w: w.prepare(name, staged))
+                prepared = [
+                    w
+                    for w, a in zip(workers, answers, strict=True)
+                    if isinstance(a, pb.PrepareResponse)
+                ]
+                problem = _disagreement(name, workers, answers)
+                if problem is not None:
+                    await _each(prepared, lambda w: w.abort(name))
+                    raise problem
+                for worker, answer in zip(
+                    workers, await _each(workers, lambda w: w.commit(name)), strict=True
+                ):
+                    if isinstance(answer, BaseException):  # died since: reloads when restarted
+                        log.error(
+                            "model %s: worker %d did not commit: %s", name, worker.index, answer
+                        )
+                first = answers[0]  # every worker prepared the same versions
+                if isinstance(first, pb.PrepareResponse) and first.versions:
+                    # The new versions serve: a worker that restarts loads them too.
+                    await asyncio.to_thread(folders.keep, name, staged)
+                    kept = True
+            finally:
+                if staged is not None and not kept:
+                    await asyncio.to_thread(folders.discard, staged)
             await self.announce()
             failure = answers[0].failure if isinstance(answers[0], pb.PrepareResponse) else ""
             if failure:
                 raise ModelUnavailableError(f"model {name!r}: {failure}")
 
     async def _unload(self, name: str) -> None:
-        async with self.exclusive():
+        async with self._changing.setdefault(name, asyncio.Lock()), self.exclusive():
             await self._check_all_started("unloaded")
             answers = await _each([self.local, *self.peers], lambda w: w.unload(name))
+            if any(a is True for a in answers):  # Triton, too, removes the override on unload
+                await asyncio.to_thread(self.local.overrides.drop, name)
             await self.announce()
             for answer in answers:
                 if isinstance(answer, BaseException):

@@ -31,6 +31,7 @@ import grpc
 
 from server import errors
 from server.core.manager import PreparedLoad
+from server.core.overrides import OverrideFolders
 from server.core.statistics import local_statistics
 from server.observability import tracing
 from server.observability.exemplars import Exemplar
@@ -91,6 +92,12 @@ class LocalWorker:
         self._prepared: dict[str, tuple[PreparedLoad, asyncio.TimerHandle]] = {}
         self._expiring: set[asyncio.Task[None]] = set()
 
+    @property
+    def overrides(self) -> OverrideFolders:
+        """The folder of loads' overrides, the same for every worker (server.core.overrides)."""
+        overrides: OverrideFolders = self.state.manager.overrides
+        return overrides
+
     async def status(self) -> pb.WorkerStatus:
         entry = inference_pb.RepositoryIndexResponse.ModelIndex
         return pb.WorkerStatus(
@@ -110,8 +117,8 @@ class LocalWorker:
     async def statistics(self, name: str, version: str) -> list[inference_pb.ModelStatistics]:
         return local_statistics(self.state.manager, name, version)
 
-    async def prepare(self, name: str) -> pb.PrepareResponse:
-        prepared = await self.state.manager.prepare(name)
+    async def prepare(self, name: str, override: Path | None = None) -> pb.PrepareResponse:
+        prepared = await self.state.manager.prepare(name, override)
         loop = asyncio.get_running_loop()
         expiry = loop.call_later(PREPARED_TTL_S, self._expire, prepared)
         self._prepared[name] = (prepared, expiry)
@@ -195,7 +202,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     @_answers
     async def Prepare(self, request: pb.ModelRequest, context: Any) -> pb.PrepareResponse:
-        return await self._worker.prepare(request.name)
+        override = Path(request.override) if request.override else None
+        return await self._worker.prepare(request.name, override)
 
     @_answers
     async def Commit(self, request: pb.ModelRequest, context: Any) -> pb.CommitResponse:
@@ -273,8 +281,9 @@ class RemoteWorker:
         response = await self._call("Statistics", request, STATUS_TIMEOUT_S)
         return list(response.model_stats)
 
-    async def prepare(self, name: str) -> pb.PrepareResponse:
-        return await self._call("Prepare", pb.ModelRequest(name=name), LOAD_TIMEOUT_S)
+    async def prepare(self, name: str, override: Path | None = None) -> pb.PrepareResponse:
+        request = pb.ModelRequest(name=name, override=str(override or ""))
+        return await self._call("Prepare", request, LOAD_TIMEOUT_S)
 
     async def commit(self, name: str) -> None:
         await self._call("Commit", pb.ModelRequest(name=name), CHANGE_TIMEOUT_S)

@@ -7,6 +7,8 @@ the core's exceptions, answered by the application's middleware (server.api.rest
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any
 
@@ -17,6 +19,7 @@ from server.api.kserve import KServe
 from server.api.rest import codec
 from server.api.rest.messages import to_json
 from server.core.modelstats import Timing
+from server.core.overrides import FILE_PREFIX
 from server.errors import InvalidInputError
 from wire import grpc_service_pb2 as pb
 
@@ -46,6 +49,29 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise InvalidInputError("the body must be a JSON object")
     return document
+
+
+def _load_parameters(parameters: Any) -> dict[str, pb.ModelRepositoryParameter]:
+    """A load's JSON parameters as the protocol's: every value a string, as Triton reads them;
+    a `file:` parameter's base64 decoded (Triton's decoder, too, skips characters outside the
+    alphabet such as line breaks)."""
+    if not isinstance(parameters, dict):
+        raise InvalidInputError("'parameters' must be a JSON object")
+    found = {}
+    for key, value in parameters.items():
+        if not isinstance(value, str):
+            raise InvalidInputError(
+                f"invalid value type for load parameter '{key}', expected a string."
+            )
+        if key.startswith(FILE_PREFIX):
+            try:
+                content = base64.b64decode(value)
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidInputError(f"'{key}' is not valid base64: {exc}") from None
+            found[key] = pb.ModelRepositoryParameter(bytes_param=content)
+        else:
+            found[key] = pb.ModelRepositoryParameter(string_param=value)
+    return found
 
 
 class Handlers:
@@ -111,8 +137,8 @@ class Handlers:
         return json_response(entries)
 
     async def load(self, request: web.Request) -> web.Response:
-        parameters = (await _json_body(request)).get("parameters") or {}
-        await self._kserve.load(request.match_info["model"], overridden=bool(parameters))
+        parameters = _load_parameters((await _json_body(request)).get("parameters") or {})
+        await self._kserve.load(request.match_info["model"], parameters)
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
