@@ -21,6 +21,7 @@ from benchmarks.gpu.repository import models_on_device
 from benchmarks.gpu.served import (
     POINT_OVERHEAD_S,
     REQUEST_TIMEOUT_S,
+    SERVER_START_S,
     client_processes,
     describe,
     measure,
@@ -91,7 +92,8 @@ def run(context: Context, record: Recorder) -> str:
     skipped = []
     with ClientPool(processes) as pool:
         for workers in counts:
-            if record.time_left() < 10 + warmup + duration + POINT_OVERHEAD_S:
+            needed = SERVER_START_S[context.quick] + warmup + duration + POINT_OVERHEAD_S
+            if record.time_left() < needed:
                 skipped.append(workers)
                 continue
             before = monitor.memory_used_bytes() if monitor else None
