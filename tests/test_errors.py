@@ -122,8 +122,8 @@ def _code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 
 def test_not_found(triton_client: triton.InferenceServerClient, channel: grpc.Channel) -> None:
     for model, version, expected in (
-        ("no_such_model", "", "unknown model 'no_such_model'"),
-        ("fashion_mnist", "7", "no version '7'"),
+        ("no_such_model", "", "Request for unknown model: 'no_such_model' is not found"),
+        ("fashion_mnist", "7", "Request for unknown model: 'fashion_mnist' version 7 is not found"),
     ):
         with pytest.raises(InferenceServerException) as caught:
             _infer(triton_client, model, _images(), model_version=version)

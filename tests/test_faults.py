@@ -403,7 +403,7 @@ def test_concurrent_requests_never_mix_their_ids_in_the_log(server: ServerProces
 
     asyncio.run(send())
     # Lines of concurrent requests reach the log in no particular order: wait for all 200.
-    about = _wait_for_entry(server, lambda e: "unknown model 'mix-" in e["message"], count=200)
+    about = _wait_for_entry(server, lambda e: "unknown model: 'mix-" in e["message"], count=200)
     assert len(about) == 200, len(about)
     for entry in about:
-        assert f"unknown model '{entry['request_id']}'" in entry["message"], entry
+        assert f"unknown model: '{entry['request_id']}'" in entry["message"], entry

@@ -335,10 +335,7 @@ def _check_kserve_answer(
             assert tensor.datatype == "BYTES" and list(tensor.shape) == [len(images), k]
             continue
         assert tensor.datatype == "FP32" and list(tensor.shape) == [len(images), 10]
-        if request.raw_input_contents:
-            got = np.frombuffer(response.raw_output_contents[index], "<f4")
-        else:
-            got = np.array(tensor.contents.fp32_contents, np.float32)
+        got = np.frombuffer(response.raw_output_contents[index], "<f4")  # typed or raw in
         np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=0, atol=1e-5)
 
 

@@ -315,7 +315,7 @@ def test_request_ids_and_metrics_label_the_api(server: ServerProcess) -> None:
     assert status == 200 and headers[REQUEST_ID_KEY] == "order-42"
     status, headers, answer = http_post(server, "/v2/models/nope/infer", body)
     assert status == 404 and len(headers[REQUEST_ID_KEY]) == 32
-    assert json.loads(answer) == {"error": "unknown model 'nope'"}
+    assert json.loads(answer) == {"error": "Request for unknown model: 'nope' is not found"}
     after = server.metric("imgserve_requests_total", api="http", model="cifar10", code="OK")
     assert after - before == 1
     assert server.metric("imgserve_requests_total", api="http", code="NOT_FOUND") - bad == 1

@@ -206,13 +206,13 @@ def test_bodies_only_http_can_get_wrong_are_400(
 def test_not_found_unimplemented_and_routing(server: ServerProcess) -> None:
     body = _json_body(_images())
     for path, expected in [
-        ("/v2/models/nope/infer", "unknown model 'nope'"),
-        (f"/v2/models/{MODEL}/versions/7/infer", "no version '7'"),
+        ("/v2/models/nope/infer", "Request for unknown model: 'nope' is not found"),
+        (f"/v2/models/{MODEL}/versions/7/infer", f"model: '{MODEL}' version 7 is not found"),
     ]:
         status, _, answer = http_post(server, path, body)
         assert status == 404 and expected in _error(answer)
     status, _, answer = http_get(server, "/v2/models/nope")
-    assert status == 404 and _error(answer) == "unknown model 'nope'"
+    assert status == 404 and _error(answer) == "Request for unknown model: 'nope' is not found"
     body["inputs"][0]["parameters"] = {"shared_memory_region": "r"}
     del body["inputs"][0]["data"]
     status, _, answer = http_post(server, INFER, body)

@@ -205,7 +205,7 @@ def test_version_policies_latest_all_specific(writable_repository: Path) -> None
         assert manager.all_ready
         assert versions(manager) == [2]  # default policy: the latest version only
         assert manager.get("fashion_mnist").version == 2
-        with pytest.raises(ModelNotFoundError, match="no version '1' loaded"):
+        with pytest.raises(ModelNotFoundError, match="'fashion_mnist' version 1 is not found"):
             manager.get("fashion_mnist", "1")
         first = manager.get("fashion_mnist")
 
@@ -280,9 +280,9 @@ def test_lookups_unload_and_reload(model_repository: Path) -> None:
         assert state_of(manager, "fashion_mnist") == [
             ModelState("fashion_mnist", "", "UNAVAILABLE", "not loaded")
         ]
-        with pytest.raises(ModelNotFoundError, match="unknown model 'missing'"):
+        with pytest.raises(ModelNotFoundError, match="unknown model: 'missing' is not found"):
             manager.get("missing")
-        with pytest.raises(ModelNotFoundError, match="no version '7'"):
+        with pytest.raises(ModelNotFoundError, match="'cifar10' version 7 is not found"):
             manager.get("cifar10", "7")
         with pytest.raises(ModelNotFoundError):
             manager.get("cifar10", "latest")

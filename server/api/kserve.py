@@ -186,15 +186,14 @@ class KServe:
         call: Call,
         *,
         timing: Timing | None = None,
-        raw_outputs: bool | None = None,
         render: Callable[[pb.ModelInferResponse], T] = _same,  # type: ignore[assignment]
     ) -> T:
         """Answer one inference request.
 
         `timing`: the request's clock, when the transport started it before its own decoding
-        (that counts as compute_input); `raw_outputs`: answer in raw_output_contents (None:
-        as the request came); `render`: turns the response into the transport's answer, timed
-        as compute_output.
+        (that counts as compute_input); `render`: turns the response into the transport's
+        answer, timed as compute_output. Outputs always travel in raw_output_contents, as
+        Triton answers, whether the inputs came raw or in typed contents.
         """
         timing = Timing() if timing is None else timing
         served = self._state.resolve(request.model_name, request.model_version, call)
@@ -211,8 +210,7 @@ class KServe:
             response = pb.ModelInferResponse(
                 model_name=served.name, model_version=str(served.version), id=request.id
             )
-            raw = inputs.raw if raw_outputs is None else raw_outputs
             codecs.encode_infer_outputs(
-                response, results, outputs, signature, served.output_labels, raw
+                response, results, outputs, signature, served.output_labels, raw=True
             )
             return render(response)

@@ -327,15 +327,16 @@ class ModelManager:
                     f"model {name!r} version {version} is {state.state.lower()}: {state.reason}"
                 )
             loaded = ", ".join(str(v) for v in sorted(versions))
-            raise ModelNotFoundError(
-                f"model {name!r} has no version {version!r} loaded (loaded: {loaded})"
+            raise ModelNotFoundError(  # Triton's words, then the versions loaded
+                f"Request for unknown model: '{name}' version {version} is not found "
+                f"(loaded: {loaded})"
             )
         states = self._states.get(name)
         if states:
             reasons = sorted({s.reason for s in states.values() if s.reason})
             detail = "; ".join(reasons) or "loading"
             raise ModelUnavailableError(f"model {name!r} is not ready: {detail}")
-        raise ModelNotFoundError(f"unknown model {name!r}")
+        raise ModelNotFoundError(f"Request for unknown model: '{name}' is not found")
 
     def served(self) -> list[ServedModel]:
         """Every ready version, sorted by (name, version)."""

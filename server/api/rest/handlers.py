@@ -20,7 +20,7 @@ from server.api.rest import codec
 from server.api.rest.messages import to_json
 from server.core.modelstats import Timing
 from server.core.overrides import FILE_PREFIX
-from server.errors import InvalidInputError
+from server.errors import InvalidInputError, UnsupportedError
 from wire import grpc_service_pb2 as pb
 
 API_LABEL = "http"
@@ -95,6 +95,9 @@ class Handlers:
         app.router.add_post("/v2/repository/index", self.repository_index)
         app.router.add_post("/v2/repository/models/{model}/load", self.load)
         app.router.add_post("/v2/repository/models/{model}/unload", self.unload)
+        # Triton's shared-memory extensions: answered 501 with a reason, not a bare 404.
+        for kind in ("systemsharedmemory", "cudasharedmemory"):
+            app.router.add_route("*", f"/v2/{kind}{{tail:(/.*)?}}", self.shared_memory)
 
     # --- health and metadata ---
 
@@ -146,6 +149,11 @@ class Handlers:
         await self._kserve.unload(request.match_info["model"])
         return web.Response(status=200)
 
+    async def shared_memory(self, request: web.Request) -> web.Response:
+        raise UnsupportedError(
+            "shared memory is not supported; send the tensors in the request instead"
+        )
+
     # --- inference ---
 
     async def infer(self, request: web.Request) -> web.Response:
@@ -173,5 +181,5 @@ class Handlers:
                 return answer
 
             return await self._kserve.infer(
-                decoded.request, None, call, timing=timing, raw_outputs=True, render=render
+                decoded.request, None, call, timing=timing, render=render
             )
