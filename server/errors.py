@@ -37,5 +37,11 @@ class UnsupportedError(ServingError):
     """A valid request for something this server does not implement."""
 
 
+class RepositoryPollError(ServingError):
+    """A load refused before anything loads (a malformed override): INTERNAL, as Triton answers
+    it ("failed to load 'NAME', failed to poll from model repository"; its own clients check
+    that code), with the reason, which Triton only logs."""
+
+
 class ModelControlDisabledError(ServingError):
     """A repository load/unload on a server started without --enable-model-control."""

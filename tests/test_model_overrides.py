@@ -260,7 +260,8 @@ def test_model_files_replace_the_whole_model_folder(
 
 POLL_FAILED = "failed to load 'simple', failed to poll from model repository: "
 FILE = f"file:1/{ONNX_FILE}"
-# (config, files, the message's end): refused on both protocols with INVALID_ARGUMENT.
+# (config, files, the message's end): refused on both protocols with INTERNAL (HTTP 500) and
+# Triton's words, as Triton refuses them (its own model-control example checks both).
 MALFORMED = [
     (None, {FILE: MODEL_BYTES}, "Load parameter 'config' must be specified for model file"),
     ("{not json", {}, "Invalid config override: not valid JSON: Expecting property name"),
@@ -272,6 +273,7 @@ MALFORMED = [
     ("{}", {"file:/tmp/escaped.onnx": b"x"}, "'file:/tmp/escaped.onnx' must stay within model"),
     ("{}", {"file:config.pbtxt": b"x"}, "the model configuration is the 'config' parameter"),
     ("{}", {"file:1": b"x", FILE: b"y"}, f"'{FILE}', directory has been created as a file"),
+    ("{}", {"file:" + "A" * 256: b"x"}, "a name is longer than 255 bytes"),
 ]  # fmt: skip
 
 
@@ -282,13 +284,19 @@ def test_malformed_overrides_are_refused_and_nothing_changes(
     server, temporary, workers = served
     grpc_client, http_client = clients
     for config, files, reason in MALFORMED:
-        for client, code in ((grpc_client, "StatusCode.INVALID_ARGUMENT"), (http_client, "400")):
+        for client, code in ((grpc_client, "StatusCode.INTERNAL"), (http_client, "500")):
             with pytest.raises(InferenceServerException) as caught:
                 client.load_model(SIMPLE, config=config, files=files or None)
             assert caught.value.status() == code, (config, files, caught.value)
             message = caught.value.message()
             assert message.startswith(POLL_FAILED) and reason in message, message
     assert not (server.repository.parent / "escaped.onnx").exists()
+    for client in (grpc_client, http_client):  # an unknown model: Triton's words, NOT_FOUND
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model("wrong_model_name")
+        assert caught.value.message().startswith(
+            "failed to load 'wrong_model_name', failed to poll from model repository: "
+        )
     assert not Path("/tmp/escaped.onnx").exists()
 
     # Value types and names, as Triton's gRPC front-end checks them.

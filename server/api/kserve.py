@@ -17,7 +17,7 @@ from server.api.common import ApiState, recorded
 from server.api.health import Health
 from server.api.status import Call
 from server.core.modelstats import Timing
-from server.core.overrides import CONFIG_PARAMETER, FILE_PREFIX, parse_override
+from server.core.overrides import CONFIG_PARAMETER, FILE_PREFIX, POLL_FAILED, parse_override
 from server.errors import (
     InvalidInputError,
     ModelControlDisabledError,
@@ -162,6 +162,8 @@ class KServe:
         override = parse_override(name, *_override_parameters(parameters or {}))
         try:
             await self._state.cluster.load(name, override)
+        except ModelNotFoundError as exc:  # Triton's words first: its clients look for them
+            raise ModelNotFoundError(f"{POLL_FAILED.format(name=name)}: {exc}") from None
         finally:
             await self._health.refresh()
 

@@ -38,6 +38,7 @@ from server.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
     QueueFullError,
+    RepositoryPollError,
     UnsupportedError,
 )
 from server.observability.logs import REQUEST_ID, new_request_id, valid_request_id
@@ -53,6 +54,7 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,
     UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
     ModelControlDisabledError: grpc.StatusCode.FAILED_PRECONDITION,
+    RepositoryPollError: grpc.StatusCode.INTERNAL,  # Triton's code; the message is the caller's
 }
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
@@ -97,7 +99,7 @@ def code_of(exc: BaseException) -> grpc.StatusCode:
 def describe(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Status code and caller-facing message; logs unexpected errors with their traceback."""
     code = code_of(exc)
-    if code is grpc.StatusCode.INTERNAL:
+    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, RepositoryPollError):
         if getattr(exc, _LOGGED, False):  # one failed batch fails many requests: one traceback
             log.error("request failed with the error logged above: %s", type(exc).__name__)
         else:

@@ -8,9 +8,9 @@ workers the folder is in the supervisor's run folder: written once by the worker
 the call, read by every worker, and read again by a worker that restarts, so it serves what
 the others serve.
 
-A malformed override is refused before anything loads, as Triton refuses it: Triton answers
-"failed to load 'NAME', failed to poll from model repository" and logs the reason; this
-server answers INVALID_ARGUMENT with the same words followed by that reason.
+A malformed override is refused before anything loads, as Triton refuses it: INTERNAL,
+"failed to load 'NAME', failed to poll from model repository" (Triton's own model-control
+example checks both), followed here by the reason, which Triton only logs.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 
 from modelrepo.config import ConfigError, ModelConfig, format_config, parse_json_config
 from modelrepo.layout import CONFIG_FILE
-from server.errors import InvalidInputError
+from server.errors import InvalidInputError, RepositoryPollError
 
 CONFIG_PARAMETER = "config"
 FILE_PREFIX = "file:"
-# What a Triton client is told when an override cannot be read (the reason follows here).
+# What a Triton client is told when a load cannot start (the reason follows here).
 POLL_FAILED = "failed to load '{name}', failed to poll from model repository"
 # Longest name of one file or folder on Linux file systems, in bytes.
 NAME_MAX = 255
@@ -47,7 +47,8 @@ class Override:
 
 def parse_override(name: str, config: str | None, files: Mapping[str, bytes]) -> Override | None:
     """The override of a load of `name`, checked as Triton checks it; None when the load has
-    none. `files`: the `file:<path>` parameters, by parameter name. Raises InvalidInputError."""
+    none. `files`: the `file:<path>` parameters, by parameter name. Raises RepositoryPollError
+    (InvalidInputError for a name that would leave the folder, as Triton answers it)."""
     if config is None and not files:
         return None
     _check_name(name)
@@ -73,8 +74,8 @@ def parse_override(name: str, config: str | None, files: Mapping[str, bytes]) ->
     return Override(parsed, paths)
 
 
-def _refused(name: str, reason: str) -> InvalidInputError:
-    return InvalidInputError(f"{POLL_FAILED.format(name=name)}: {reason}")
+def _refused(name: str, reason: str) -> RepositoryPollError:
+    return RepositoryPollError(f"{POLL_FAILED.format(name=name)}: {reason}")
 
 
 def _check_name(name: str) -> None:
