@@ -10,71 +10,23 @@ interfaces of Triton's example repository (built here with onnx.helper):
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from onnx import TensorProto, helper
 from server_process import ServerProcess
+from triton_models import write_simple
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
-
-from modelrepo.layout import CONFIG_FILE, ONNX_FILE
-
-SIMPLE_CONFIG = """name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: 8
-input [
-  {{ name: "INPUT0" data_type: {type} dims: [ 16 ] }},
-  {{ name: "INPUT1" data_type: {type} dims: [ 16 ] }}
-]
-output [
-  {{ name: "OUTPUT0" data_type: {type} dims: [ 16 ] }},
-  {{ name: "OUTPUT1" data_type: {type} dims: [ 16 ] }}
-]
-"""
-
-
-def _save(repository: Path, name: str, graph: onnx.GraphProto, config: str) -> None:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    (repository / name / "1").mkdir(parents=True)
-    onnx.save(model, repository / name / "1" / ONNX_FILE)
-    (repository / name / CONFIG_FILE).write_text(config)
-
-
-def _simple(repository: Path, name: str, elem: int, config_type: str) -> None:
-    """Triton's `simple`: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1; strings (as
-    `simple_string`) are numbers, added as int32."""
-    inputs = [helper.make_tensor_value_info(n, elem, ["N", 16]) for n in ("INPUT0", "INPUT1")]
-    outputs = [helper.make_tensor_value_info(n, elem, ["N", 16]) for n in ("OUTPUT0", "OUTPUT1")]
-    if elem == TensorProto.STRING:
-        nodes = [
-            helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
-            helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
-            helper.make_node("Add", ["a", "b"], ["sum"]),
-            helper.make_node("Sub", ["a", "b"], ["diff"]),
-            helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
-            helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING),
-        ]
-    else:
-        nodes = [
-            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
-        ]
-    graph = helper.make_graph(nodes, name, inputs, outputs)
-    _save(repository, name, graph, SIMPLE_CONFIG.format(name=name, type=config_type))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repository = tmp_path_factory.mktemp("triton_examples")
-    _simple(repository, "simple", TensorProto.INT32, "TYPE_INT32")
-    _simple(repository, "simple_string", TensorProto.STRING, "TYPE_STRING")
+    write_simple(repository, "simple")
+    write_simple(repository, "simple_string", "BYTES")
     with ServerProcess(repository) as started:
         yield started
 
