@@ -53,6 +53,9 @@ def _add_models(repository: Path) -> None:
     write_identity_all(repository)
     write_identity_all(repository, "identity_typed", [d for d in DATATYPES if d != "FP16"])
     write_mistyped(repository)
+    sequence = write_simple(repository, "simple_sequence")  # Triton's stateful example's config
+    with (sequence / "config.pbtxt").open("a") as config:
+        config.write("sequence_batching {\n  max_sequence_idle_microseconds: 5000000\n}\n")
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +344,10 @@ def test_a_model_the_runtime_cannot_run_is_refused_with_its_reason(
     assert index["mistyped"].state == "UNAVAILABLE"
     assert index["mistyped"].reason == (
         "input 'x' is tensor(float) in model.onnx, but the config says TYPE_INT32"
+    )
+    assert index["simple_sequence"].state == "UNAVAILABLE"
+    assert index["simple_sequence"].reason.startswith(
+        "stateful (sequence_batching) models are not served"
     )
     assert index["simple"].state == "READY" and index["fashion_mnist"].state == "READY"
     with pytest.raises(InferenceServerException, match=r"not ready|unavailable|UNAVAILABLE"):

@@ -173,6 +173,13 @@ def read_model(
         precision_of(config)
     except PrecisionError as exc:
         raise RepositoryError(f"{CONFIG_FILE} parameters: {exc}") from None
+    scheduling = config.WhichOneof("scheduling_choice")
+    if scheduling in ("sequence_batching", "ensemble_scheduling"):
+        what = "stateful (sequence_batching)" if scheduling == "sequence_batching" else "ensemble"
+        raise RepositoryError(
+            f"{what} models are not served: each request here is answered on its own by one "
+            "ONNX or TorchScript model"
+        )
     if config.max_batch_size < 0:
         raise RepositoryError(f"max_batch_size cannot be negative ({config.max_batch_size})")
     if config.max_batch_size == 0 and is_own_export(config):
