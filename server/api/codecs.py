@@ -82,14 +82,6 @@ def dtype_name(dtype: np.dtype) -> str:
 
 
 @dataclass(frozen=True)
-class InferInputs:
-    """A decoded ModelInferRequest: its tensors, and whether to answer in raw_output_contents."""
-
-    tensors: dict[str, np.ndarray]
-    raw: bool
-
-
-@dataclass(frozen=True)
 class Schedule:
     """A request's schedule-policy parameters (0: the model's defaults; server.core.queues)."""
 
@@ -163,7 +155,7 @@ def decode_infer_inputs(
     request: grpc_service_pb2.ModelInferRequest,
     signature: Signature,
     image: ImageModel | None = None,
-) -> InferInputs:
+) -> dict[str, np.ndarray]:
     """The request's inputs as arrays by name, checked against the model's signature as
     Triton checks them. An image classifier that takes float pixels in [0, 1] (our exports)
     also takes UINT8 pixels for its image input, divided by 255."""
@@ -198,7 +190,7 @@ def decode_infer_inputs(
         else:
             array = _from_contents(tensor, datatype, shape, what)
         decoded[tensor.name] = to_unit_float(array) if tensor.name == widened else array
-    return InferInputs(decoded, raw=raw)
+    return decoded
 
 
 def _from_raw(data: bytes, datatype: Datatype, shape: Sequence[int], what: str) -> np.ndarray:
@@ -353,15 +345,11 @@ def encode_infer_outputs(
     outputs: Sequence[RequestedOutput],
     signature: Signature,
     labels: Mapping[str, Sequence[str]],
-    raw: bool,
 ) -> None:
-    """Fill `outputs` (and raw_output_contents when the request was raw, or an output has no
-    typed-contents field) from the model's answer."""
-    specs = [signature.output(o.name) for o in outputs]
-    if not raw:  # typed contents, unless an output has no field for them
-        raw = any(s.datatype.contents_field is None for s in specs)  # type: ignore[union-attr]
+    """Fill `outputs` and raw_output_contents from the model's answer: outputs travel raw,
+    whatever contents the inputs came in, as Triton answers (clients read only those)."""
     batched = signature.batched
-    for wanted, spec in zip(outputs, specs, strict=True):
+    for wanted in outputs:
         array = results[wanted.name]
         tensor = response.outputs.add(name=wanted.name)
         if wanted.class_count:
@@ -370,25 +358,16 @@ def encode_infer_outputs(
             items = classification_strings(scores, k, labels.get(wanted.name, ()))
             tensor.datatype = "BYTES"
             tensor.shape.extend([array.shape[0], k] if batched else [k])
-            if raw:
-                response.raw_output_contents.append(serialize_bytes_tensor(items))
-            else:
-                tensor.contents.bytes_contents.extend(items)
+            response.raw_output_contents.append(serialize_bytes_tensor(items))
             continue
-        datatype = spec.datatype  # type: ignore[union-attr]
+        datatype = signature.output(wanted.name).datatype  # type: ignore[union-attr]
         tensor.datatype = datatype.name
         tensor.shape.extend(array.shape)
         if datatype.is_bytes:
-            items = [bytes(item) for item in array.ravel()]
-            if raw:
-                response.raw_output_contents.append(serialize_bytes_tensor(items))
-            else:
-                tensor.contents.bytes_contents.extend(items)
-        elif raw:
-            response.raw_output_contents.append(array.astype(datatype.dtype, copy=False).tobytes())
+            data = serialize_bytes_tensor(bytes(item) for item in array.ravel())
         else:
-            field = getattr(tensor.contents, datatype.contents_field)  # type: ignore[arg-type]
-            field.extend(array.ravel().tolist())
+            data = array.astype(datatype.dtype, copy=False).tobytes()
+        response.raw_output_contents.append(data)
 
 
 # --- native Classifier API -------------------------------------------------------------------

@@ -202,17 +202,15 @@ class KServe:
         with recorded(served, timing):
             schedule = codecs.request_schedule(request)
             signature = served.signature
-            inputs = codecs.decode_infer_inputs(request, signature, served.image)
+            tensors = codecs.decode_infer_inputs(request, signature, served.image)
             outputs = codecs.requested_outputs(request, signature)
             timing.decoded()
             results = await served.infer(
-                inputs.tensors, deadline,
+                tensors, deadline,
                 priority=schedule.priority, timeout_us=schedule.timeout_us, timing=timing,
             )  # fmt: skip
             response = pb.ModelInferResponse(
                 model_name=served.name, model_version=str(served.version), id=request.id
             )
-            codecs.encode_infer_outputs(
-                response, results, outputs, signature, served.output_labels, raw=True
-            )
+            codecs.encode_infer_outputs(response, results, outputs, signature, served.output_labels)
             return render(response)
