@@ -26,7 +26,8 @@ from benchmarks.gpu.steps import STEPS, StepSpec, run_boxed
 
 ROOT = Path(__file__).resolve().parent.parent
 # The rehearsal's budget: the command cuts every step to it, so the test cannot run longer.
-REHEARSAL_BUDGET_S = 115
+# About a minute on a quiet 2-core machine; the margin is for a machine shared with others.
+REHEARSAL_BUDGET_S = 150
 OUT_FILES = {RESULTS_FILE, SUMMARY_FILE, LOG_FILE}
 CARRIED_AND_MISSING = {
     "grpcio-health-checking",
@@ -80,7 +81,7 @@ def rehearse(python: Path | str, out: Path, wheels_dir: Path) -> dict:
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=REHEARSAL_BUDGET_S + 60
     )
     wall = time.monotonic() - began
-    assert wall < 120, f"the rehearsal took {wall:.0f} s"
+    assert wall < REHEARSAL_BUDGET_S + 10, f"the rehearsal took {wall:.0f} s"
     assert done.returncode == 0, done.stderr[-4000:]
     assert set(os.listdir(out)) == OUT_FILES  # at most 8 files, no folder
     return json.loads((out / RESULTS_FILE).read_text())
@@ -111,12 +112,14 @@ def test_rehearsal_on_the_cpu_writes_every_file_and_every_step_reports(tmp_path:
     assert results["device"] == "cpu" and results["quick"]
     summary = (tmp_path / "out" / SUMMARY_FILE).read_text()
     served = table_rows(summary, "Served")
-    # Both seed models, both runtimes, fp32 and fp16, at 1, 8 and 64 images per request.
-    assert {(row[1], row[2]) for row in served} == {
-        ("onnx", "fp32"), ("torchscript", "fp32"), ("onnx", "fp16"), ("torchscript", "fp16")
+    # Both seed models, both runtimes, fp32 and fp16, at 1, 8 and 64 images per request
+    # (--quick: cifar10 in fp32 on TorchScript only).
+    assert {(row[0], row[1], row[2]) for row in served} == {
+        ("fashion_mnist", "onnx", "fp32"), ("fashion_mnist_ts", "torchscript", "fp32"),
+        ("fashion_mnist_fp16", "onnx", "fp16"), ("fashion_mnist_fp16_ts", "torchscript", "fp16"),
+        ("cifar10_ts", "torchscript", "fp32"),
     }  # fmt: skip
     assert {row[3] for row in served} == {"1", "8", "64"}
-    assert {row[0].split("_")[0] for row in served} == {"fashion", "cifar10"}
     for row in served:  # images/s, p50, p99 and the mean formed batch are figures
         assert number(row[5]) > 0 and number(row[7]) > 0 and number(row[8]) >= number(row[7])
         assert number(row[9]) >= 1 and row[10] == "0"
@@ -155,14 +158,19 @@ def download_wheels(folder: Path, python_version: str) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def gpu_like_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return machine_like_python(tmp_path_factory.mktemp("python"))
+
+
 def test_rehearsal_runs_on_a_python_laid_out_like_the_gpu_machine(
-    tmp_path: Path, wheels_for_this_python: Path
+    tmp_path: Path, wheels_for_this_python: Path, gpu_like_python: Path
 ) -> None:
     """What the GPU machine lacks is missing here too, so a module of the server, the client,
     the training or this benchmark that imports it unguarded fails this test; the carried
     wheels fill exactly that gap (a venv of links to the machine's packages: versions and the
     GPU itself are not imitated)."""
-    python = machine_like_python(tmp_path / "python")
+    python = gpu_like_python
     probe = "import importlib.util as u, sys; print([m for m in sys.argv[1:] if u.find_spec(m)])"
     found = subprocess.run(
         [python, "-c", probe, *NOT_ON_THE_MACHINE], capture_output=True, text=True, check=True
@@ -182,6 +190,46 @@ def test_rehearsal_runs_on_a_python_laid_out_like_the_gpu_machine(
     for module in ("tqdm", "onnxscript", "grpc_health", "grpc_reflection"):
         assert packages[module]["from"] == "carried", (module, packages[module])
     assert packages["torch"]["from"] == "this Python"
+
+
+EXPORT_WITHOUT_ONNXSCRIPT = """
+import json, sys
+from pathlib import Path
+from benchmarks.gpu.context import Context, Recorder
+from benchmarks.gpu.repository import export
+from training.train import train
+work = Path(sys.argv[1])
+trained = train(
+    "fashion_mlp", "synthetic", checkpoint_dir=work / "checkpoints", epochs=1, device="cpu",
+    synthetic_train_size=200, synthetic_test_size=50, progress=False, log=lambda line: None,
+)
+record = Recorder(Context(str(work), "cpu", True, 60.0, "", ""), "repository")
+built = [export(work / "repository", "fashion_mnist", p, trained, record) for p in ("fp32", "fp16")]
+print(json.dumps(built))
+"""
+
+
+def test_without_the_onnx_exporter_fp32_still_gets_its_torchscript_version(
+    tmp_path: Path, wheels_for_this_python: Path, gpu_like_python: Path
+) -> None:
+    """The GPU machine's torch with an exporter that fails there (here: onnxscript not
+    carried, the rest of what training needs is): the run keeps fp32 on TorchScript."""
+    site = tmp_path / "site"
+    wheels.unpack(next(wheels_for_this_python.glob("tqdm-*.whl")), site)
+    done = subprocess.run(
+        [gpu_like_python, "-c", EXPORT_WITHOUT_ONNXSCRIPT, str(tmp_path)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (fp32, fp32_errors), (fp16, fp16_errors) = json.loads(done.stdout.splitlines()[-1])
+    assert fp32 == {"fashion_mnist_ts": "torchscript"} and fp16 == {}
+    assert "ONNX export failed" in fp32_errors[0] and len(fp32_errors) == 1
+    assert "ONNX export failed" in fp16_errors[0]
+    assert (tmp_path / "repository" / "fashion_mnist_ts" / "1" / "model.pt").is_file()
 
 
 def test_gpu_wheels_fit_the_gpu_machine(tmp_path: Path) -> None:
