@@ -87,8 +87,22 @@ def measure(
     """One closed-loop point against a started server, as a row of figures."""
     from benchmarks.suite import SERVED, Endpoint, Plan, measure_step
 
-    endpoint = Endpoint(SERVED, server.target, server.cpu_seconds, server.metrics_url)
-    plan = Plan(model, (concurrency,), (images,), (), (), timing, 0.0, 0)
+    endpoint = Endpoint(
+        name=SERVED,
+        target=server.target,
+        cpu_seconds=server.cpu_seconds,
+        metrics_url=server.metrics_url,
+    )
+    plan = Plan(
+        model=model,
+        concurrency=(concurrency,),
+        images=(images,),
+        rates=(),
+        rate_fractions=(),
+        timing=timing,
+        ceiling_s=0.0,
+        seed=0,
+    )
     step = measure_step(pool, endpoint, plan, concurrency, images)
     return {
         "images": images,
