@@ -36,9 +36,9 @@ BINARY_TYPE = "application/octet-stream"
 BINARY_SIZE = "binary_data_size"
 BINARY_OUTPUT = "binary_data"
 ALL_BINARY = "binary_data_output"
-# Which kinds of JSON values (as numpy reads them) a datatype's kind accepts: ints coerce to
-# floats, never the reverse; booleans only for BOOL.
-_ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
+# Which kinds of JSON values (as numpy reads them) a float or BOOL datatype accepts: ints
+# coerce to floats, never the reverse; booleans only for BOOL. Integers: _json_integers.
+_ACCEPTED_KINDS = {"f": "fiu", "b": "b"}
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,8 @@ def _json_data(data: Any, name: str, datatype: str, shape: Sequence[int]) -> byt
         if not all(isinstance(v, str) for v in flat):
             raise InvalidInputError(f"input {name!r}: BYTES 'data' must be a list of strings")
         return serialize_bytes_tensor(v.encode("utf-8") for v in flat)
+    if kind.dtype.kind in "iu":
+        return _json_integers(data, name, datatype, kind.dtype)
     try:
         values = np.asarray(data)
     except (ValueError, TypeError):
@@ -242,16 +244,21 @@ def _json_data(data: Any, name: str, datatype: str, shape: Sequence[int]) -> byt
         ) from None
     accepted = _ACCEPTED_KINDS[kind.dtype.kind]
     if values.dtype.kind not in accepted or (values.ndim == 0 and values.size == 1):
-        expected = {"b": "booleans", "f": "numbers"}.get(kind.dtype.kind, "integers")
+        expected = "booleans" if kind.dtype.kind == "b" else "numbers"
         raise InvalidInputError(f"input {name!r}: 'data' must be a list of {expected}")
     # Whether the count of values fits the shape is the protocol's check, after the shape's.
-    if kind.dtype.kind in "iu" and values.size:
-        info = np.iinfo(kind.dtype)
-        if values.min() < info.min or values.max() > info.max:
-            raise InvalidInputError(
-                f"input {name!r}: {datatype} values must be {info.min}..{info.max}"
-            )
     return values.astype(kind.dtype).tobytes()
+
+
+def _json_integers(data: Any, name: str, datatype: str, dtype: np.dtype) -> bytes:
+    """Integers read exactly: numpy reads 2**64-1 beside small numbers as a float."""
+    flat = _flatten(data) if isinstance(data, list) else None
+    if flat is None or not all(type(v) is int for v in flat):
+        raise InvalidInputError(f"input {name!r}: 'data' must be a list of integers")
+    info = np.iinfo(dtype)
+    if flat and (min(flat) < info.min or max(flat) > info.max):
+        raise InvalidInputError(f"input {name!r}: {datatype} values must be {info.min}..{info.max}")
+    return np.array(flat, dtype=dtype).tobytes()
 
 
 def _flatten(data: Any) -> list[Any]:
