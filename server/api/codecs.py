@@ -160,40 +160,52 @@ def decode_infer_inputs(
     Triton checks them. An image classifier that takes float pixels in [0, 1] (our exports)
     also takes UINT8 pixels for its image input, divided by 255."""
     inputs = request.inputs
-    declared: dict[str, tuple[str, list[int]]] = {}
     pixels = image.input if image is not None and image.takes_unit_pixels else None
-    widened = ""
+    declared: dict[str, tuple[str, Sequence[int]]] = {}
+    sent = []  # (tensor, name, datatype as sent, shape)
     for tensor in inputs:
-        if "shared_memory_region" in tensor.parameters:
+        name = tensor.name
+        if tensor.parameters and "shared_memory_region" in tensor.parameters:
             raise UnsupportedError("shared-memory tensors are not supported; send the data inline")
-        if tensor.name in declared:
-            raise InvalidInputError(f"input '{tensor.name}' is given more than once")
-        datatype = tensor.datatype
-        if tensor.name == pixels and datatype == "UINT8":
-            datatype, widened = "FP32", tensor.name
-        declared[tensor.name] = (datatype, list(tensor.shape))
+        if name in declared:
+            raise InvalidInputError(f"input '{name}' is given more than once")
+        datatype, shape = tensor.datatype, tuple(tensor.shape)
+        sent.append((tensor, name, datatype, shape))
+        declared[name] = ("FP32" if name == pixels and datatype == "UINT8" else datatype, shape)
     signature.check_inputs(declared)
-    raw = bool(request.raw_input_contents)
-    if raw and len(request.raw_input_contents) != len(inputs):
+    contents = request.raw_input_contents
+    if contents and len(contents) != len(inputs):
         raise InvalidInputError(
             f"expected {len(inputs)} raw_input_contents entries (one per input), "
-            f"got {len(request.raw_input_contents)}"
+            f"got {len(contents)}"
         )
     decoded = {}
-    for index, tensor in enumerate(inputs):
-        datatype = DATATYPES[tensor.datatype]
-        shape = list(tensor.shape)
-        what = f"input '{tensor.name}' for model '{signature.model}'"
-        _check_contents(tensor, request, datatype)
-        if raw:
-            array = _from_raw(request.raw_input_contents[index], datatype, shape, what)
+    for index, (tensor, name, datatype, shape) in enumerate(sent):
+        kind = DATATYPES[datatype]
+        if tensor.HasField("contents"):
+            _check_contents(tensor, request, kind)
+        what = _Named(name, signature.model)
+        if contents:
+            array = _from_raw(contents[index], kind, shape, what)
         else:
-            array = _from_contents(tensor, datatype, shape, what)
-        decoded[tensor.name] = to_unit_float(array) if tensor.name == widened else array
+            array = _from_contents(tensor, kind, shape, what)
+        decoded[name] = to_unit_float(array) if datatype != declared[name][0] else array
     return decoded
 
 
-def _from_raw(data: bytes, datatype: Datatype, shape: Sequence[int], what: str) -> np.ndarray:
+class _Named:
+    """An input as messages name it, formatted only when a message is written."""
+
+    __slots__ = ("model", "name")
+
+    def __init__(self, name: str, model: str) -> None:
+        self.name, self.model = name, model
+
+    def __str__(self) -> str:
+        return f"input '{self.name}' for model '{self.model}'"
+
+
+def _from_raw(data: bytes, datatype: Datatype, shape: Sequence[int], what: object) -> np.ndarray:
     """Zero-copy view of little-endian bytes (BYTES: Triton's 4-byte length prefixes); the
     length must match the shape exactly."""
     count = math.prod(shape)
@@ -216,7 +228,7 @@ def _from_contents(
     tensor: grpc_service_pb2.ModelInferRequest.InferInputTensor,
     datatype: Datatype,
     shape: Sequence[int],
-    what: str,
+    what: object,
 ) -> np.ndarray:
     field = datatype.contents_field
     if field is None:

@@ -11,7 +11,7 @@ input and `probabilities` turns its output back into probabilities.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,12 +52,13 @@ class ImageModel:
     def layout(self) -> str:
         return self.prep.layout
 
-    @property
-    def takes_unit_pixels(self) -> bool:
-        """Float pixels in [0, 1], NCHW, RGB as they are (our exports): decoded images go in
-        unchanged, and UINT8 pixels may stand in for them on the KServe API."""
+    # Float pixels in [0, 1], NCHW, RGB as they are (our exports): decoded images go in
+    # unchanged, and UINT8 pixels may stand in for them on the KServe API. Read per request.
+    takes_unit_pixels: bool = field(init=False)
+
+    def __post_init__(self) -> None:
         prep = self.prep
-        return (
+        unit = (
             prep.scaling == UNIT
             and prep.datatype == "FP32"
             and prep.layout == NCHW
@@ -65,6 +66,7 @@ class ImageModel:
             and not prep.mean
             and not prep.std
         )
+        object.__setattr__(self, "takes_unit_pixels", unit)
 
     def to_model(self, images: np.ndarray) -> np.ndarray:
         """float32 N x C x H x W in [0, 1] -> the model's input tensor (batch dim first).
