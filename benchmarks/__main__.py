@@ -3,7 +3,8 @@ side-by-side load generator; `python -m benchmarks workers ...` the worker-count
 lean load generator; `python -m benchmarks precision ...` fp32 against fp16/int8;
 `python -m benchmarks tracing ...` tracing off against sampled at 1% and 100%; `python -m
 benchmarks tune ...` the serving settings that suit this machine; `python -m benchmarks gpu ...`
-the GPU path in one bounded run (benchmarks.gpu).
+the GPU path in one bounded run (benchmarks.gpu); `python -m benchmarks models ...` any models
+of a repository side by side, and beside another checkout's server.
 
 A subcommand's module is imported only when it runs: `gpu` must start on a bare Python that
 lacks what the others import (tritonclient, opentelemetry)."""
@@ -18,6 +19,7 @@ SUBCOMMANDS = {
     "tracing": "benchmarks.tracing",
     "tune": "benchmarks.tune.cli",
     "gpu": "benchmarks.gpu.cli",
+    "models": "benchmarks.models",
 }
 
 

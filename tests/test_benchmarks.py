@@ -482,6 +482,38 @@ def test_workers_sweep_needs_a_repository() -> None:
     assert done.returncode == 2 and "--model-repository" in done.stderr
 
 
+def test_models_benchmark_measures_any_model_beside_another_checkout(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """The seed model and a two-input INT32 model, served by this checkout and by a second
+    server of the same checkout given as --before: both measured, ratios paired per model."""
+    from deploy_tools import tool
+    from triton_models import write_simple
+
+    tool("h2load")
+    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
+    write_simple(repo)
+    out = tmp_path / "models"
+    done = run_benchmarks(
+        "models", "--model-repository", str(repo), "--models", f"{MODEL},simple",
+        "--before", str(PROJECT_ROOT), "--duration", "1", "--warmup", "0.5", "--rounds", "1",
+        "--connections", "2", "--streams", "2", "--out", str(out),
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["medians"]) == {
+        f"this/{MODEL}",
+        "this/simple",
+        f"before/{MODEL}",
+        "before/simple",
+    }
+    for figures in results["medians"].values():
+        assert figures["requests_per_s"] > 0 and figures["cpu_ms_per_request"] > 0
+    assert set(results["this_over_before"]) == {MODEL, "simple"}
+    assert "this checkout / before" in done.stdout
+
+
 def test_tracing_overhead_run_serves_off_and_sampled_side_by_side(
     model_repository: Path, tmp_path: Path
 ) -> None:
