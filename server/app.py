@@ -26,7 +26,7 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from prometheus_client import disable_created_metrics
 
-from server.api import classifier, inference, security, status
+from server.api import classifier, inference, security, status, transport
 from server.api.common import ApiState
 from server.api.health import Health, enable_reflection
 from server.api.kserve import KServe
@@ -287,12 +287,15 @@ class _Server:
         interceptors = guard.interceptors
         if tracing.ACTIVE is not None:  # the traced calls name their spans after the RPC
             interceptors = (*interceptors, RpcNames())
-        server = grpc.aio.server(options=(*reuse, *limits), interceptors=interceptors)
-        server.add_generic_rpc_handlers(
+        chosen = transport.choose(settings)
+        log.info(chosen.line())
+        server = chosen.server(options=(*reuse, *limits), interceptors=interceptors)
+        transport.register(
+            server,
             [
-                *inference.handlers(inference.InferenceServicer(self.state, self.kserve)),
-                classifier.handler(classifier.ClassifierServicer(self.state)),
-            ]
+                *inference.services(inference.InferenceServicer(self.state, self.kserve)),
+                classifier.service(classifier.ClassifierServicer(self.state)),
+            ],
         )
         self.health.add_to_server(server)
         enable_reflection(server, API_SERVICES)
@@ -319,7 +322,7 @@ class _Server:
         # taken and refused with UNAVAILABLE, so callers under load learn to go elsewhere.
         if self.local.accepting:  # a restarted worker stopped while loading never opened
             await asyncio.sleep(min(REFUSE_BEFORE_STOP_S, grace / 4))
-            stopping = [server.stop(left())]
+            stopping = [transport.stop(server, left())]
             if self.rest is not None:
                 stopping.append(self.rest.stop())
             await asyncio.gather(*stopping)

@@ -15,6 +15,9 @@ OTEL_SAMPLERS = (
     "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio",
 )  # fmt: skip
 
+# --grpc-transport's choices (server.api.transport).
+GRPC_TRANSPORTS = ("auto", "native", "grpcio")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -54,6 +57,8 @@ class Settings:
     disable_auto_complete_config: bool = False
     # Benchmarking only: every model answers uniform probabilities without computing.
     null_compute: bool = False
+    # What carries the gRPC port (server.api.transport): auto is native unless TLS is on.
+    grpc_transport: str = "grpcio"
     # gRPC message limit, both ways, and HTTP request body limit; 64 MiB fits a batch of 1024
     # CIFAR10 images in FP32.
     max_message_bytes: int = 64 * 1024 * 1024
@@ -132,6 +137,13 @@ _FLAGS = (
         "folder without one is refused, a partial one is read as written.",
     ),
     _Flag("null_compute", bool, "Benchmarking only: answer uniform probabilities, no compute."),
+    _Flag(
+        "grpc_transport",
+        str,
+        "What serves the gRPC port: native (pygrpc-native: HTTP/2 and gRPC framing outside "
+        "the GIL; no TLS), grpcio, or auto (native unless TLS is on, then grpcio).",
+        GRPC_TRANSPORTS,
+    ),
     _Flag("max_message_bytes", int, "Largest gRPC message or HTTP request body, in bytes."),
     _Flag("tls_cert", Path, "PEM certificate chain: serve TLS on gRPC and HTTP (with --tls-key)."),
     _Flag("tls_key", Path, "PEM private key of --tls-cert."),
@@ -287,6 +299,11 @@ def _validate(parser: argparse.ArgumentParser, settings: Settings) -> None:
         parser.error("grace-period-s cannot be negative")
     if not 1 <= settings.max_message_bytes <= MAX_MESSAGE_BYTES:
         parser.error(f"max-message-bytes must be between 1 and {MAX_MESSAGE_BYTES}")
+    if settings.grpc_transport == "native" and settings.tls_cert is not None:
+        parser.error(
+            "--grpc-transport native serves no TLS: use --grpc-transport auto or grpcio "
+            "with --tls-cert"
+        )
     ratio = settings.otel_sampler_ratio
     if ratio is not None and not 0 <= ratio <= 1:
         parser.error("otel-sampler-ratio must be between 0 and 1")

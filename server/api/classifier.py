@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from server.api import codecs
-from server.api.common import ApiState, answer_concurrently, generic_handler, recorded
+from server.api.common import ApiState, Service, answer_concurrently, method_handlers, recorded
 from server.api.status import Call, deadline_of, describe, guarded
 from server.core.modelstats import Timing
 from wire import classifier_pb2 as pb
@@ -115,6 +115,6 @@ class ClassifierServicer:
         return current, images
 
 
-def handler(servicer: ClassifierServicer) -> grpc.GenericRpcHandler:
-    service = pb.DESCRIPTOR.services_by_name["Classifier"]
-    return generic_handler(service, servicer, service.full_name)
+def service(servicer: ClassifierServicer) -> Service:
+    described = pb.DESCRIPTOR.services_by_name["Classifier"]
+    return method_handlers(described, servicer, described.full_name)

@@ -188,14 +188,21 @@ def method_handler_kind(
     return _HANDLER_KINDS[(request_streaming, response_streaming)]
 
 
-def generic_handler(
-    service: descriptor.ServiceDescriptor, servicer: object, wire_name: str
-) -> grpc.GenericRpcHandler:
-    """Method handlers for every method of `service`, registered under `wire_name`.
+# A service's method handlers under the name clients call it by, as servers register them.
+Service = tuple[str, dict[str, grpc.RpcMethodHandler]]
 
-    The KServe messages live in our own protobuf package, so the service name clients call
-    (`inference.GRPCInferenceService`) is given here rather than taken from the descriptor.
-    A servicer missing a method fails here, at start, not on the first call.
+
+def method_handlers(
+    service: descriptor.ServiceDescriptor, servicer: object, wire_name: str
+) -> Service:
+    """Method handlers for every method of `service`, to register under `wire_name`.
+
+    Registered, not generic: the native transport (server.api.transport) serves a method
+    itself only when it is registered, and grpcio finds a registered one without asking
+    each generic handler. The KServe messages live in our own protobuf package, so the
+    service name clients call (`inference.GRPCInferenceService`) is given here rather than
+    taken from the descriptor. A servicer missing a method fails here, at start, not on the
+    first call.
     """
     handlers = {}
     for method in service.methods:
@@ -207,4 +214,4 @@ def generic_handler(
             request_deserializer=_lenient(request),
             response_serializer=response.SerializeToString,
         )
-    return grpc.method_handlers_generic_handler(wire_name, handlers)
+    return wire_name, handlers

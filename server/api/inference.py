@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from server.api.common import ApiState, answer_concurrently, generic_handler
+from server.api.common import ApiState, Service, answer_concurrently, method_handlers
 from server.api.kserve import KServe
 from server.api.status import deadline_of, describe, guarded
 from wire import grpc_service_pb2 as pb
@@ -122,11 +122,11 @@ class InferenceServicer:
             yield response
 
 
-def handlers(servicer: InferenceServicer) -> list[grpc.GenericRpcHandler]:
+def services(servicer: InferenceServicer) -> list[Service]:
     """The service under its wire name, and under our package's name for stubs built from
     wire.grpc_service_pb2_grpc (same messages, same servicer)."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     return [
-        generic_handler(service, servicer, WIRE_SERVICE),
-        generic_handler(service, servicer, service.full_name),
+        method_handlers(service, servicer, WIRE_SERVICE),
+        method_handlers(service, servicer, service.full_name),
     ]

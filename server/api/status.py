@@ -24,6 +24,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -77,6 +78,15 @@ REQUEST_ID_KEY = "x-request-id"
 # caller (or an on-call engineer with a request id) can tell which process served a call.
 WORKER_KEY = "x-imgserve-worker"
 _worker_metadata: tuple[tuple[str, str], ...] = ()
+# Every gRPC answer names what carried it (server.api.transport): "native" when
+# pygrpc-native's front ran the handler, "grpcio" for grpc.aio, pygrpc-native's fallback
+# (streams, reflection) included. Told by the servicer context's class, so it is the truth
+# about this call, not about the configuration.
+TRANSPORT_KEY = "x-imgserve-transport"
+_transports: dict[type, tuple[str, str]] = {}
+# grpc.aio says None when the caller set no deadline; pygrpc-native says sys.maxsize seconds,
+# as grpcio's sync server does.
+_NO_DEADLINE_S = float(sys.maxsize)
 
 
 def name_worker(index: int) -> None:
@@ -141,11 +151,21 @@ def answer_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_KEY, request_id), *_worker_metadata)
 
 
+def _transport(context: grpc.aio.ServicerContext) -> tuple[str, str]:
+    """The TRANSPORT_KEY metadata of a call answered with this context (one per class)."""
+    kind = type(context)
+    pair = _transports.get(kind)
+    if pair is None:
+        native = kind.__module__.startswith("pygrpc_native")
+        pair = _transports[kind] = (TRANSPORT_KEY, "native" if native else "grpcio")
+    return pair
+
+
 def _start(context: grpc.aio.ServicerContext) -> None:
     """Name the request in this task's log lines; its status will tell the caller its id."""
     request_id = request_id_of(context)
     REQUEST_ID.set(request_id)  # the RPC's own task: nothing to reset afterwards
-    context.set_trailing_metadata(answer_metadata(request_id))
+    context.set_trailing_metadata((*answer_metadata(request_id), _transport(context)))
 
 
 def guarded(method: F) -> F:
@@ -187,6 +207,12 @@ def _expired(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
+def _remaining(context: grpc.aio.ServicerContext | None) -> float | None:
+    """Seconds left before the call's deadline; None when the caller set none."""
+    remaining = context.time_remaining() if context is not None else None
+    return None if remaining is None or remaining >= _NO_DEADLINE_S else remaining
+
+
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
     """Send the error status. A call whose deadline passed, or whose caller hung up, while
     it was being answered cannot take one: gRPC would log that failure as an ERROR with a
@@ -204,7 +230,7 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
 
 def deadline_of(context: grpc.aio.ServicerContext | None) -> float | None:
     """The RPC's deadline on the time.monotonic() clock, or None when the client set none."""
-    remaining = context.time_remaining() if context is not None else None
+    remaining = _remaining(context)
     return None if remaining is None else time.monotonic() + remaining
 
 
