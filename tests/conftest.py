@@ -23,6 +23,29 @@ if TYPE_CHECKING:
 FIXTURE_TRAIN_SIZE = 1000
 FIXTURE_TEST_SIZE = 200
 FIXTURE_MODELS = {"fashion_mlp": "fashion_mnist", "cifar10_cnn": "cifar10"}
+# The gRPC transports a module marked `both_transports` runs every test on (server.api.transport).
+GRPC_TRANSPORTS = ("grpcio", "native")
+TRANSPORT_ENV = "SERVER_GRPC_TRANSPORT"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module marked `both_transports` runs once per gRPC transport, one after the other."""
+    if metafunc.definition.get_closest_marker("both_transports") is not None:
+        metafunc.parametrize("grpc_transport", GRPC_TRANSPORTS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def grpc_transport(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The module's gRPC transport (None: the server's default, or the caller's
+    SERVER_GRPC_TRANSPORT). Given to servers through the environment, so the servers a test
+    starts itself follow it as those of `serve` do."""
+    transport = getattr(request, "param", None)
+    if transport is None:
+        yield None
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TRANSPORT_ENV, transport)
+        yield transport
 
 
 @pytest.fixture(scope="session")
@@ -101,11 +124,13 @@ def serve(
     model_repository: Path,
     tmp_path_factory: pytest.TempPathFactory,
     _exiting_servers: list[ServerGroup],
+    grpc_transport: str | None,
 ) -> Iterator[Callable[..., ServerProcess]]:
     """Starts servers for one test module: `serve(*args, models=, prepare=, grace_period_s=)`
     (server_process.ServerGroup.start) runs `python -m server ARGS` on a private copy of
-    `model_repository`. All get SIGTERM when the module ends. A module names its server
-    fixture `server` to get the `channel` and `triton_client` fixtures below."""
+    `model_repository`. All get SIGTERM when the module ends (or its transport changes). A
+    module names its server fixture `server` to get the `channel` and `triton_client` fixtures
+    below."""
     from server_process import ServerGroup
 
     group = ServerGroup(model_repository, lambda: tmp_path_factory.mktemp("served"))

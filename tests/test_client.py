@@ -23,12 +23,14 @@ from server_process import (
 from client import AsyncClassifierClient, ClassifierClient, ClientError
 from modelrepo.layout import LABELS_FILE, ONNX_FILE, read_labels
 
+pytestmark = pytest.mark.both_transports
 MODEL = "fashion_mnist"
 CLI_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def server(model_repository: Path) -> Iterator[ServerProcess]:
+def server(model_repository: Path, grpc_transport: str) -> Iterator[ServerProcess]:
+    """One per transport (grpc_transport sets SERVER_GRPC_TRANSPORT for the process)."""
     with ServerProcess(model_repository) as process:
         yield process
 

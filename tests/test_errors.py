@@ -37,6 +37,7 @@ from modelrepo.layout import ONNX_FILE, REFERENCE_FILE
 from wire import classifier_pb2, classifier_pb2_grpc
 from wire import grpc_service_pb2 as pb
 
+pytestmark = pytest.mark.both_transports
 SHAPE = (1, 28, 28)
 INTERNAL_MESSAGE = "internal error while serving the request (details are in the server log)"
 

@@ -35,6 +35,7 @@ from server.observability import logs
 from wire import classifier_pb2, classifier_pb2_grpc
 from wire import grpc_service_pb2 as pb
 
+pytestmark = pytest.mark.both_transports
 SHAPE = (1, 28, 28)
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 

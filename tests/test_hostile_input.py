@@ -31,6 +31,7 @@ from server.api.status import INTERNAL_MESSAGE
 from wire import classifier_pb2, classifier_pb2_grpc
 from wire import grpc_service_pb2 as pb
 
+pytestmark = pytest.mark.both_transports
 MODEL = "fashion_mnist"
 SHAPE = (1, 28, 28)
 PIXELS = math.prod(SHAPE)

@@ -1,4 +1,5 @@
-"""The KServe v2 protocol against a real server, with tritonclient and raw gRPC stubs.
+"""The KServe v2 protocol against a real server, with tritonclient and raw gRPC stubs, on
+each gRPC transport.
 
 Outputs are compared with onnxruntime run directly on the model files of the repository.
 Tests that load and unload models have a server of their own, so the others see one that
@@ -26,9 +27,11 @@ from server_process import ServerProcess, kserve_method, onnx_probabilities
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 from modelrepo.layout import next_version, read_labels
+from server.api.status import TRANSPORT_KEY
 from wire import classifier_pb2, classifier_pb2_grpc
 from wire import grpc_service_pb2 as pb
 
+pytestmark = pytest.mark.both_transports
 SHAPES = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
@@ -67,6 +70,34 @@ def test_live_and_ready(triton_client: triton.InferenceServerClient) -> None:
         assert triton_client.is_model_ready(model, "1")
     assert not triton_client.is_model_ready("fashion_mnist", "9")
     assert not triton_client.is_model_ready("no_such_model")
+
+
+def test_the_transport_asked_for_answers(
+    server: ServerProcess, channel: grpc.Channel, grpc_transport: str
+) -> None:
+    """On native, pygrpc-native's front itself (not the grpcio server behind it) answers
+    ModelInfer and Classify; bidirectional streams go to that grpcio server."""
+    assert f"gRPC transport: {grpc_transport}" in server.log
+    pixels = _images("fashion_mnist", 1)
+    request = pb.ModelInferRequest(model_name="fashion_mnist")
+    request.inputs.add(name="input", datatype="FP32", shape=list(pixels.shape))
+    request.raw_input_contents.append(pixels.tobytes())
+    _, infer = kserve_method(channel, "ModelInfer").with_call(request, timeout=10)
+    tensor = classifier_pb2.Tensor(shape=pixels.shape[1:], datatype="FP32", data=pixels.tobytes())
+    _, classify = classifier_pb2_grpc.ClassifierStub(channel).Classify.with_call(
+        classifier_pb2.ClassifyRequest(
+            model="fashion_mnist", images=[classifier_pb2.Image(tensor=tensor)]
+        ),
+        timeout=10,
+    )
+    stream = kserve_method(channel, "ModelStreamInfer")(iter([request]), timeout=10)
+    assert [answer.error_message for answer in stream] == [""]
+    answered = {
+        name: dict(call.trailing_metadata())[TRANSPORT_KEY]
+        for name, call in (("ModelInfer", infer), ("Classify", classify), ("stream", stream))
+    }
+    front = "native" if grpc_transport == "native" else "grpcio"
+    assert answered == {"ModelInfer": front, "Classify": front, "stream": "grpcio"}
 
 
 def test_server_metadata(triton_client: triton.InferenceServerClient) -> None:

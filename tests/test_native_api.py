@@ -16,6 +16,7 @@ from wire import classifier_pb2 as pb
 from wire import classifier_pb2_grpc
 from wire import grpc_service_pb2 as kserve
 
+pytestmark = pytest.mark.both_transports
 SHAPES = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 MODES = {1: "L", 3: "RGB"}
 

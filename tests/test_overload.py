@@ -23,6 +23,7 @@ from server_process import ServerProcess, kserve_method, onnx_probabilities, set
 from modelrepo.layout import ONNX_FILE
 from wire import grpc_service_pb2 as pb
 
+pytestmark = pytest.mark.both_transports
 MODEL = "slow"
 QUEUE_SIZE = 8  # requests
 BATCH = 16  # images

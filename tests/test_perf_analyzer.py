@@ -18,6 +18,7 @@ import pytest
 from deploy_tools import unavailable
 from server_process import PROJECT_ROOT, ServerProcess
 
+pytestmark = pytest.mark.both_transports
 PERF_ANALYZER = PROJECT_ROOT / ".venv" / "perf-analyzer" / "perf_analyzer"
 # "Avg request latency: 481 usec (overhead 136 usec + queue 109 usec + compute input 65 usec
 #  + compute infer 140 usec + compute output 29 usec)", one per measured concurrency.

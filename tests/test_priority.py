@@ -25,6 +25,7 @@ from modelrepo.config import load_config, write_config
 from modelrepo.layout import CONFIG_FILE
 from wire import model_config_pb2
 
+pytestmark = pytest.mark.both_transports
 MODEL = "slow"
 LOW_CLIENTS = 12  # keeps about 12 x 15 ms of work queued ahead of any newcomer
 HIGH_REQUESTS = 6  # per protocol, one after another

@@ -1,7 +1,8 @@
 """TLS, mutual TLS, bearer tokens, model control and message limits, on real servers.
 
 Certificates come from tests/pki.py. The clients are the real ones: the project's client
-library and CLI, tritonclient, raw gRPC stubs.
+library and CLI, tritonclient, raw gRPC stubs. Tokens and limits are checked on both gRPC
+transports (plain TCP); TLS on grpcio, which `--grpc-transport auto` takes for it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 from client import AsyncClassifierClient, ClassifierClient, ClientError, Credentials
 from client.api import error_from_rpc
 from client.cli import main as client_main
+from server.api.status import TRANSPORT_KEY
 from wire import classifier_pb2, classifier_pb2_grpc
 from wire import grpc_service_pb2 as pb
 
@@ -56,28 +58,29 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tls_server(serve: Callable[..., ServerProcess], pki: Pki, tokens_file: Path) -> ServerProcess:
-    """TLS and tokens from a file; model control left off."""
-    args = ("--auth-tokens-file", str(tokens_file))
+    """TLS and tokens from a file; model control left off; the transport auto chooses."""
+    args = ("--auth-tokens-file", str(tokens_file), "--grpc-transport", "auto")
     return serve(*pki.server_args(), *args, models=["fashion_mnist"])
 
 
 @pytest.fixture(scope="module")
 def mtls_server(serve: Callable[..., ServerProcess], pki: Pki) -> ServerProcess:
     """TLS requiring client certificates signed by the test CA; no tokens."""
-    return serve(*pki.server_args(), "--tls-client-ca", str(pki.ca), models=["fashion_mnist"])
+    mtls = ("--tls-client-ca", str(pki.ca), "--grpc-transport", "auto")
+    return serve(*pki.server_args(), *mtls, models=["fashion_mnist"])
 
 
 @pytest.fixture(scope="module")
-def plain_server(serve: Callable[..., ServerProcess]) -> ServerProcess:
-    """Plain TCP, an admin token from the environment, a small message limit, debug logs."""
+def plain_server(serve: Callable[..., ServerProcess], tokens_file: Path) -> ServerProcess:
+    """Plain TCP (both transports serve it), tokens from a file and an admin token from the
+    environment, a small message limit, debug logs."""
     return serve(
-        "--max-message-bytes",
-        str(MESSAGE_LIMIT),
-        "--log-level",
-        "debug",
+        "--auth-tokens-file", str(tokens_file),
+        "--max-message-bytes", str(MESSAGE_LIMIT),
+        "--log-level", "debug",
         models=["fashion_mnist"],
         env={"SERVER_AUTH_TOKENS": f" {ENV_TOKEN} ,"},
-    )
+    )  # fmt: skip
 
 
 def _bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -103,6 +106,12 @@ def _classify_request(images: int = 1) -> classifier_pb2.ClassifyRequest:
 def tls_channel(tls_server: ServerProcess, pki: Pki) -> Iterator[grpc.Channel]:
     credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes())
     with grpc.secure_channel(tls_server.target, credentials) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def plain_channel(plain_server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(plain_server.target) as channel:
         yield channel
 
 
@@ -164,6 +173,14 @@ def test_tls_server_refuses_plain_and_untrusting_clients(
             probe(health_pb2.HealthCheckRequest(), timeout=10)
     error = error_from_rpc(raised.value, tls_server.target, 10)
     assert "its certificate is not issued for this host name" in error.message
+
+
+def test_auto_serves_tls_on_grpcio_and_says_why(
+    tls_server: ServerProcess, tls_channel: grpc.Channel
+) -> None:
+    assert "gRPC transport: grpcio (auto: pygrpc-native serves no TLS" in tls_server.log
+    _, call = kserve_method(tls_channel, "ServerLive").with_call(pb.ServerLiveRequest())
+    assert dict(call.trailing_metadata())[TRANSPORT_KEY] == "grpcio"
 
 
 def test_cli_over_tls_with_a_token(
@@ -251,12 +268,13 @@ def test_cli_with_a_client_certificate(
 # --- tokens ---
 
 
+@pytest.mark.both_transports
 def test_tokens_none_malformed_wrong_and_right(
-    tls_server: ServerProcess, tls_channel: grpc.Channel
+    plain_server: ServerProcess, plain_channel: grpc.Channel
 ) -> None:
-    stub = classifier_pb2_grpc.ClassifierStub(tls_channel)
+    stub = classifier_pb2_grpc.ClassifierStub(plain_channel)
     request = _classify_request()
-    before = tls_server.metric(REJECTIONS, code="UNAUTHENTICATED")
+    before = plain_server.metric(REJECTIONS, code="UNAUTHENTICATED")
     refused = [
         (),
         _bearer("not-a-token"),
@@ -274,11 +292,11 @@ def test_tokens_none_malformed_wrong_and_right(
     # Streams (both APIs) are refused the same way.
     code, details = _code(lambda: list(stub.ClassifyStream(iter([request]), timeout=10)))
     assert code == grpc.StatusCode.UNAUTHENTICATED
-    kserve_stream = kserve_method(tls_channel, "ModelStreamInfer")
+    kserve_stream = kserve_method(plain_channel, "ModelStreamInfer")
     code, _ = _code(lambda: list(kserve_stream(iter([pb.ModelInferRequest()]), timeout=10)))
     assert code == grpc.StatusCode.UNAUTHENTICATED
     refusals = len(refused) + 2
-    assert tls_server.metric(REJECTIONS, code="UNAUTHENTICATED") - before == refusals
+    assert plain_server.metric(REJECTIONS, code="UNAUTHENTICATED") - before == refusals
 
     for token in (INFER_TOKEN, ADMIN_TOKEN):
         response = stub.Classify(request, timeout=10, metadata=_bearer(token))
@@ -287,13 +305,14 @@ def test_tokens_none_malformed_wrong_and_right(
     assert stub.ListModels(classifier_pb2.ListModelsRequest(), metadata=lowercase_scheme).models
 
 
+@pytest.mark.both_transports
 def test_infer_scope_cannot_use_the_repository(
-    tls_server: ServerProcess, tls_channel: grpc.Channel
+    plain_server: ServerProcess, plain_channel: grpc.Channel
 ) -> None:
-    before = tls_server.metric(REJECTIONS, code="PERMISSION_DENIED")
-    index = kserve_method(tls_channel, "RepositoryIndex")
-    load = kserve_method(tls_channel, "RepositoryModelLoad")
-    unload = kserve_method(tls_channel, "RepositoryModelUnload")
+    before = plain_server.metric(REJECTIONS, code="PERMISSION_DENIED")
+    index = kserve_method(plain_channel, "RepositoryIndex")
+    load = kserve_method(plain_channel, "RepositoryModelLoad")
+    unload = kserve_method(plain_channel, "RepositoryModelUnload")
     model = "fashion_mnist"
     calls = (
         lambda m: index(pb.RepositoryIndexRequest(), timeout=10, metadata=m),
@@ -304,7 +323,7 @@ def test_infer_scope_cannot_use_the_repository(
         code, details = _code(lambda c=call: c(_bearer(INFER_TOKEN)))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         assert INFER_TOKEN not in details and "admin" in details
-    assert tls_server.metric(REJECTIONS, code="PERMISSION_DENIED") - before == len(calls)
+    assert plain_server.metric(REJECTIONS, code="PERMISSION_DENIED") - before == len(calls)
 
     admin = _bearer(ADMIN_TOKEN)
     assert [m.name for m in index(pb.RepositoryIndexRequest(), metadata=admin).models] == [
@@ -325,11 +344,12 @@ def _refused_id(call: Callable[[], object], code: grpc.StatusCode) -> str:
     return dict(caught.value.trailing_metadata() or ())["x-request-id"]
 
 
+@pytest.mark.both_transports
 def test_refusals_carry_the_request_id(
-    tls_channel: grpc.Channel, plain_server: ServerProcess
+    plain_channel: grpc.Channel, plain_server: ServerProcess
 ) -> None:
     """Refused calls get their id back like any other, and their log line carries it."""
-    stub = classifier_pb2_grpc.ClassifierStub(tls_channel)
+    stub = classifier_pb2_grpc.ClassifierStub(plain_channel)
     request = _classify_request()
     unauthenticated, denied = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
     sent = (("x-request-id", "refused-1"),)
@@ -347,7 +367,7 @@ def test_refusals_carry_the_request_id(
         )
         == "refused-stream"
     )
-    index = kserve_method(tls_channel, "RepositoryIndex")
+    index = kserve_method(plain_channel, "RepositoryIndex")
     infer_scope = (*_bearer(INFER_TOKEN), ("x-request-id", "refused-2"))
     assert (
         _refused_id(
@@ -356,27 +376,24 @@ def test_refusals_carry_the_request_id(
         == "refused-2"
     )
 
-    with grpc.insecure_channel(plain_server.target) as channel:
-        plain = classifier_pb2_grpc.ClassifierStub(channel)
-        logged = (("x-request-id", "refused-logged"),)
-        assert (
-            _refused_id(
-                lambda: plain.Classify(request, timeout=10, metadata=logged), unauthenticated
-            )
-            == "refused-logged"
-        )
+    logged = (("x-request-id", "refused-logged"),)
+    assert (
+        _refused_id(lambda: stub.Classify(request, timeout=10, metadata=logged), unauthenticated)
+        == "refused-logged"
+    )
     line = plain_server.wait_for(re.compile(r".*\[refused-logged\].*"), timeout=10)[0]
     assert "refused /imgserve.classifier.v1.Classifier/Classify: UNAUTHENTICATED" in line
 
 
-def test_probes_and_reflection_need_no_token(tls_channel: grpc.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(tls_channel)
+@pytest.mark.both_transports
+def test_probes_and_reflection_need_no_token(plain_channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(plain_channel)
     status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING
-    live = kserve_method(tls_channel, "ServerLive")(pb.ServerLiveRequest(), timeout=10)
-    ready = kserve_method(tls_channel, "ServerReady")(pb.ServerReadyRequest(), timeout=10)
+    live = kserve_method(plain_channel, "ServerLive")(pb.ServerLiveRequest(), timeout=10)
+    ready = kserve_method(plain_channel, "ServerReady")(pb.ServerReadyRequest(), timeout=10)
     assert live.live and ready.ready
-    reflection = reflection_pb2_grpc.ServerReflectionStub(tls_channel)
+    reflection = reflection_pb2_grpc.ServerReflectionStub(plain_channel)
     [answer] = reflection.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
     )
@@ -385,11 +402,12 @@ def test_probes_and_reflection_need_no_token(tls_channel: grpc.Channel) -> None:
     }
     # Everything else needs a token, metadata included.
     code, _ = _code(
-        lambda: kserve_method(tls_channel, "ServerMetadata")(pb.ServerMetadataRequest())
+        lambda: kserve_method(plain_channel, "ServerMetadata")(pb.ServerMetadataRequest())
     )
     assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.both_transports
 def test_environment_tokens_are_admin_and_plain_tcp_warns(plain_server: ServerProcess) -> None:
     assert "bearer tokens travel in clear text" in plain_server.log
     assert ENV_TOKEN not in plain_server.log
@@ -405,6 +423,7 @@ def test_environment_tokens_are_admin_and_plain_tcp_warns(plain_server: ServerPr
 # --- message size ---
 
 
+@pytest.mark.both_transports
 def test_message_limit_refuses_large_requests_and_keeps_serving(
     plain_server: ServerProcess,
 ) -> None:

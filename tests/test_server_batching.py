@@ -14,6 +14,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from server_process import ServerProcess, onnx_probabilities, set_batching
 
+pytestmark = pytest.mark.both_transports
 SHAPE = (1, 28, 28)
 CONCURRENT = 64
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from server.api import transport
 from server.config import Settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,12 @@ def test_defaults_then_environment_then_flags() -> None:
         (["--model-repository", "r", "--grpc-port", "70000"], {}, "between 0 and 65535"),
         (["--model-repository", "r", "--max-batch-size", "0"], {}, "at least 1"),
         (["--model-repository", "r", "--grace-period-s", "-1"], {}, "cannot be negative"),
+        (["--model-repository", "r"], {"SERVER_GRPC_TRANSPORT": "h3"}, "must be one of auto"),
+        (
+            ["--model-repository", "r", "--grpc-transport", "native", "--tls-cert", "c.pem"],
+            {},
+            "--grpc-transport native serves no TLS",
+        ),
     ],
 )
 def test_bad_settings_are_usage_errors(
@@ -70,3 +77,15 @@ def test_command_line_help_and_errors() -> None:
     bad = run("--model-repository", str(ROOT), "--log-format", "xml")
     assert bad.returncode == 2
     assert "invalid choice: 'xml'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_auto_transport_is_native_unless_tls_is_on() -> None:
+    plain = Settings(model_repository=Path("r"), grpc_transport="auto")
+    assert transport.choose(plain) == transport.Transport("native")
+    tls = Settings(model_repository=Path("r"), grpc_transport="auto", tls_cert=Path("c.pem"))
+    chosen = transport.choose(tls)
+    assert chosen.name == "grpcio" and "serves no TLS" in chosen.why
+    assert chosen.why in chosen.line()
+    assert transport.choose(Settings(model_repository=Path("r"), grpc_transport="grpcio")) == (
+        transport.Transport("grpcio")
+    )

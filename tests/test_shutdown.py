@@ -29,6 +29,7 @@ from server_process import (
 from wire import classifier_pb2
 from wire import grpc_service_pb2 as pb
 
+pytestmark = pytest.mark.both_transports
 SHAPE = (1, 28, 28)
 GRACE_S = 5.0
 # What the server's own timing of its stop may exceed the grace period by: scheduling.

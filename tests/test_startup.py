@@ -31,6 +31,7 @@ from server.startlines import (
 )
 from wire import grpc_service_pb2 as pb
 
+pytestmark = pytest.mark.both_transports
 KSERVE = "/inference.GRPCInferenceService"
 # A load of about 200 x 0.1 s on an idle 2-core box: far longer than the grace period.
 SLOW_INSTANCES = 200

@@ -41,6 +41,7 @@ from server.observability.tracing_config import TracingConfigError, config_from,
 from wire import classifier_pb2
 from wire import grpc_service_pb2 as pb
 
+pytestmark = pytest.mark.both_transports
 MODEL = "fashion_mnist"
 # A copy of MODEL that waits for companions (max_queue_delay), so concurrent calls share a batch.
 BATCHED = "fashion_batched"

@@ -28,6 +28,7 @@ from modelrepo.layout import REFERENCE_FILE
 from server.api.status import WORKER_KEY
 from wire import grpc_service_pb2 as pb
 
+pytestmark = pytest.mark.both_transports
 WORKERS = 2
 MODEL = "fashion_mnist"
 # Channels opened to find every worker: all landing on one of two workers has odds 2**-23.
@@ -305,7 +306,8 @@ def test_a_worker_that_cannot_start_stops_the_server(
     repository = copy_repository(model_repository, tmp_path / "repository", [MODEL])
     server = ServerProcess(
         repository, "--workers", "2", "--tls-cert", str(tmp_path / "missing.pem"),
-        "--tls-key", str(tmp_path / "missing.key"), until_started=False,
+        "--tls-key", str(tmp_path / "missing.key"), "--grpc-transport", "auto",
+        until_started=False,
     )  # fmt: skip
     with pytest.raises(AssertionError, match="exited"):
         server.start(timeout=60)
