@@ -58,7 +58,7 @@ class Settings:
     # Benchmarking only: every model answers uniform probabilities without computing.
     null_compute: bool = False
     # What carries the gRPC port (server.api.transport): auto is native unless TLS is on.
-    grpc_transport: str = "grpcio"
+    grpc_transport: str = "auto"
     # gRPC message limit, both ways, and HTTP request body limit; 64 MiB fits a batch of 1024
     # CIFAR10 images in FP32.
     max_message_bytes: int = 64 * 1024 * 1024
