@@ -285,30 +285,33 @@ def test_adaptive_delay_runs_a_lone_request_at_once_and_still_batches_under_load
     """A 30 s delay: a lone request is not held for it, concurrent requests still share a batch
     (and once several did, the next lone request waits for companions again)."""
 
+    def image() -> dict[str, np.ndarray]:
+        return {"input": np.zeros((1, 1, 28, 28), np.float32)}
+
     async def scenario() -> tuple[float, list[int], bool]:
         metrics = Metrics()
         batcher = Batcher(
-            [NullRuntime(10)], model=MODEL, version=1, max_batch_size=4,
+            [NullRuntime({"probabilities": ((10,), np.dtype(np.float32))})],
+            model=MODEL, version=1, max_batch_size=4,
             max_queue_delay_s=30.0, max_queue_size=16, metrics=metrics, adaptive_delay=True,
         )  # fmt: skip
         batcher.start()
         began = time.monotonic()
-        await batcher.submit(np.zeros((1, 1, 28, 28), np.float32))
+        await batcher.submit(image())
         lone = time.monotonic() - began
         await asyncio.sleep(0)
         # Four arrive together: the worker wakes on the first and finds them all queued.
-        answers = await asyncio.gather(
-            *(batcher.submit(np.zeros((1, 1, 28, 28), np.float32)) for _ in range(4))
-        )
+        answers = await asyncio.gather(*(batcher.submit(image()) for _ in range(4)))
         batches = metrics.registry.get_sample_value(
             "imgserve_batch_size_count", {"model": MODEL, "version": "1"}
         )
-        later = asyncio.ensure_future(batcher.submit(np.zeros((1, 1, 28, 28), np.float32)))
+        later = asyncio.ensure_future(batcher.submit(image()))
         await asyncio.sleep(0.2)
         held = not later.done()  # the last batch held 4 requests: it waits for companions
         await batcher.close()  # flushes it
         await later
-        return lone, [len(a) for a in answers] + [int(batches or 0)], held
+        rows = [len(a["probabilities"]) for a in answers]
+        return lone, [*rows, int(batches or 0)], held
 
     lone, sizes, held = asyncio.run(scenario())
     assert lone < 10.0  # not the 30 s delay
