@@ -5,7 +5,8 @@ request (as any server must) and does nothing else: no model, no batcher, no met
 ids. What it answers per second, and the CPU it spends per answer, is what Python's gRPC
 costs by itself; the served figures are measured against it. With --workers N it runs N
 such processes on one port (SO_REUSEPORT, as the real server's workers share theirs); each
-ends when its parent does, even one that was killed.
+ends when its parent does, even one that was killed. --transport native serves it with
+pygrpc-native instead of grpc.aio, as the server's --grpc-transport does.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def fixed_response() -> bytes:
     return response.SerializeToString()
 
 
-async def _serve(port: int) -> None:
+async def _serve(port: int, transport: str) -> None:
     answer = fixed_response()
 
     async def infer(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
@@ -49,10 +50,15 @@ async def _serve(port: int) -> None:
     handler = grpc.unary_unary_rpc_method_handler(
         infer, request_deserializer=pb.ModelInferRequest.FromString
     )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": handler})]
-    )
+    options = [("grpc.so_reuseport", 1)]
+    if transport == "native":
+        import pygrpc_native.aio
+
+        server = pygrpc_native.aio.server(options=options)
+    else:
+        server = grpc.aio.server(options=options)
+    # Registered, as the server registers its methods: the native front serves only those.
+    server.add_registered_method_handlers(SERVICE, {"ModelInfer": handler})
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(WORKER_READY, flush=True)
@@ -73,17 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bare", description=__doc__)
     parser.add_argument("--workers", type=int, default=1, help="Processes on the port.")
     parser.add_argument("--port", type=int, default=0, help="0 picks one (printed).")
+    parser.add_argument(
+        "--transport", choices=("grpcio", "native"), default="grpcio", help="(default: grpcio)"
+    )
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:  # one worker process
-        asyncio.run(_serve(args.serve))
+        asyncio.run(_serve(args.serve, args.transport))
         return 0
     # Reserve the port (bound, never listening) so that port 0 is one port for every process.
     reserve = socket.socket()
     reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reserve.bind(("127.0.0.1", args.port))
     port = reserve.getsockname()[1]
-    command = [sys.executable, "-m", "benchmarks.bare", "--serve", str(port)]
+    command = [
+        sys.executable, "-m", "benchmarks.bare", "--serve", str(port),
+        "--transport", args.transport,
+    ]  # fmt: skip
     workers = [
         subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(args.workers)
     ]

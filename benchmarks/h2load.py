@@ -280,18 +280,20 @@ def answer_codes(metrics_url: str) -> Callable[[], collections.Counter[str]]:
 
 
 @contextlib.contextmanager
-def start_bare(workers: int) -> Iterator[Target]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.bare", "--workers", str(workers)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+def start_bare(workers: int, transport: str = "grpcio", kind: str = BARE) -> Iterator[Target]:
+    """The do-nothing server (benchmarks.bare) on `transport` (grpcio or native)."""
+    command = [
+        sys.executable, "-m", "benchmarks.bare", "--workers", str(workers),
+        "--transport", transport,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
         if not line.startswith(READY_LINE):
             raise BenchError(f"the do-nothing server did not start: {line!r}")
         address = f"127.0.0.1:{int(line[len(READY_LINE) :])}"
-        yield Target(BARE, workers, address, lambda: tree_cpu_seconds(process.pid), None)
+        yield Target(kind, workers, address, lambda: tree_cpu_seconds(process.pid), None)
     finally:
         process.send_signal(signal.SIGTERM)
         try:

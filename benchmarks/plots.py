@@ -108,13 +108,14 @@ def write_suite_plots(folder: Path, steps: Sequence[Step], title: str) -> list[P
 def write_workers_plot(
     folder: Path, medians: dict[tuple[str, int], dict[str, float]], title: str
 ) -> Path:
-    """Requests/s against worker processes, per server (median of rounds)."""
+    """Requests/s against worker processes, per server (median of rounds); a server named
+    "TRANSPORT: kind" (several transports measured) is drawn in its kind's style."""
     figure, axes = _pyplot().subplots(figsize=(6.5, 4.2))
-    kinds = ((h2load.SERVED, "-o"), (h2load.ONE_CONNECTION, ":^"), (h2load.BARE, "--s"))
-    for kind, style in kinds:
-        points = sorted((w, m["requests_per_s"]) for (k, w), m in medians.items() if k == kind)
-        if points:
-            axes.plot(*zip(*points, strict=True), style, label=kind)
+    styles = {h2load.SERVED: "-o", h2load.ONE_CONNECTION: ":^", h2load.BARE: "--s"}
+    for name in dict.fromkeys(k for k, _ in medians):  # each server, in the table's order
+        points = sorted((w, m["requests_per_s"]) for (k, w), m in medians.items() if k == name)
+        style = styles.get(name.rpartition(": ")[2], "-o")
+        axes.plot(*zip(*points, strict=True), style, label=name)
     axes.set_xlabel("worker processes")
     axes.set_ylabel("requests/s (median of rounds)")
     axes.set_title(title, fontsize=10)

@@ -12,10 +12,15 @@ several (--connections).
 Every configuration (served and do-nothing, at each worker count) is started once and kept
 running; the rounds interleave them, and the figures are the medians over rounds, so that a
 noisy machine moves all of them alike. Results: a table, results.json and workers.png in --out.
+With --transport grpcio,native every server (served and do-nothing) runs on each gRPC transport
+(the server's --grpc-transport, benchmarks.bare's --transport), named "TRANSPORT: server", and
+the table adds native's req/s over grpcio's.
 
   python -m benchmarks workers --model-repository model_repository --model fashion_mnist
   python -m benchmarks workers --model-repository model_repository --model cifar10 \\
       --workers 1,2,4,8 --images 8 --rounds 5
+  python -m benchmarks workers --model-repository model_repository --workers 1 \\
+      --transport grpcio,native
 """
 
 from __future__ import annotations
@@ -59,6 +64,18 @@ from benchmarks.server import start_server
 RESULTS_FILE = "results.json"
 # What each round measures of each server, as medians over rounds.
 FIGURES = ("requests_per_s", "cpu_cores", "cpu_ms_per_request")
+TRANSPORTS = ("grpcio", "native")
+
+
+def _named(kind: str, transport: str, several: bool) -> str:
+    """A server's name: its kind, after its transport when several transports are measured."""
+    return f"{transport}: {kind}" if several else kind
+
+
+def _kind(name: str) -> tuple[str, str]:
+    """(transport, kind) of a server's name (transport "" when only one was measured)."""
+    transport, _, kind = name.rpartition(": ")
+    return transport, kind
 
 
 def _median_rounds(rounds: Sequence[Round]) -> dict[tuple[str, int], dict[str, float]]:
@@ -68,22 +85,37 @@ def _median_rounds(rounds: Sequence[Round]) -> dict[tuple[str, int], dict[str, f
 
 
 def format_table(medians: dict[tuple[str, int], dict[str, float]]) -> str:
+    several = any(_kind(name)[0] for name, _ in medians)
     lines = [
-        f"{'server':<16}{'workers':>8}{'req/s':>10}{'cores':>8}{'cpu ms/req':>12}"
-        f"{'vs 1 worker':>13}{'vs do-nothing':>15}"
+        f"{'server':<24}{'workers':>8}{'req/s':>10}{'cores':>8}{'cpu ms/req':>12}"
+        f"{'vs 1 worker':>13}{'vs do-nothing':>15}" + (f"{'vs grpcio':>11}" if several else "")
     ]
-    for (kind, workers), m in medians.items():
-        one = medians.get((SERVED if kind == ONE_CONNECTION else kind, 1))
-        bare = medians.get((BARE, workers))
-        scale = f"{m['requests_per_s'] / one['requests_per_s']:.2f}x" if one else "-"
-        versus = (
-            f"{m['requests_per_s'] / bare['requests_per_s']:.2f}x" if bare and kind != BARE else "-"
+
+    def ratio(m: dict[str, float], base: dict[str, float] | None) -> str:
+        return f"{m['requests_per_s'] / base['requests_per_s']:.2f}x" if base else "-"
+
+    for (name, workers), m in medians.items():
+        transport, kind = _kind(name)
+        prefix = f"{transport}: " if transport else ""
+        one = medians.get((prefix + (SERVED if kind == ONE_CONNECTION else kind), 1))
+        bare = medians.get((prefix + BARE, workers)) if kind != BARE else None
+        line = (
+            f"{name:<24}{workers:>8}{m['requests_per_s']:>10.0f}{m['cpu_cores']:>8.2f}"
+            f"{m['cpu_ms_per_request']:>12.3f}{ratio(m, one):>13}{ratio(m, bare):>15}"
         )
-        lines.append(
-            f"{kind:<16}{workers:>8}{m['requests_per_s']:>10.0f}{m['cpu_cores']:>8.2f}"
-            f"{m['cpu_ms_per_request']:>12.3f}{scale:>13}{versus:>15}"
-        )
+        if several:
+            grpcio = medians.get((f"grpcio: {kind}", workers)) if transport != "grpcio" else None
+            line += f"{ratio(m, grpcio):>11}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _transports(text: str) -> list[str]:
+    chosen = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [t for t in chosen if t not in TRANSPORTS]
+    if not chosen or unknown:
+        raise argparse.ArgumentTypeError(f"expected {' and/or '.join(TRANSPORTS)}, got {text!r}")
+    return chosen
 
 
 def _counts(text: str) -> list[int]:
@@ -100,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = load_parser("python -m benchmarks workers", __doc__, rounds=3)
     parser.add_argument(
         "--workers", type=_counts, default=[1, 2], help="Worker counts (default: 1,2)."
+    )
+    parser.add_argument(
+        "--transport",
+        type=_transports,
+        default=["native"],
+        help="gRPC transports to serve on, each server on each: grpcio, native or grpcio,native "
+        "(default: native, the server's own default without TLS).",
     )
     parser.add_argument("--no-bare", action="store_true", help="Skip the do-nothing server.")
     parser.add_argument(
@@ -148,19 +187,22 @@ def run(args: argparse.Namespace) -> int:
     frame_file.write_bytes(frame(request))
     server_args = tuple(shlex.split(args.server_args))
     rounds: list[Round] = []
+    several = len(args.transport) > 1
     with contextlib.ExitStack() as stack:
         targets: list[Target] = []
-        for workers in args.workers:
-            served = stack.enter_context(
-                start_server(args.model_repository, ("--workers", str(workers), *server_args))
-            )
+        for transport, workers in ((t, w) for t in args.transport for w in args.workers):
+            flags = ("--workers", str(workers), "--grpc-transport", transport, *server_args)
+            served = stack.enter_context(start_server(args.model_repository, flags))
             codes, cpu = answer_codes(served.metrics_url), served.cpu_seconds
-            targets.append(Target(SERVED, workers, served.target, cpu, codes))  # type: ignore[arg-type]
+            name = _named(SERVED, transport, several)
+            targets.append(Target(name, workers, served.target, cpu, codes))  # type: ignore[arg-type]
             if workers > 1 and not args.no_single_connection:
-                twin = Target(ONE_CONNECTION, workers, served.target, cpu, codes, 1)  # type: ignore[arg-type]
+                name = _named(ONE_CONNECTION, transport, several)
+                twin = Target(name, workers, served.target, cpu, codes, 1)  # type: ignore[arg-type]
                 targets.append(twin)
             if not args.no_bare:
-                targets.append(stack.enter_context(start_bare(workers)))
+                bare = start_bare(workers, transport, _named(BARE, transport, several))
+                targets.append(stack.enter_context(bare))
         print(
             f"{len(targets)} servers up; {args.rounds} rounds of {args.duration:g} s each, "
             f"{args.connections} connections x {args.streams} streams, {args.images} image(s)",
@@ -170,8 +212,9 @@ def run(args: argparse.Namespace) -> int:
         for number in range(1, args.rounds + 1):
             for target in targets:
                 if args.lone_calls and target.workers == 1:
+                    served_kind = _kind(target.kind)[1] == SERVED
                     alone = lone_latency(
-                        target.address, request, args.lone_calls, inside=target.kind == SERVED
+                        target.address, request, args.lone_calls, inside=served_kind
                     )
                     lone[target.kind].append(alone)
                     figures = f"p50 {alone.p50_ms:.3f} ms, p99 {alone.p99_ms:.3f} ms"
@@ -196,9 +239,11 @@ def run(args: argparse.Namespace) -> int:
             f"concurrency 1, {kind}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} "
             f"ms{_inside(figures.get('inside_us'))}"
         )
-    if SERVED in latency and BARE in latency:
-        extra = latency[SERVED]["p50_ms"] - latency[BARE]["p50_ms"]
-        print(f"concurrency 1: served p50 is {extra:+.3f} ms from the do-nothing server's")
+    for transport in args.transport:
+        served, bare = (_named(kind, transport, several) for kind in (SERVED, BARE))
+        if served in latency and bare in latency:
+            extra = latency[served]["p50_ms"] - latency[bare]["p50_ms"]
+            print(f"concurrency 1: {served} p50 is {extra:+.3f} ms from {bare}'s")
     title = (
         f"{args.model}, {args.images} image(s)/request, h2load {args.connections}x{args.streams}"
     )
@@ -210,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         "streams": args.streams,
         "duration_s": args.duration,
         "server_args": list(server_args),
+        "transports": args.transport,
         "rounds": [asdict(r) for r in rounds],
         "concurrency_1": latency,
         "medians": [{"server": k, "workers": w, **m} for (k, w), m in medians.items()],

@@ -480,6 +480,31 @@ def test_workers_sweep_measures_served_and_do_nothing_servers(
     assert "vs do-nothing" in done.stdout
 
 
+def test_workers_sweep_on_both_transports(model_repository: Path, tmp_path: Path) -> None:
+    """Each server, served and do-nothing, on grpcio and on native in the same rounds."""
+    from deploy_tools import tool
+
+    tool("h2load")
+    repo = copy_repository(model_repository, tmp_path / "repo", [MODEL])
+    out = tmp_path / "workers"
+    done = run_benchmarks(
+        "workers", "--model-repository", str(repo), "--model", MODEL, "--workers", "1",
+        "--transport", "grpcio,native", "--duration", "1", "--warmup", "0.5", "--rounds", "1",
+        "--connections", "4", "--streams", "2", "--lone-calls", "10", "--out", str(out),
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["transports"] == ["grpcio", "native"]
+    servers = {m["server"] for m in results["medians"]}
+    assert servers == {
+        "grpcio: served", "grpcio: do-nothing", "native: served", "native: do-nothing"
+    }  # fmt: skip
+    assert set(results["concurrency_1"]) == servers
+    assert "vs grpcio" in done.stdout
+    assert "native: served p50 is" in done.stdout
+
+
 def test_workers_sweep_needs_a_repository() -> None:
     done = run_benchmarks("workers", "--model", MODEL)
     assert done.returncode == 2 and "--model-repository" in done.stderr
