@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -62,6 +63,10 @@ REFUSE_BEFORE_STOP_S = 0.25
 MIN_STOP_STEP_S = 0.05
 # How long a scrape waits for the workers' exemplars before it is served without them.
 EXEMPLARS_TIMEOUT_S = 3.0
+# Young-generation collections run after this many more container objects were made than
+# freed (CPython's default, 700, is below what the requests in flight hold under load, so it
+# collected every couple of dozen requests and found almost nothing: docs/benchmarks.md).
+GC_YOUNG_THRESHOLD = 20_000
 # Logged once start-up has finished (models loaded or failed): scripts and tests wait for it.
 API_SERVICES = (inference.WIRE_SERVICE, "imgserve.classifier.v1.Classifier")
 
@@ -98,6 +103,7 @@ async def serve(settings: Settings, role: WorkerRole | None = None) -> int:
     # `*_created` series double the metrics page and no dashboard reads them. The switch is
     # process-wide, so it belongs to the process that serves, not to each Metrics().
     disable_created_metrics()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     # Each serving version's request series exist from the start, per front-end that counts them.
     apis = (inference.API_LABEL, classifier.API_LABEL)
     metrics = Metrics(apis if settings.disable_http else (*apis, rest_handlers.API_LABEL))
@@ -267,6 +273,9 @@ class _Server:
             await self._open(server, guard)
         self.local.started = True
         self.metrics.workers.set(1)
+        # What start-up built (modules, models, descriptors) lives as long as the process:
+        # out of the collector's sight, a full collection no longer walks all of it.
+        gc.freeze()
         await self._changed()
 
     async def _changed(self) -> None:
