@@ -4,10 +4,10 @@ fan-out, registration."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -86,16 +86,33 @@ class ApiState:
         return self.manager.all_ready and not self.draining
 
 
-@contextlib.contextmanager
-def recorded(served: ServedModel, timing: Timing) -> Iterator[None]:
+class recorded:  # lower case: called like the function it replaced
     """Count the request in `served`'s statistics: a success once the block ends (the
-    answer encoded), a failure if it raises; a cancelled request is neither."""
-    try:
-        yield
-    except Exception:
-        served.stats.failed(timing)
-        raise
-    served.stats.succeeded(timing)
+    answer encoded), a failure if it raises; a cancelled request is neither.
+
+    A class rather than a generator-based context manager: one of these per request, and a
+    generator plus its wrapper cost 0.8 us more each (docs/benchmarks.md, the native path).
+    """
+
+    __slots__ = ("_served", "_timing")
+
+    def __init__(self, served: ServedModel, timing: Timing) -> None:
+        self._served = served
+        self._timing = timing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self._served.stats.succeeded(self._timing)
+        elif issubclass(exc_type, Exception):
+            self._served.stats.failed(self._timing)
 
 
 class Undecodable:
