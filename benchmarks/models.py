@@ -6,7 +6,8 @@ Any model of the repository can be measured: the replayed request holds every re
 of the model's config, at the config's dims (a variable dim as 1), with random values. One
 server of this checkout serves all the models; with --before, a server of that checkout
 serves the models it can (its own copy of the repository). Each round measures every
-(server, model) pair in turn, and the figures are medians over rounds; the ratio of this
+(server, model) pair in turn (every other round in reverse order), and the figures are medians
+over rounds; the ratio of this
 checkout to the other is paired within each round, so a noisy machine moves both alike.
 
   python -m benchmarks models --model-repository model_repository \\
@@ -146,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         rounds: list[list[Row]] = []
         for index in range(args.rounds):
             one: list[Row] = []
-            for model, target in targets:
+            # Every other round runs the pairs in reverse, so none always goes first.
+            for model, target in targets if index % 2 == 0 else targets[::-1]:
                 measured = measure(target, frames[model], args)
                 row = Row(target.kind, model, measured.requests_per_s, measured.cpu_ms_per_request)
                 one.append(row)
