@@ -130,8 +130,8 @@ def build_request(model: str, shape: Sequence[int], images: int) -> pb.ModelInfe
     return request
 
 
-def check_answer(address: str, request: pb.ModelInferRequest, images: int) -> None:
-    """A real gRPC client's call with the replayed request: N rows of probabilities."""
+def infer_once(address: str, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """A real gRPC client's call with the replayed request; BenchError when refused."""
     with grpc.insecure_channel(address) as channel:
         infer = channel.unary_unary(
             PATH,
@@ -139,11 +139,17 @@ def check_answer(address: str, request: pb.ModelInferRequest, images: int) -> No
             response_deserializer=pb.ModelInferResponse.FromString,
         )
         try:
-            response = infer(request, timeout=30)
+            return infer(request, timeout=30)
         except grpc.RpcError as exc:
             raise BenchError(
-                f"{address} refused the benchmark's request: {exc.details()}"
+                f"{address} refused the benchmark's request for {request.model_name!r}: "
+                f"{exc.details()}"
             ) from None
+
+
+def check_answer(address: str, request: pb.ModelInferRequest, images: int) -> None:
+    """The replayed request answered with N rows of probabilities."""
+    response = infer_once(address, request)
     rows = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(-1, 10)
     if rows.shape[0] != images or not np.allclose(rows.sum(axis=1), 1, atol=1e-3):
         raise BenchError(f"{address} answered {rows.shape[0]} rows that are not probabilities")

@@ -29,15 +29,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from benchmarks.common import BenchError, exit_code
 from benchmarks.h2load import (
-    PATH,
     Target,
     answer_codes,
     frame,
+    infer_once,
     load_parser,
     measure,
     require_h2load,
@@ -74,18 +73,8 @@ def build_request(repository: Path, model: str, images: int) -> pb.ModelInferReq
 
 
 def check_answer(address: str, request: pb.ModelInferRequest) -> None:
-    """A real gRPC client's call with the replayed request must be answered."""
-    with grpc.insecure_channel(address) as channel:
-        infer = channel.unary_unary(
-            PATH,
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        try:
-            response = infer(request, timeout=30)
-        except grpc.RpcError as exc:
-            raise BenchError(f"{address} refused {request.model_name!r}: {exc.details()}") from None
-    if not response.outputs:
+    """The replayed request must be answered, with outputs."""
+    if not infer_once(address, request).outputs:
         raise BenchError(f"{address} answered {request.model_name!r} without outputs")
 
 
