@@ -51,14 +51,18 @@ async def _serve(port: int, transport: str) -> None:
         infer, request_deserializer=pb.ModelInferRequest.FromString
     )
     options = [("grpc.so_reuseport", 1)]
+    # The method added as the server adds its own on each transport: registered on native
+    # (its front serves only those), a generic handler on grpcio (cheaper per call there).
     if transport == "native":
         import pygrpc_native.aio
 
         server = pygrpc_native.aio.server(options=options)
+        server.add_registered_method_handlers(SERVICE, {"ModelInfer": handler})
     else:
         server = grpc.aio.server(options=options)
-    # Registered, as the server registers its methods: the native front serves only those.
-    server.add_registered_method_handlers(SERVICE, {"ModelInfer": handler})
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": handler})]
+        )
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(WORKER_READY, flush=True)

@@ -212,14 +212,12 @@ Service = tuple[str, dict[str, grpc.RpcMethodHandler]]
 def method_handlers(
     service: descriptor.ServiceDescriptor, servicer: object, wire_name: str
 ) -> Service:
-    """Method handlers for every method of `service`, to register under `wire_name`.
+    """Method handlers for every method of `service`, to add under `wire_name`
+    (server.api.transport.register).
 
-    Registered, not generic: the native transport (server.api.transport) serves a method
-    itself only when it is registered, and grpcio finds a registered one without asking
-    each generic handler. The KServe messages live in our own protobuf package, so the
-    service name clients call (`inference.GRPCInferenceService`) is given here rather than
-    taken from the descriptor. A servicer missing a method fails here, at start, not on the
-    first call.
+    The KServe messages live in our own protobuf package, so the service name clients call
+    (`inference.GRPCInferenceService`) is given here rather than taken from the descriptor.
+    A servicer missing a method fails here, at start, not on the first call.
     """
     handlers = {}
     for method in service.methods:

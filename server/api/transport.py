@@ -77,9 +77,24 @@ def choose(settings: Settings) -> Transport:
 
 
 def register(server: grpc.aio.Server, services: Iterable[Service]) -> None:
-    """Add each service's methods as registered method handlers (both transports take them)."""
+    """Add each service's methods the way its transport serves them fastest.
+
+    The native front serves a method itself only when it is registered (a generic handler's
+    methods go to the grpcio server behind it). grpc.aio 1.85 spends more per call on
+    registered methods than on a generic handler's (measured here: 7-9% fewer requests/s,
+    served and do-nothing alike; grpc/grpc #43461), so grpcio gets a generic handler.
+    """
+    native = is_native(server)
     for name, handlers in services:
-        server.add_registered_method_handlers(name, handlers)
+        if native:
+            server.add_registered_method_handlers(name, handlers)
+        else:
+            server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(name, handlers)])
+
+
+def is_native(server: grpc.aio.Server) -> bool:
+    """Whether `server` is pygrpc-native's (from Transport.server)."""
+    return type(server).__module__.startswith("pygrpc_native")
 
 
 async def stop(server: grpc.aio.Server, grace: float) -> None:
@@ -92,7 +107,7 @@ async def stop(server: grpc.aio.Server, grace: float) -> None:
     grpcio fallback are finished first, and the writers get FLUSH_S to send their answers
     before the connections close.
     """
-    if not type(server).__module__.startswith("pygrpc_native"):
+    if not is_native(server):
         await server.stop(grace)
         return
     began = time.monotonic()
