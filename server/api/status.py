@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -195,7 +195,7 @@ def guarded(method: F) -> F:
             code, message = describe(exc)
         else:
             if _expired(context):
-                raise asyncio.CancelledError  # nobody is waiting for it (see _abort)
+                await _expire(context)  # nobody is waiting for the answer (see _abort)
             return response
         await _abort(context, code, message)
 
@@ -205,6 +205,16 @@ def guarded(method: F) -> F:
 def _expired(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= 0
+
+
+async def _expire(context: grpc.aio.ServicerContext) -> NoReturn:
+    """End a call whose deadline passed. grpcio's core has answered it DEADLINE_EXCEEDED
+    already: the handler ends as cancelled, which sends and logs nothing more. pygrpc-native
+    leaves the answer to the handler, and would answer a cancelled one CANCELLED."""
+    if type(context).__module__.split(".")[0] == "grpc":
+        raise asyncio.CancelledError
+    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    raise AssertionError("abort returns by raising")  # pragma: no cover
 
 
 def _remaining(context: grpc.aio.ServicerContext | None) -> float | None:
@@ -218,7 +228,7 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     it was being answered cannot take one: gRPC would log that failure as an ERROR with a
     traceback, though it is the caller's doing. Ending the RPC as cancelled logs nothing."""
     if _expired(context):
-        raise asyncio.CancelledError
+        await _expire(context)
     try:
         await context.abort(code, message)
     except grpc.aio.AbortError:
