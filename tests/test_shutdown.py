@@ -189,7 +189,10 @@ def test_port_in_use_is_a_clear_error(repository: Path, what: str, workers: str)
 
 
 def test_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
-    result = _run_server("--model-repository", str(tmp_path / "nowhere"), "--metrics-port", "0")
+    result = _run_server(
+        "--model-repository", str(tmp_path / "nowhere"),
+        "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+    )  # fmt: skip  # ports of its own: a default port another program holds would fail first
     assert result.returncode == 1
     assert "is not a directory" in result.stderr and "build-repository" in result.stderr
     assert "Traceback" not in result.stderr
