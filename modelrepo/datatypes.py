@@ -57,13 +57,3 @@ BY_CONFIG_TYPE: dict[int, Datatype] = {d.config_type: d for d in DATATYPES.value
 def from_config_type(value: int) -> Datatype | None:
     """The datatype of a config `data_type`; None for types this server does not serve."""
     return BY_CONFIG_TYPE.get(value)
-
-
-def of_array(array: np.ndarray) -> Datatype:
-    """The datatype a numpy array is answered as (object arrays are BYTES)."""
-    if array.dtype.kind == "O":
-        return DATATYPES["BYTES"]
-    for d in DATATYPES.values():
-        if d.dtype.kind == array.dtype.kind and d.dtype.itemsize == array.dtype.itemsize:
-            return d
-    raise ValueError(f"no protocol datatype holds numpy {array.dtype}")

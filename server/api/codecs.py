@@ -37,11 +37,6 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 _MODES = {1: "L", 3: "RGB"}
 
 
-def expected_batch(input_shape: Shape) -> str:
-    c, h, w = input_shape
-    return f"[N,{c},{h},{w}] (N>=1)"
-
-
 def _shape_text(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 

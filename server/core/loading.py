@@ -22,7 +22,6 @@ from modelrepo.layout import REFERENCE_FILE, SYNTHETIC_DATASET
 from modelrepo.precision import FP16, FP32, REFERENCE_PRECISION_KEY, REFERENCE_TOLERANCE_KEY
 from server.config import Settings
 from server.core.repository import ModelSpec
-from server.core.signature import TensorSpec
 from server.runtimes import Interface, Runtime, RuntimeLoadError, create_runtime
 from server.runtimes.base import first_line
 from server.runtimes.null import NullRuntime
@@ -60,7 +59,7 @@ def prepare_version(
     if not path.is_file():
         raise RuntimeLoadError(f"model file {spec.shown(path)} not found")
     if settings.null_compute:  # benchmarking: nothing to warm up, nothing to check
-        shapes = {t.name: (_model_dims(t), t.datatype.dtype) for t in spec.signature.outputs}
+        shapes = {t.name: (t.model_dims, t.datatype.dtype) for t in spec.signature.outputs}
         batched = spec.signature.batched
         nulls: list[Runtime] = [NullRuntime(shapes, batched) for _ in range(spec.instance_count)]
         return LoadedVersion(nulls, max(spec.max_batch_size, 1))
@@ -130,12 +129,6 @@ def _best_time(runtime: Runtime, rows: int, spec: ModelSpec, cancel: threading.E
     return best
 
 
-def _model_dims(tensor: TensorSpec) -> tuple[int, ...]:
-    """A tensor's dims as the model itself takes or gives them (reshape wins), past the
-    batch dimension."""
-    return tensor.reshape if tensor.reshape is not None else tensor.dims
-
-
 def sample_inputs(spec: ModelSpec, rows: int) -> dict[str, np.ndarray] | None:
     """Zeros in every required input's shape (variable dims as 1), for warm-up and timing;
     None when an input holds strings, whose meaningful values cannot be made up."""
@@ -147,7 +140,7 @@ def sample_inputs(spec: ModelSpec, rows: int) -> dict[str, np.ndarray] | None:
             continue
         if tensor.datatype.is_bytes:
             return None
-        dims = tuple(1 if d == -1 else d for d in _model_dims(tensor))
+        dims = tuple(1 if d == -1 else d for d in tensor.model_dims)
         inputs[tensor.name] = np.zeros((*lead, *dims), tensor.datatype.dtype)
     return inputs
 
@@ -166,7 +159,7 @@ def warm_up(runtime: Runtime, spec: ModelSpec, cancel: threading.Event) -> None:
         for tensor in spec.signature.outputs:
             got = outputs.get(tensor.name) if isinstance(outputs, dict) else None
             shape = getattr(got, "shape", None)
-            expected = ((rows,) if batched else ()) + _model_dims(tensor)
+            expected = ((rows,) if batched else ()) + tensor.model_dims
             if (
                 shape is None
                 or len(shape) != len(expected)
@@ -240,7 +233,7 @@ def check_reference(
         )
     batched = spec.signature.batched
     step = spec.max_batch_size if batched else 1
-    model_dims = _model_dims(spec_input)
+    model_dims = spec_input.model_dims
     for runtime in runtimes:
         _check(cancel)
         parts = []

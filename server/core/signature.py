@@ -14,8 +14,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from modelrepo.config import ModelConfig
 from modelrepo.datatypes import Datatype, from_config_type
 from server.errors import InvalidInputError
@@ -43,9 +41,9 @@ class TensorSpec:
     label_filename: str = ""
 
     @property
-    def fixed(self) -> tuple[int, ...] | None:
-        """The dims when none is variable: a request's shape is then checked by one compare."""
-        return None if -1 in self.dims else self.dims
+    def model_dims(self) -> tuple[int, ...]:
+        """The dims as the model itself takes or gives them (reshape wins), past the batch."""
+        return self.reshape if self.reshape is not None else self.dims
 
     def shown_dims(self, batched: bool) -> list[int]:
         """The dims as clients see them (ModelMetadata, messages): -1 leads when batched."""
@@ -148,11 +146,6 @@ class Signature:
             )
         return spec
 
-    def batch_key(self, inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
-        """What requests must share to ride in one batch: their inputs' names and the dims
-        after the batch dimension (always equal for fixed dims; variable dims may differ)."""
-        return tuple((name, array.shape[1:]) for name, array in inputs.items())
-
 
 def _names(names: object) -> str:
     return "[" + ", ".join(f"'{n}'" for n in names) + "]"  # type: ignore[attr-defined]
@@ -160,10 +153,6 @@ def _names(names: object) -> str:
 
 def _dims(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
-
-
-def element_count(shape: Sequence[int]) -> int:
-    return math.prod(shape)
 
 
 def from_config(config: ModelConfig) -> Signature:
